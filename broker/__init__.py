@@ -1,0 +1,1 @@
+"""The embedded MQTT broker (amqtt): `votebox broker`, for the demo and small sites."""

@@ -1,0 +1,50 @@
+"""Run the embedded amqtt broker. Rule: the config lives in broker/amqtt.yaml, not in code."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+import yaml
+
+__all__ = ["embedded_broker", "load_config", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def load_config(*, host: str, port: int) -> dict[str, Any]:
+    """broker/amqtt.yaml with its listener bound to ``host:port``."""
+    text = resources.files("broker").joinpath("amqtt.yaml").read_text()
+    config: dict[str, Any] = yaml.safe_load(text)
+    bind_host = f"[{host}]" if ":" in host else host
+    config["listeners"]["default"]["bind"] = f"{bind_host}:{port}"
+    return config
+
+
+@contextlib.asynccontextmanager
+async def embedded_broker(*, host: str = "127.0.0.1", port: int = 1883) -> AsyncIterator[None]:
+    """An amqtt broker listening on ``host:port`` for the duration of the block."""
+    from amqtt.broker import Broker  # imported late: amqtt is slow to import
+
+    broker = Broker(load_config(host=host, port=port))
+    await broker.start()
+    try:
+        yield
+    finally:
+        await broker.shutdown()
+
+
+async def serve(*, host: str, port: int) -> None:
+    """Run the broker until SIGINT/SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with embedded_broker(host=host, port=port):
+        log.info("amqtt broker listening on %s:%d", host, port)
+        await stop.wait()

@@ -1,0 +1,313 @@
+"""Start, probe and stop real servers. Rule: only 127.0.0.1, only free ports, only our own PIDs.
+
+Every server is a child process that this module started; it is stopped by its PID (SIGTERM,
+then SIGKILL after a deadline), never by name. Readiness is probed against a deadline with the
+server's own protocol (Redis PING, MQTT CONNACK, InfluxDB /ping), never with a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Final
+
+__all__ = [
+    "HOST",
+    "ManagedProcess",
+    "ServiceError",
+    "amqtt_broker",
+    "free_port",
+    "influxdb",
+    "mosquitto",
+    "mqtt_ready",
+    "processor",
+    "redis_server",
+    "require_binaries",
+]
+
+HOST: Final = "127.0.0.1"
+
+# Mosquitto limits, kept equal to the production mosquitto.conf (tests/test_configs.py checks).
+MOSQUITTO_MAX_QUEUED_MESSAGES: Final = 1_000_000
+MOSQUITTO_MAX_INFLIGHT_MESSAGES: Final = 1000
+
+
+class ServiceError(RuntimeError):
+    """A server could not be started or did not become ready; the message says what to do."""
+
+
+def require_binaries(*names: str) -> None:
+    """Raise a `ServiceError` naming the Debian packages to install when a binary is missing."""
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        raise ServiceError(
+            f"{', '.join(missing)} not found: run scripts/setup (as root it installs the Debian "
+            "packages mosquitto, mosquitto-clients, redis-server and influxdb)"
+        )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_until(ready: Callable[[], bool], *, what: str, proc: subprocess.Popen[bytes],
+                log: Path | None, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise ServiceError(f"{what} exited with {proc.returncode} while starting:\n{tail}")
+        with contextlib.suppress(OSError):
+            if ready():
+                return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    raise ServiceError(f"{what} not ready within {timeout_s} s (log: {log})")
+
+
+class ManagedProcess:
+    """A server process we started: stop it, kill it, or start it again with the same command."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        ready: Callable[[], bool],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float = 20.0,
+        port: int = 0,
+        url: str = "",
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.url = url
+        self.log_offset = 0
+        self.argv = argv
+        self.log_path = log_path
+        self._ready = ready
+        self._env = dict(env) if env is not None else None
+        self._timeout_s = timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, f"{self.name} is not running"
+        return self.proc.pid
+
+    def start(self, *, wait: bool = True) -> None:
+        """Start the process and, unless ``wait`` is false, wait until it is ready."""
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self._env,
+            )
+        finally:
+            log.close()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        _wait_until(self._ready, what=self.name, proc=self.proc, log=self.log_path,
+                    timeout_s=self._timeout_s)
+
+    def stop(self, *, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the fault a power cut or the OOM killer causes."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def log_text(self, *, since_start: bool = False) -> str:
+        """The process's output; with ``since_start``, only what its latest run wrote."""
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as log:
+            log.seek(self.log_offset if since_start else 0)
+            return log.read().decode(errors="replace")
+
+
+def _redis_ping(port: int) -> bool:
+    with socket.create_connection((HOST, port), timeout=1) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(16).startswith(b"+PONG")
+
+
+def mqtt_ready(port: int, *, host: str = HOST) -> bool:
+    """Whether an MQTT 3.1.1 CONNECT (user "probe") gets an accepting CONNACK."""
+    client_id = f"probe-{os.getpid()}".encode()
+    username = b"probe"
+    variable = b"\x00\x04MQTT\x04\x82\x00\x05"  # protocol 3.1.1, username + clean session, 5 s
+    payload = len(client_id).to_bytes(2, "big") + client_id + len(username).to_bytes(2, "big") + username
+    body = variable + payload
+    with socket.create_connection((host, port), timeout=1) as sock:
+        sock.sendall(bytes([0x10, len(body)]) + body)
+        reply = sock.recv(4)
+        with contextlib.suppress(OSError):
+            sock.sendall(b"\xe0\x00")  # DISCONNECT
+        return reply[:2] == b"\x20\x02" and reply[3:4] == b"\x00"
+
+
+def _influx_ping(port: int) -> bool:
+    with urllib.request.urlopen(f"http://{HOST}:{port}/ping", timeout=1) as reply:
+        return int(reply.status) == 204
+
+
+@contextlib.contextmanager
+def _running(process: ManagedProcess) -> Iterator[ManagedProcess]:
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@contextlib.contextmanager
+def redis_server(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedProcess]:
+    """redis-server on 127.0.0.1 with AOF on (as production runs it); ``.url`` is set on it."""
+    require_binaries("redis-server")
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "redis-server", "--bind", HOST, "--port", str(port), "--dir", str(data_dir),
+        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+        "--protected-mode", "yes", "--daemonize", "no",
+    ]
+    process = ManagedProcess("redis-server", argv, ready=lambda: _redis_ping(port),
+                             log_path=data_dir / "redis.log", port=port,
+                             url=f"redis://{HOST}:{port}/0")
+    with _running(process):
+        yield process
+
+
+def mosquitto_config(*, port: int, data_dir: Path) -> str:
+    """A mosquitto.conf for a local test or demo broker, with production's queue limits."""
+    return "\n".join([
+        "per_listener_settings false",
+        f"listener {port} {HOST}",
+        # Foundation: anonymous access on; the security issue provisions accounts and ACLs.
+        "allow_anonymous true",
+        "persistence true",
+        f"persistence_location {data_dir}/",
+        "autosave_interval 60",
+        f"max_queued_messages {MOSQUITTO_MAX_QUEUED_MESSAGES}",
+        "max_queued_bytes 0",
+        f"max_inflight_messages {MOSQUITTO_MAX_INFLIGHT_MESSAGES}",
+        "persistent_client_expiration 7d",
+        "set_tcp_nodelay true",
+        f"user {getpass.getuser()}",
+        f"log_dest file {data_dir}/mosquitto.log",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "",
+    ])
+
+
+@contextlib.contextmanager
+def mosquitto(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedProcess]:
+    """mosquitto on 127.0.0.1 with persistence in ``data_dir``; ``.port`` is set on it."""
+    require_binaries("mosquitto")
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conf = data_dir / "mosquitto.conf"
+    conf.write_text(mosquitto_config(port=port, data_dir=data_dir))
+    process = ManagedProcess("mosquitto", ["mosquitto", "-c", str(conf)],
+                             ready=lambda: mqtt_ready(port), log_path=data_dir / "stdout.log",
+                             port=port, url=f"mqtt://{HOST}:{port}")
+    with _running(process):
+        yield process
+
+
+@contextlib.contextmanager
+def amqtt_broker(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedProcess]:
+    """The embedded amqtt broker (``votebox broker``) in its own process; ``.port`` is set.
+
+    Its own process rather than in-process: it gets a core of its own, and tests can kill and
+    restart it the way they do mosquitto.
+    """
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "processor.cli", "broker", "--host", HOST, "--port", str(port)]
+    process = ManagedProcess("amqtt", argv, ready=lambda: mqtt_ready(port),
+                             log_path=data_dir / "amqtt.log", port=port,
+                             url=f"mqtt://{HOST}:{port}")
+    with _running(process):
+        yield process
+
+
+@contextlib.contextmanager
+def influxdb(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedProcess]:
+    """influxd (1.x) on 127.0.0.1, its HTTP API on ``.port`` and data in ``data_dir``."""
+    require_binaries("influxd")
+    port = port or free_port()
+    rpc_port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conf = data_dir / "influxdb.conf"
+    conf.write_text(
+        "reporting-disabled = true\n"
+        f'bind-address = "{HOST}:{rpc_port}"\n'
+        f'[meta]\n  dir = "{data_dir}/meta"\n'
+        f'[data]\n  dir = "{data_dir}/data"\n  wal-dir = "{data_dir}/wal"\n'
+        '  query-log-enabled = false\n'
+        f'[http]\n  bind-address = "{HOST}:{port}"\n  log-enabled = false\n'
+        "[monitor]\n  store-enabled = false\n"
+        "[continuous_queries]\n  enabled = false\n"
+    )
+    process = ManagedProcess("influxd", ["influxd", "run", "-config", str(conf)],
+                             ready=lambda: _influx_ping(port), log_path=data_dir / "influxd.log",
+                             timeout_s=60, port=port, url=f"http://{HOST}:{port}")
+    with _running(process):
+        yield process
+
+
+def processor(
+    data_dir: Path, *, env: Mapping[str, str], name: str = "processor"
+) -> ManagedProcess:
+    """A `votebox processor` child process (not started); ready once it logs "ready:"."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / f"{name}.log"
+    argv = [sys.executable, "-m", "processor.cli", "processor"]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VOTEBOX_")} | dict(env)
+
+    def ready() -> bool:
+        return "ready: consuming" in process.log_text(since_start=True)
+
+    process = ManagedProcess(name, argv, ready=ready, log_path=log_path, env=full_env)
+    return process

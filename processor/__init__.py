@@ -1,0 +1,1 @@
+"""votebox processor: validates, de-duplicates and tallies CBOR votes from MQTT."""

@@ -1,0 +1,258 @@
+"""Wire codec: payload bytes to votes, outcomes to ack bytes (docs/protocol.md).
+
+Rule: pure functions only. No asyncio, no Redis, no logging; every bad input becomes VoteRejected.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import cbor2
+
+from processor.errors import VoteRejected
+from processor.reasons import Fate, Reason
+
+__all__ = [
+    "MAX_BATCH_VOTES",
+    "MAX_CHOICES",
+    "MAX_PAYLOAD_BYTES",
+    "MAX_UINT",
+    "MAX_VOTER_BYTES",
+    "AckEntry",
+    "Vote",
+    "decode_ack",
+    "decode_message",
+    "encode_ack",
+]
+
+# docs/protocol.md, Limits. Every one of these is part of the contract with firmware.
+MAX_PAYLOAD_BYTES: Final = 4096
+MAX_BATCH_VOTES: Final = 256
+MAX_CHOICES: Final = 32
+MAX_VOTER_BYTES: Final = 32
+# Redis runs the tally script in Lua, whose numbers are doubles: integers are exact up to 2**53.
+MAX_UINT: Final = 2**53 - 1
+
+KEY_CHOICE: Final = 0
+KEY_SEQ: Final = 1
+KEY_TS: Final = 2
+KEY_VOTER: Final = 3
+KEY_EPOCH: Final = 4
+_KNOWN_KEYS: Final = frozenset({KEY_CHOICE, KEY_SEQ, KEY_TS, KEY_VOTER, KEY_EPOCH})
+
+# A batch is array -> map -> choice array: three containers deep, never more.
+_MAX_DEPTH: Final = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    """One vote, as a device cast it. The device id comes from the topic, never the payload."""
+
+    poll: str
+    device: str
+    choice: int | tuple[int, ...]
+    seq: int
+    epoch: int = 0
+    ts_s: int | None = None
+    voter: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AckEntry:
+    """The fate of one vote, or of a whole message that could not be read (seq is None).
+
+    ``code`` is a `Fate` below 16 or a `Reason` from 16 up (docs/protocol.md, Acks).
+    """
+
+    epoch: int | None
+    seq: int | None
+    code: int
+
+    @classmethod
+    def rejected(cls, error: VoteRejected) -> AckEntry:
+        """The ack entry for a rejection, naming the vote when its seq was readable."""
+        return cls(error.epoch, error.seq, int(error.reason))
+
+    @property
+    def fate(self) -> Fate:
+        return Fate(self.code) if self.code < 16 else Fate.REJECTED
+
+
+class _Forbidden(Exception):
+    """Raised from inside cbor2 when it meets a tag: a vote never carries one."""
+
+
+def _refuse_tag(*_args: Any) -> Any:
+    raise _Forbidden
+
+
+class _RefuseAllTags(dict[int, Any]):
+    """A semantic_decoders mapping that answers every tag number with a refusal.
+
+    cbor2 builds objects for known tags before any hook runs: regex (35) and MIME (36) run
+    parsers, shared references (28/29) build cycles, bignums (2/3) allocate. None are votes.
+    """
+
+    def __missing__(self, key: int) -> Any:
+        return _refuse_tag
+
+    def get(self, key: int, default: Any = None) -> Any:
+        return _refuse_tag
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
+_NO_TAGS: Final = _RefuseAllTags()
+
+
+def _strict_loads(payload: bytes) -> object:
+    stream = io.BytesIO(payload)
+    try:
+        item = cbor2.CBORDecoder(
+            stream,
+            tag_hook=_refuse_tag,
+            semantic_decoders=_NO_TAGS,
+            max_depth=_MAX_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+        ).decode()
+    except cbor2.CBORDecodeError as exc:
+        if isinstance(exc.__cause__, _Forbidden) or "semantic tag" in str(exc):
+            raise VoteRejected(Reason.FORBIDDEN_ITEM, "CBOR tags are not allowed") from None
+        text = str(exc)
+        if "Duplicate map key" in text or "duplicate" in text.lower():
+            raise VoteRejected(Reason.DUPLICATE_KEY, "a map repeats a key") from None
+        if "nesting depth" in text:
+            raise VoteRejected(Reason.FORBIDDEN_ITEM, f"nested deeper than {_MAX_DEPTH}") from None
+        if "indefinite" in text:
+            raise VoteRejected(Reason.FORBIDDEN_ITEM, "indefinite lengths are not allowed") from None
+        raise VoteRejected(Reason.MALFORMED, text[:80]) from None
+    except (ValueError, TypeError, OverflowError, MemoryError, RecursionError) as exc:
+        # cbor2 raises plain errors for a few shapes (an unhashable map key, for one).
+        raise VoteRejected(Reason.MALFORMED, type(exc).__name__) from None
+    if stream.tell() != len(payload):
+        raise VoteRejected(Reason.MALFORMED, f"{len(payload) - stream.tell()} bytes after the item")
+    return item
+
+
+def _uint(value: object, what: str, *, seq: int | None = None, epoch: int | None = None) -> int:
+    # bool is an int in Python, but CBOR true/false is not a number.
+    if type(value) is not int:
+        if isinstance(value, float):
+            raise VoteRejected(Reason.FORBIDDEN_ITEM, f"{what} is a float", seq=seq, epoch=epoch)
+        raise VoteRejected(
+            Reason.BAD_SCHEMA, f"{what} must be an unsigned integer", seq=seq, epoch=epoch
+        )
+    if value < 0:
+        raise VoteRejected(Reason.BAD_SCHEMA, f"{what} is negative", seq=seq, epoch=epoch)
+    if value > MAX_UINT:
+        raise VoteRejected(Reason.OUT_OF_RANGE, f"{what} exceeds 2**53-1", seq=seq, epoch=epoch)
+    return value
+
+
+def _peek_uint(fields: dict[object, object], key: int) -> int | None:
+    value = fields.get(key)
+    return value if type(value) is int and 0 <= value <= MAX_UINT else None
+
+
+def _vote_from_map(item: object, poll: str, device: str) -> Vote:
+    if not isinstance(item, dict):
+        raise VoteRejected(Reason.BAD_SCHEMA, "a vote must be a CBOR map")
+    seq_hint = _peek_uint(item, KEY_SEQ)
+    epoch_hint = _peek_uint(item, KEY_EPOCH) if KEY_EPOCH in item else 0
+    where = {"seq": seq_hint, "epoch": epoch_hint}
+    for key in item:
+        if type(key) is not int or key not in _KNOWN_KEYS:
+            raise VoteRejected(Reason.BAD_SCHEMA, f"unknown key {key!r:.20}", **where)
+    if KEY_CHOICE not in item or KEY_SEQ not in item:
+        raise VoteRejected(Reason.BAD_SCHEMA, "keys 0 (choice) and 1 (seq) are required", **where)
+    seq = _uint(item[KEY_SEQ], "seq", **where)
+    epoch = _uint(item[KEY_EPOCH], "epoch", **where) if KEY_EPOCH in item else 0
+    raw_choice = item[KEY_CHOICE]
+    choice: int | tuple[int, ...]
+    if isinstance(raw_choice, list):
+        if not 1 <= len(raw_choice) <= MAX_CHOICES:
+            raise VoteRejected(
+                Reason.BAD_SCHEMA, f"a choice list holds 1 to {MAX_CHOICES} options", **where
+            )
+        choice = tuple(_uint(c, "choice", **where) for c in raw_choice)
+        if len(set(choice)) != len(choice):
+            raise VoteRejected(Reason.BAD_SCHEMA, "a choice list repeats an option", **where)
+    else:
+        choice = _uint(raw_choice, "choice", **where)
+    ts_s = _uint(item[KEY_TS], "ts", **where) if KEY_TS in item else None
+    voter = item.get(KEY_VOTER)
+    if voter is not None or KEY_VOTER in item:
+        if type(voter) is not bytes or not 1 <= len(voter) <= MAX_VOTER_BYTES:
+            raise VoteRejected(
+                Reason.BAD_SCHEMA, f"voter must be 1 to {MAX_VOTER_BYTES} bytes", **where
+            )
+    return Vote(poll, device, choice, seq, epoch, ts_s, voter)
+
+
+def decode_message(payload: bytes, *, poll: str, device: str) -> list[Vote | VoteRejected]:
+    """Decode one MQTT payload: a single vote or a batch of them.
+
+    Args:
+        payload: the raw MQTT payload.
+        poll: the poll id, from the topic.
+        device: the device id, from the topic.
+
+    Returns:
+        One entry per vote in the message, in order: a `Vote`, or the `VoteRejected` that one
+        vote of a batch earned (the rest of the batch still counts).
+
+    Raises:
+        VoteRejected: the message as a whole is unreadable (size, CBOR, shape).
+    """
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise VoteRejected(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    item = _strict_loads(payload)
+    if isinstance(item, dict):
+        return [_vote_from_map(item, poll, device)]
+    if not isinstance(item, list):
+        raise VoteRejected(Reason.BAD_SCHEMA, "a message is a vote map or an array of them")
+    if not item:
+        raise VoteRejected(Reason.BAD_SCHEMA, "an empty batch")
+    if len(item) > MAX_BATCH_VOTES:
+        raise VoteRejected(Reason.BATCH_TOO_LARGE, f"{len(item)} votes > {MAX_BATCH_VOTES}")
+    out: list[Vote | VoteRejected] = []
+    for element in item:
+        try:
+            out.append(_vote_from_map(element, poll, device))
+        except VoteRejected as rejected:
+            out.append(rejected)
+    return out
+
+
+def encode_ack(entries: Sequence[AckEntry]) -> bytes:
+    """Encode the acks for one device: a CBOR array of ``[epoch, seq, code]`` arrays.
+
+    Args:
+        entries: the outcomes, in the order the votes arrived.
+
+    Returns:
+        The payload for ``acks/{device}``.
+    """
+    return cbor2.dumps([[e.epoch, e.seq, e.code] for e in entries])
+
+
+def decode_ack(payload: bytes) -> list[AckEntry]:
+    """Decode an ack payload (the device side's view; used by the simulator and tests).
+
+    Raises:
+        ValueError: the payload is not an ack.
+    """
+    items = cbor2.loads(payload)
+    if not isinstance(items, list):
+        raise ValueError("an ack is a CBOR array")
+    out = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 3 and type(item[2]) is int):
+            raise ValueError(f"an ack entry is [epoch, seq, code], got {item!r:.40}")
+        out.append(AckEntry(item[0], item[1], item[2]))
+    return out

@@ -1,0 +1,189 @@
+"""Settings: one frozen object built from the environment, then overridden by CLI flags.
+
+Rule: nothing reads os.environ except `Settings.from_env`, and only when the CLI calls it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+from urllib.parse import unquote, urlsplit
+
+from processor.errors import ConfigError
+
+__all__ = ["DEFAULT_MQTT_URL", "DEFAULT_REDIS_URL", "ENV_VARS", "MqttUrl", "Settings"]
+
+DEFAULT_MQTT_URL: Final = "mqtt://processor@127.0.0.1:1883"
+DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+
+MqttProtocol = Literal["5", "3.1.1"]
+
+
+@dataclass(frozen=True, slots=True)
+class MqttUrl:
+    """Where and as whom to connect: ``mqtt://user:pass@host:port`` (``mqtts://`` for TLS)."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str, *, variable: str = "VOTEBOX_MQTT_URL") -> MqttUrl:
+        """Parse a broker URL.
+
+        Raises:
+            ConfigError: naming ``variable`` when the URL is not ``mqtt://`` or ``mqtts://``.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ConfigError(
+                f"{variable} must start with mqtt:// or mqtts:// (got {_mask(url)!r})"
+            )
+        if not parts.hostname:
+            raise ConfigError(f"{variable} needs a host, as in mqtt://127.0.0.1:1883")
+        try:
+            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        except ValueError:
+            raise ConfigError(f"{variable} has an invalid port (got {_mask(url)!r})") from None
+        return cls(
+            host=parts.hostname,
+            port=port,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=parts.scheme == "mqtts",
+        )
+
+    def __str__(self) -> str:
+        user = f"{self.username}:***@" if self.password else f"{self.username}@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"MqttUrl({str(self)!r})"
+
+
+def _mask(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+# (variable, field, help). `votebox --help` prints this table, so it is the one list of them.
+ENV_VARS: Final = (
+    ("VOTEBOX_MQTT_URL", "mqtt_url", f"broker URL, default {DEFAULT_MQTT_URL}"),
+    ("VOTEBOX_MQTT_PROTOCOL", "mqtt_protocol", "5 (default) or 3.1.1 (the embedded amqtt broker)"),
+    ("VOTEBOX_MQTT_CLIENT_ID", "mqtt_client_id", "fixed client id of the persistent session"),
+    ("VOTEBOX_MQTT_SHARE_GROUP", "mqtt_share_group", "MQTT 5 shared-subscription group"),
+    ("VOTEBOX_MQTT_RECEIVE_MAX", "mqtt_receive_max", "un-acked votes in flight, default 1000"),
+    ("VOTEBOX_REDIS_URL", "redis_url", f"Redis URL, default {DEFAULT_REDIS_URL}"),
+    ("VOTEBOX_INFLUX_URL", "influx_url", "InfluxDB URL; unset: Redis only"),
+    ("VOTEBOX_RESULTS_INTERVAL_S", "results_interval_s", "results publish interval, default 0.1"),
+    ("VOTEBOX_BATCH_MAX", "batch_max", "votes per Redis round trip at most, default 500"),
+    ("VOTEBOX_LOG_LEVEL", "log_level", "DEBUG, INFO (default), WARNING"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the processor needs to run."""
+
+    mqtt_url: MqttUrl = dataclasses.field(default_factory=lambda: MqttUrl.parse(DEFAULT_MQTT_URL))
+    mqtt_protocol: MqttProtocol = "5"
+    mqtt_client_id: str = "votebox-processor"
+    mqtt_share_group: str | None = None
+    # MQTT 5 Receive Maximum: how many un-acked votes the broker may push at us. It bounds the
+    # intake's memory and, divided by the commit time, its throughput.
+    mqtt_receive_max: int = 1000
+    mqtt_keepalive_s: int = 30
+    # MQTT 5: 0 would end the session on disconnect, so votes sent while we are down would be lost.
+    mqtt_session_expiry_s: int = 7 * 24 * 3600
+    mqtt_connect_timeout_s: float = 10.0
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_timeout_s: float = 5.0
+    influx_url: str | None = None
+    results_interval_s: float = 0.1
+    polls_rescan_s: float = 2.0
+    batch_max: int = 500
+    shutdown_timeout_s: float = 10.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.mqtt_protocol not in ("5", "3.1.1"):
+            raise ConfigError(
+                f"VOTEBOX_MQTT_PROTOCOL must be 5 or 3.1.1 (got {self.mqtt_protocol!r})"
+            )
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                "VOTEBOX_REDIS_URL must start with redis://, rediss:// or unix:// "
+                f"(got {_mask(self.redis_url)!r})"
+            )
+        if not 1 <= self.mqtt_receive_max <= 65535:
+            raise ConfigError("VOTEBOX_MQTT_RECEIVE_MAX must be 1 to 65535 (an MQTT limit)")
+        if not 1 <= self.batch_max <= 10_000:
+            raise ConfigError("VOTEBOX_BATCH_MAX must be 1 to 10000")
+        if self.results_interval_s <= 0:
+            raise ConfigError("VOTEBOX_RESULTS_INTERVAL_S must be above 0")
+        if self.mqtt_share_group is not None and self.mqtt_protocol != "5":
+            raise ConfigError("VOTEBOX_MQTT_SHARE_GROUP needs VOTEBOX_MQTT_PROTOCOL=5")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("VOTEBOX_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from ``VOTEBOX_*`` variables; unset ones keep their defaults.
+
+        Raises:
+            ConfigError: a variable is malformed; the message names it.
+        """
+        return cls().with_overrides({field: env.get(var) for var, field, _ in ENV_VARS})
+
+    def with_overrides(self, values: Mapping[str, object]) -> Settings:
+        """A copy with the given fields replaced; None and "" leave a field as it is.
+
+        Strings are converted to the field's type, so the same call serves env vars and flags.
+
+        Raises:
+            ConfigError: a value cannot be converted; the message names the variable.
+        """
+        changes: dict[str, object] = {}
+        for name, value in values.items():
+            if value is None or value == "":
+                continue
+            var = _VAR_OF[name]
+            if name == "mqtt_url":
+                changes[name] = value if isinstance(value, MqttUrl) else MqttUrl.parse(str(value))
+            elif name in _INT_FIELDS:
+                changes[name] = _convert(int, value, var)
+            elif name in _FLOAT_FIELDS:
+                changes[name] = _convert(float, value, var)
+            else:
+                changes[name] = str(value)
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(mqtt_url={self.mqtt_url}, mqtt_protocol={self.mqtt_protocol}, "
+            f"client_id={self.mqtt_client_id}, redis_url={_mask(self.redis_url)}, "
+            f"influx_url={self.influx_url and _mask(self.influx_url)})"
+        )
+
+
+_VAR_OF: Final = {field: var for var, field, _ in ENV_VARS} | {
+    f.name: f.name for f in dataclasses.fields(Settings) if f.name not in {x[1] for x in ENV_VARS}
+}
+_INT_FIELDS: Final = frozenset({"mqtt_receive_max", "batch_max", "mqtt_keepalive_s",
+                                "mqtt_session_expiry_s"})
+_FLOAT_FIELDS: Final = frozenset({"results_interval_s", "redis_timeout_s", "polls_rescan_s",
+                                  "shutdown_timeout_s", "mqtt_connect_timeout_s"})
+
+
+def _convert(kind: type[int] | type[float], value: object, var: str) -> int | float:
+    try:
+        return kind(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{var} must be a {kind.__name__} (got {value!r})") from None

@@ -1,0 +1,39 @@
+"""Redis key names. Rule: the only module that formats a key.
+
+Every key of a poll carries the hash tag ``{poll}``, so that all of them live in one Redis Cluster
+slot and the tally script may touch them together.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["POLLS_INDEX", "SET_ASIDE", "UNATTRIBUTED_FATES", "PollKeys"]
+
+# The set of all poll ids. Global, outside any poll's slot: only the CLI and the results
+# publisher read it, never the tally script.
+POLLS_INDEX: Final = "votebox:polls"
+# Fates of messages that name no valid poll (bad topic, unreadable payload).
+UNATTRIBUTED_FATES: Final = "votebox:fates"
+# A stream of votes the tally script could not process, with the error, for an operator to
+# inspect and replay (docs/protocol.md, store_error). Capped; see SET_ASIDE_MAXLEN in tally.py.
+SET_ASIDE: Final = "votebox:set_aside"
+
+
+class PollKeys:
+    """The keys of one poll."""
+
+    __slots__ = ("definition", "devices", "fates", "poll", "tally", "window_prefix")
+
+    def __init__(self, poll: str) -> None:
+        tag = f"votebox:{{{poll}}}"
+        self.poll = poll
+        self.definition = f"{tag}:poll"
+        self.tally = f"{tag}:tally"
+        self.fates = f"{tag}:fates"
+        self.devices = f"{tag}:devices"
+        self.window_prefix = f"{tag}:win:"
+
+    def all_keys(self) -> tuple[str, str, str, str]:
+        """The fixed keys, in the order tally.lua expects them as KEYS."""
+        return (self.definition, self.tally, self.fates, self.devices)

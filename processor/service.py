@@ -1,0 +1,252 @@
+"""The processor service: intake -> decode -> one Redis round trip -> acks -> results.
+
+Rule: a batch is acknowledged to the broker only after its fates are committed to Redis; a
+stop (SIGTERM) is honoured between batches, never inside one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from processor.backoff import backoff_delays
+from processor.codec import AckEntry, Vote, decode_message, encode_ack
+from processor.config import Settings
+from processor.errors import StoreUnavailable, VoteRejected
+from processor.logs import RejectionLog
+from processor.mqtt import Delivery, MqttIntake
+from processor.reasons import Reason
+from processor.results import ResultsPublisher
+from processor.tally import Tally
+from processor.topics import VOTES_FILTER, acks_topic, device_from_topic, parse_vote_topic, shared
+
+__all__ = ["BatchProcessor", "Counters", "run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Counters:
+    """What this process has done since it started (exact per-poll numbers live in Redis)."""
+
+    batches: int = 0
+    messages: int = 0
+    fates: Counter[str] = field(default_factory=Counter)
+
+
+class BatchProcessor:
+    """Turns one batch of deliveries into committed fates, acks and marked results.
+
+    Args:
+        tally: the Redis tally.
+        intake: acknowledges deliveries and publishes acks.
+        results: told which polls changed.
+        stop: set when the service should stop; an outage retry gives up then.
+    """
+
+    def __init__(
+        self,
+        *,
+        tally: Tally,
+        intake: MqttIntake,
+        results: ResultsPublisher,
+        stop: asyncio.Event,
+    ) -> None:
+        self._tally = tally
+        self._intake = intake
+        self._results = results
+        self._stop = stop
+        self._rejections = RejectionLog(log)
+        self.counters = Counters()
+
+    async def process(self, batch: list[Delivery]) -> None:
+        """Commit, ack to devices, settle with the broker, mark results. Retries Redis outages.
+
+        When a stop is requested during an outage the batch is left un-acked: the broker
+        redelivers it to the next processor.
+        """
+        votes: list[Vote] = []
+        # Per device, the ack entries in arrival order; votes fill their slot after the commit.
+        acks: defaultdict[str, list[AckEntry]] = defaultdict(list)
+        slots: list[tuple[str, int]] = []
+        unattributed: Counter[Reason] = Counter()
+
+        def reject(device: str | None, error: VoteRejected) -> None:
+            unattributed[error.reason] += 1
+            self._rejections.rejected(error.reason.code, device, error.detail)
+            if device is not None:
+                acks[device].append(AckEntry.rejected(error))
+
+        for delivery in batch:
+            try:
+                poll, device = parse_vote_topic(delivery.topic)
+            except VoteRejected as error:
+                reject(device_from_topic(delivery.topic), error)
+                continue
+            try:
+                items = decode_message(delivery.payload, poll=poll, device=device)
+            except VoteRejected as error:
+                reject(device, error)
+                continue
+            for item in items:
+                if isinstance(item, VoteRejected):
+                    reject(device, item)
+                else:
+                    slots.append((device, len(acks[device])))
+                    acks[device].append(AckEntry(item.epoch, item.seq, -1))
+                    votes.append(item)
+
+        result = await self._commit_until_done(votes, unattributed)
+        if result is None:
+            return
+        codes, versions = result
+        for (device, slot), vote, code in zip(slots, votes, codes, strict=True):
+            acks[device][slot] = AckEntry(vote.epoch, vote.seq, code)
+            if code >= 16:
+                self._rejections.rejected(Reason(code).code, device, f"poll {vote.poll}")
+
+        for device, entries in acks.items():
+            self._intake.publish(acks_topic(device), encode_ack(entries), qos=1)
+        self._intake.settle(batch)
+        self._results.mark(versions)
+
+        self.counters.batches += 1
+        self.counters.messages += len(batch)
+        for entries in acks.values():
+            for entry in entries:
+                self.counters.fates[entry.fate.name.lower()] += 1
+
+    async def _commit_until_done(
+        self, votes: list[Vote], unattributed: Counter[Reason]
+    ) -> tuple[list[int], dict[str, int]] | None:
+        if not votes and not unattributed:
+            return [], {}
+        delays = backoff_delays(base_s=0.1, cap_s=5.0)
+        while True:
+            try:
+                result = await self._tally.commit(
+                    votes, now_ms=int(time.time() * 1000), unattributed=unattributed
+                )
+                return result.codes, result.versions
+            except StoreUnavailable as exc:
+                if self._stop.is_set():
+                    log.warning("stopping during a Redis outage: %d votes left un-acked", len(votes))
+                    return None
+                delay = next(delays)
+                log.warning("commit failed, nothing acked, retrying in %.1f s: %s", delay, exc)
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._stop.wait()
+                except TimeoutError:
+                    pass
+
+
+async def _next_batch_or_stop(
+    intake: MqttIntake, stop: asyncio.Event, max_size: int
+) -> list[Delivery] | None:
+    """The next batch, or None once ``stop`` is set (taking a batch is never interrupted)."""
+    async with asyncio.TaskGroup() as tg:
+        getter = tg.create_task(intake.next_batch(max_size), name="votebox.next_batch")
+        stopper = tg.create_task(stop.wait(), name="votebox.stop_wait")
+        await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            stopper.cancel()
+        else:
+            getter.cancel()
+    return getter.result() if not getter.cancelled() else None
+
+
+async def consume_votes(
+    intake: MqttIntake, processor: BatchProcessor, stop: asyncio.Event, *, batch_max: int
+) -> None:
+    """Take batches and process them until ``stop`` is set; the batch in hand is finished."""
+    while not stop.is_set():
+        batch = await _next_batch_or_stop(intake, stop, batch_max)
+        if batch is None:
+            return
+        await processor.process(batch)
+
+
+async def _wait_for_redis(tally: Tally, stop: asyncio.Event) -> bool:
+    for delay in backoff_delays(base_s=0.2, cap_s=5.0):
+        try:
+            await tally.load()
+            return True
+        except StoreUnavailable as exc:
+            log.warning("waiting for Redis: %s", exc)
+        try:
+            async with asyncio.timeout(delay):
+                await stop.wait()
+                return False
+        except TimeoutError:
+            pass
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run the processor until SIGINT/SIGTERM (or ``stop`` is set).
+
+    Args:
+        settings: the configuration.
+        stop: an event that stops the service, for callers that run it in-process.
+
+    Raises:
+        BrokerUnavailable: the first connection to the broker failed.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("starting with %r", settings)
+    if settings.influx_url is None:
+        log.info("InfluxDB not configured (VOTEBOX_INFLUX_URL unset): tallying in Redis only")
+    else:
+        log.warning(
+            "VOTEBOX_INFLUX_URL is set, but this version does not write to InfluxDB yet: "
+            "tallying in Redis only"
+        )
+    redis = Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
+    try:
+        tally = Tally(redis, timeout_s=settings.redis_timeout_s)
+        if not await _wait_for_redis(tally, stop):
+            return
+        topic_filter = shared(VOTES_FILTER, settings.mqtt_share_group)
+        async with MqttIntake(settings=settings, topic_filter=topic_filter) as intake:
+            results = ResultsPublisher(
+                redis=redis,
+                publish=lambda topic, payload: intake.publish(topic, payload, qos=1, retain=True),
+                interval_s=settings.results_interval_s,
+                rescan_s=settings.polls_rescan_s,
+                timeout_s=settings.redis_timeout_s,
+            )
+            processor = BatchProcessor(tally=tally, intake=intake, results=results, stop=stop)
+            log.info("ready: consuming %s", topic_filter)
+            async with asyncio.TaskGroup() as tg:
+                publisher = tg.create_task(results.run(), name="votebox.results")
+                await consume_votes(intake, processor, stop, batch_max=settings.batch_max)
+                publisher.cancel()
+            # Shutdown gets its own deadline: the final results and the acks already queued.
+            try:
+                async with asyncio.timeout(settings.shutdown_timeout_s):
+                    await results.flush()
+                    await intake.drain()
+            except (TimeoutError, StoreUnavailable) as exc:
+                log.warning("shutdown flush incomplete: %r", exc)
+            log.info(
+                "stopped after %d batches, %d messages: %s",
+                processor.counters.batches,
+                processor.counters.messages,
+                dict(processor.counters.fates),
+            )
+    finally:
+        await redis.aclose()

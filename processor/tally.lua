@@ -1,0 +1,145 @@
+-- votebox tally: de-duplicate and count one batch of votes for ONE poll, atomically.
+--
+-- Rule: phase 1 only reads and decides; phase 2 only writes. A Lua error can therefore happen
+-- only before the first write, and Redis never keeps half a batch.
+--
+-- KEYS[1] votebox:{poll}:poll     hash  n_options, state, ...
+-- KEYS[2] votebox:{poll}:tally    hash  c:<option> counts, total, version, updated_ms
+-- KEYS[3] votebox:{poll}:fates    hash  accepted, duplicate and rejection counts by reason code
+-- KEYS[4] votebox:{poll}:devices  hash  device -> "epoch:max_seq"
+-- ARGV[1] now_ms    ARGV[2] window bits W    ARGV[3] window key prefix votebox:{poll}:win:
+-- ARGV[4..] four per vote: device, epoch, seq, choice ("3", or "1,4" for several options)
+--
+-- The de-duplication window of a device is a ring of W bits (key prefix .. device): bit
+-- seq % W is set when seq was counted. It is exact for seqs above max_seq - W; older ones are
+-- SEQ_TOO_OLD (never counted twice). Memory per device and poll: W/8 bytes.
+--
+-- Returns {version, code_1, ..., code_n}: version of the tally after the batch, then a Fate
+-- (0 accepted, 1 duplicate) or Reason (16 up) per vote; processor/reasons.py names them.
+
+local ACCEPTED, DUPLICATE = 0, 1
+local UNKNOWN_POLL, UNKNOWN_OPTION, SEQ_TOO_OLD, STALE_EPOCH, TOO_MANY_CHOICES = 24, 25, 26, 27, 28
+local NAMES = {[0] = 'accepted', [1] = 'duplicate', [24] = 'unknown_poll',
+  [25] = 'unknown_option', [26] = 'seq_too_old', [27] = 'stale_epoch', [28] = 'too_many_choices'}
+
+local now_ms = ARGV[1]
+local W = tonumber(ARGV[2])
+local win_prefix = ARGV[3]
+local n_votes = (#ARGV - 3) / 4
+
+local n_options = tonumber(redis.call('HGET', KEYS[1], 'n_options') or '')
+-- codes[1] is the version, filled in last; unpack() of a long list would overflow Lua's stack.
+local codes = {0}
+local fates = {}
+
+local function note(code)
+  codes[#codes + 1] = code
+  fates[code] = (fates[code] or 0) + 1
+end
+
+if not n_options then
+  for _ = 1, n_votes do note(UNKNOWN_POLL) end
+  for code, n in pairs(fates) do redis.call('HINCRBY', KEYS[3], NAMES[code], n) end
+  codes[1] = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+  return codes
+end
+
+-- Phase 1: decide every vote against the stored state plus what this batch already decided.
+-- device -> {e, m0, m, reset, seen = {seq = true}, bits = {seq ...}}. Seqs go back to Redis as
+-- the strings they came in (es, ms): Lua prints numbers above 1e14 in exponent form.
+local devs = {}
+local counted = {}    -- option -> votes to add
+local n_counted = 0
+
+for i = 0, n_votes - 1 do
+  local device = ARGV[4 + i * 4]
+  local epoch_s, seq_s = ARGV[5 + i * 4], ARGV[6 + i * 4]
+  local epoch, seq = tonumber(epoch_s), tonumber(seq_s)
+  local choice = tonumber(ARGV[7 + i * 4])
+
+  local d = devs[device]
+  if not d then
+    local stored = redis.call('HGET', KEYS[4], device)
+    local es, ms = '-1', '-1'
+    if stored then
+      local sep = string.find(stored, ':', 1, true)
+      es, ms = string.sub(stored, 1, sep - 1), string.sub(stored, sep + 1)
+    end
+    d = {e = tonumber(es), es = es, m0 = tonumber(ms), m = tonumber(ms), ms = ms,
+         reset = false, seen = {}, bits = {}}
+    devs[device] = d
+  end
+
+  if not choice then
+    note(TOO_MANY_CHOICES)
+  elseif choice >= n_options then
+    note(UNKNOWN_OPTION)
+  elseif d.e >= 0 and epoch < d.e then
+    note(STALE_EPOCH)
+  else
+    if epoch > d.e then
+      -- A new epoch: the device lost its seq store; its old window means nothing now.
+      d.reset = d.e >= 0 or d.m0 >= 0
+      d.e, d.es, d.m0, d.m, d.ms, d.seen, d.bits = epoch, epoch_s, -1, -1, '-1', {}, {}
+    end
+    if d.m >= 0 and seq <= d.m - W then
+      note(SEQ_TOO_OLD)
+    elseif d.seen[seq] then
+      note(DUPLICATE)
+    elseif seq <= d.m0 and redis.call('GETBIT', win_prefix .. device, seq % W) == 1 then
+      -- seq <= m0 and inside the window: the stored bit is still valid, since advances made
+      -- by this batch clear only positions of seqs at or below d.m - W.
+      note(DUPLICATE)
+    else
+      note(ACCEPTED)
+      d.seen[seq] = true
+      d.bits[#d.bits + 1] = seq
+      if seq > d.m then d.m, d.ms = seq, seq_s end
+      counted[choice] = (counted[choice] or 0) + 1
+      n_counted = n_counted + 1
+    end
+  end
+end
+
+-- Phase 2: write. Clear the ring positions of seqs (m0, m] that the window advanced over,
+-- then set the bits of the counted seqs.
+local function clear_bits(key, lo, hi)
+  while lo <= hi and lo % 8 ~= 0 do redis.call('SETBIT', key, lo, 0); lo = lo + 1 end
+  while hi >= lo and (hi + 1) % 8 ~= 0 do redis.call('SETBIT', key, hi, 0); hi = hi - 1 end
+  if hi >= lo then redis.call('SETRANGE', key, lo / 8, string.rep('\0', (hi - lo + 1) / 8)) end
+end
+
+for device, d in pairs(devs) do
+  local key = win_prefix .. device
+  if d.reset then redis.call('DEL', key) end
+  if d.m > d.m0 then
+    local from = d.m0 + 1
+    if d.m - from + 1 >= W then
+      redis.call('DEL', key)
+    elseif d.m0 >= 0 then
+      local lo, hi = from % W, d.m % W
+      if lo <= hi then
+        clear_bits(key, lo, hi)
+      else
+        clear_bits(key, lo, W - 1)
+        clear_bits(key, 0, hi)
+      end
+    end
+  end
+  for _, seq in ipairs(d.bits) do redis.call('SETBIT', key, seq % W, 1) end
+  if #d.bits > 0 or d.reset then
+    redis.call('HSET', KEYS[4], device, d.es .. ':' .. d.ms)
+  end
+end
+
+for code, n in pairs(fates) do redis.call('HINCRBY', KEYS[3], NAMES[code], n) end
+
+if n_counted > 0 then
+  for option, n in pairs(counted) do redis.call('HINCRBY', KEYS[2], 'c:' .. option, n) end
+  redis.call('HINCRBY', KEYS[2], 'total', n_counted)
+  redis.call('HSET', KEYS[2], 'updated_ms', now_ms)
+  codes[1] = redis.call('HINCRBY', KEYS[2], 'version', 1)
+else
+  codes[1] = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+end
+return codes

@@ -1,0 +1,183 @@
+"""Redis tally. Rule: every write for one batch happens in one round trip of script calls.
+
+A batch is split by poll (the script touches one poll's hash-tagged keys, so it also runs on
+Redis Cluster), and the per-poll calls travel together in one pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Final
+
+import redis.exceptions
+from redis.asyncio import Redis
+
+from processor.codec import Vote
+from processor.errors import StoreUnavailable
+from processor.keys import SET_ASIDE, UNATTRIBUTED_FATES, PollKeys
+from processor.reasons import Reason
+
+__all__ = ["DEDUP_WINDOW", "CommitResult", "Tally", "redis_errors"]
+
+log = logging.getLogger(__name__)
+
+# Seqs remembered per device and poll, exactly: 4096 bits = 512 bytes of Redis per device and
+# poll. An offline kiosk may replay up to this many votes out of order and each counts once.
+DEDUP_WINDOW: Final = 4096
+SET_ASIDE_MAXLEN: Final = 100_000
+
+_SCRIPT: Final = resources.files("processor").joinpath("tally.lua").read_text()
+_SCRIPT_SHA: Final = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Map redis-py's connection failures to `StoreUnavailable` (the one seam for them)."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        raise StoreUnavailable(f"Redis: {exc}") from exc
+    except TimeoutError as exc:
+        raise StoreUnavailable("Redis did not answer in time") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """Outcome codes aligned with the votes given to `Tally.commit`, and new poll versions."""
+
+    codes: list[int]
+    versions: dict[str, int]
+
+
+def _choice_arg(choice: int | tuple[int, ...]) -> str:
+    if isinstance(choice, int):
+        return str(choice)
+    return ",".join(map(str, choice)) if len(choice) > 1 else str(choice[0])
+
+
+class Tally:
+    """Commits batches of votes to Redis.
+
+    Args:
+        redis: a client; Tally never closes it.
+        timeout_s: deadline of one round trip.
+    """
+
+    def __init__(self, redis: Redis, *, timeout_s: float) -> None:
+        self._redis = redis
+        self._timeout_s = timeout_s
+
+    async def load(self) -> None:
+        """Load the script, so the first batch need not; also a readiness probe of Redis."""
+        with redis_errors():
+            async with asyncio.timeout(self._timeout_s):
+                await self._redis.script_load(_SCRIPT)
+
+    async def commit(
+        self, votes: Sequence[Vote], *, now_ms: int, unattributed: Counter[Reason] | None = None
+    ) -> CommitResult:
+        """De-duplicate and count ``votes`` atomically per poll, in one round trip.
+
+        Args:
+            votes: decoded votes, any polls, any order (order within a device matters for
+                nothing but which copy of a repeat is "accepted").
+            now_ms: the processor's clock, stored as the tally's update time.
+            unattributed: rejections of messages that name no poll, counted in the same trip.
+
+        Returns:
+            One `Fate`/`Reason` code per vote, and each changed poll's new version.
+
+        Raises:
+            StoreUnavailable: Redis is down or slow; nothing may be acknowledged.
+        """
+        by_poll: dict[str, list[int]] = {}
+        for index, vote in enumerate(votes):
+            by_poll.setdefault(vote.poll, []).append(index)
+        polls = list(by_poll)
+        calls: list[tuple[list[str], list[str | int]]] = []
+        for poll in polls:
+            keys = PollKeys(poll)
+            args: list[str | int] = [now_ms, DEDUP_WINDOW, keys.window_prefix]
+            for index in by_poll[poll]:
+                vote = votes[index]
+                args += (vote.device, vote.epoch, vote.seq, _choice_arg(vote.choice))
+            calls.append((list(keys.all_keys()), args))
+
+        replies = await self._run(calls, unattributed)
+        codes = [0] * len(votes)
+        versions: dict[str, int] = {}
+        set_aside: list[tuple[Vote, str]] = []
+        for poll, reply in zip(polls, replies, strict=True):
+            indices = by_poll[poll]
+            if isinstance(reply, Exception):
+                # A script error happens before its first write (tally.lua, phase 1), so
+                # nothing of this poll's share was stored: set the votes aside, never retry
+                # them forever (that would stall every other poll).
+                log.error("tally script failed for poll %s (%d votes): %s", poll, len(indices), reply)
+                for index in indices:
+                    codes[index] = int(Reason.STORE_ERROR)
+                    set_aside.append((votes[index], str(reply)))
+                continue
+            versions[poll] = int(reply[0])
+            for index, code in zip(indices, reply[1:], strict=True):
+                codes[index] = int(code)
+        if set_aside:
+            await self._set_aside(set_aside)
+        return CommitResult(codes, versions)
+
+    async def _set_aside(self, entries: list[tuple[Vote, str]]) -> None:
+        with redis_errors():
+            async with asyncio.timeout(self._timeout_s):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for vote, error in entries:
+                        pipe.xadd(
+                            SET_ASIDE,
+                            {"poll": vote.poll, "device": vote.device, "epoch": vote.epoch,
+                             "seq": vote.seq, "choice": _choice_arg(vote.choice),
+                             "error": error[:500]},
+                            maxlen=SET_ASIDE_MAXLEN,
+                            approximate=True,
+                        )
+                    await pipe.execute()
+
+    async def _run(
+        self,
+        calls: list[tuple[list[str], list[str | int]]],
+        unattributed: Counter[Reason] | None,
+    ) -> list[object]:
+        with redis_errors():
+            async with asyncio.timeout(self._timeout_s):
+                replies = await self._pipeline(calls, unattributed)
+                missing = [i for i, r in enumerate(replies) if _is_noscript(r)]
+                if missing:
+                    # Redis restarted or flushed its script cache: load and rerun only those.
+                    await self._redis.script_load(_SCRIPT)
+                    again = await self._pipeline([calls[i] for i in missing], None)
+                    for i, reply in zip(missing, again, strict=True):
+                        replies[i] = reply
+        return replies[: len(calls)]
+
+    async def _pipeline(
+        self,
+        calls: list[tuple[list[str], list[str | int]]],
+        unattributed: Counter[Reason] | None,
+    ) -> list[object]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(_SCRIPT_SHA, len(keys), *keys, *args)
+            for reason, n in (unattributed or {}).items():
+                pipe.hincrby(UNATTRIBUTED_FATES, reason.code, n)
+            return list(await pipe.execute(raise_on_error=False))
+
+
+def _is_noscript(reply: object) -> bool:
+    return isinstance(reply, redis.exceptions.NoScriptError) or (
+        isinstance(reply, redis.exceptions.ResponseError) and str(reply).startswith("NOSCRIPT")
+    )

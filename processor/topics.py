@@ -1,0 +1,78 @@
+"""MQTT topic names. Rule: the only module that formats or parses a topic string."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from processor.errors import VoteRejected
+from processor.reasons import Reason
+
+__all__ = [
+    "VOTES_FILTER",
+    "acks_topic",
+    "device_from_topic",
+    "is_valid_id",
+    "parse_vote_topic",
+    "results_topic",
+    "shared",
+    "vote_topic",
+]
+
+# docs/protocol.md, Topics: poll and device ids are 1-64 chars of [A-Za-z0-9_-].
+_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# The processor subscribes wider than the contract so that a vote on a wrong topic is rejected
+# and counted instead of vanishing unseen.
+VOTES_FILTER: Final = "votes/#"
+
+
+def is_valid_id(value: str) -> bool:
+    """Whether ``value`` is a valid poll or device id."""
+    return _ID.fullmatch(value) is not None
+
+
+def parse_vote_topic(topic: str) -> tuple[str, str]:
+    """Split ``votes/{poll}/{device}``.
+
+    Returns:
+        ``(poll, device)``.
+
+    Raises:
+        VoteRejected: with `Reason.BAD_TOPIC` when the topic breaks the contract.
+    """
+    parts = topic.split("/")
+    if len(parts) != 3 or parts[0] != "votes":
+        raise VoteRejected(Reason.BAD_TOPIC, "topic must be votes/{poll}/{device}")
+    _, poll, device = parts
+    if _ID.fullmatch(poll) is None or _ID.fullmatch(device) is None:
+        raise VoteRejected(Reason.BAD_TOPIC, "ids are 1-64 chars of [A-Za-z0-9_-]")
+    return poll, device
+
+
+def device_from_topic(topic: str) -> str | None:
+    """The device id of a vote topic, if it has a valid one, to address an ack for a bad message."""
+    parts = topic.split("/")
+    if len(parts) == 3 and parts[0] == "votes" and _ID.fullmatch(parts[2]):
+        return parts[2]
+    return None
+
+
+def vote_topic(poll: str, device: str) -> str:
+    """``votes/{poll}/{device}``: where a device publishes its votes."""
+    return f"votes/{poll}/{device}"
+
+
+def acks_topic(device: str) -> str:
+    """``acks/{device}``: where the processor answers a device."""
+    return f"acks/{device}"
+
+
+def results_topic(poll: str) -> str:
+    """``polls/{poll}/results``: the retained live result of a poll."""
+    return f"polls/{poll}/results"
+
+
+def shared(topic_filter: str, group: str | None) -> str:
+    """Prefix a filter with ``$share/{group}/`` (MQTT 5 shared subscriptions) when a group is set."""
+    return f"$share/{group}/{topic_filter}" if group else topic_filter
