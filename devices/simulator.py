@@ -68,7 +68,9 @@ class Kiosk:
         self._on_ack = on_ack
         self._connected = threading.Event()
         self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=device, protocol=paho.MQTTv311,
+            CallbackAPIVersion.VERSION2,
+            client_id=device,
+            protocol=paho.MQTTv311,
             clean_session=False,
         )
         self._client.username_pw_set(device)
@@ -84,8 +86,9 @@ class Kiosk:
         if not self._connected.wait(timeout_s):
             raise TimeoutError(f"{self.device}: no CONNACK from {self._host}:{self._port}")
 
-    def _handle_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any,
-                        properties: Any) -> None:
+    def _handle_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: Any, properties: Any
+    ) -> None:
         if not rc.is_failure:
             client.subscribe(f"acks/{self.device}", qos=1)
             self._connected.set()
@@ -162,7 +165,9 @@ def simulate(
 
     def on_ack(entry: list[Any]) -> None:
         code = entry[2]
-        fate = "accepted" if code == _ACCEPTED else "duplicate" if code == _DUPLICATE else "rejected"
+        fate = (
+            "accepted" if code == _ACCEPTED else "duplicate" if code == _DUPLICATE else "rejected"
+        )
         with lock:
             summary.acks[fate] += 1
 

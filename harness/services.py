@@ -63,8 +63,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_until(ready: Callable[[], bool], *, what: str, proc: subprocess.Popen[bytes],
-                log: Path | None, timeout_s: float) -> None:
+def _wait_until(
+    ready: Callable[[], bool],
+    *,
+    what: str,
+    proc: subprocess.Popen[bytes],
+    log: Path | None,
+    timeout_s: float,
+) -> None:
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while time.monotonic() < deadline:
@@ -116,7 +122,10 @@ class ManagedProcess:
         log = self.log_path.open("ab")
         try:
             self.proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 env=self._env,
             )
         finally:
@@ -126,8 +135,13 @@ class ManagedProcess:
 
     def wait_ready(self) -> None:
         assert self.proc is not None
-        _wait_until(self._ready, what=self.name, proc=self.proc, log=self.log_path,
-                    timeout_s=self._timeout_s)
+        _wait_until(
+            self._ready,
+            what=self.name,
+            proc=self.proc,
+            log=self.log_path,
+            timeout_s=self._timeout_s,
+        )
 
     def stop(self, *, timeout_s: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
@@ -174,7 +188,9 @@ def mqtt_ready(port: int, *, host: str = HOST) -> bool:
     client_id = f"probe-{os.getpid()}".encode()
     username = b"probe"
     variable = b"\x00\x04MQTT\x04\x82\x00\x05"  # protocol 3.1.1, username + clean session, 5 s
-    payload = len(client_id).to_bytes(2, "big") + client_id + len(username).to_bytes(2, "big") + username
+    payload = (
+        len(client_id).to_bytes(2, "big") + client_id + len(username).to_bytes(2, "big") + username
+    )
     body = variable + payload
     with socket.create_connection((host, port), timeout=1) as sock:
         sock.sendall(bytes([0x10, len(body)]) + body)
@@ -205,39 +221,60 @@ def redis_server(data_dir: Path, *, port: int | None = None) -> Iterator[Managed
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
-        "redis-server", "--bind", HOST, "--port", str(port), "--dir", str(data_dir),
-        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-        "--protected-mode", "yes", "--daemonize", "no",
+        "redis-server",
+        "--bind",
+        HOST,
+        "--port",
+        str(port),
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--save",
+        "",
+        "--protected-mode",
+        "yes",
+        "--daemonize",
+        "no",
     ]
-    process = ManagedProcess("redis-server", argv, ready=lambda: _redis_ping(port),
-                             log_path=data_dir / "redis.log", port=port,
-                             url=f"redis://{HOST}:{port}/0")
+    process = ManagedProcess(
+        "redis-server",
+        argv,
+        ready=lambda: _redis_ping(port),
+        log_path=data_dir / "redis.log",
+        port=port,
+        url=f"redis://{HOST}:{port}/0",
+    )
     with _running(process):
         yield process
 
 
 def mosquitto_config(*, port: int, data_dir: Path) -> str:
     """A mosquitto.conf for a local test or demo broker, with production's queue limits."""
-    return "\n".join([
-        "per_listener_settings false",
-        f"listener {port} {HOST}",
-        # Foundation: anonymous access on; the security issue provisions accounts and ACLs.
-        "allow_anonymous true",
-        "persistence true",
-        f"persistence_location {data_dir}/",
-        "autosave_interval 60",
-        f"max_queued_messages {MOSQUITTO_MAX_QUEUED_MESSAGES}",
-        "max_queued_bytes 0",
-        f"max_inflight_messages {MOSQUITTO_MAX_INFLIGHT_MESSAGES}",
-        "persistent_client_expiration 7d",
-        "set_tcp_nodelay true",
-        f"user {getpass.getuser()}",
-        f"log_dest file {data_dir}/mosquitto.log",
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "",
-    ])
+    return "\n".join(
+        [
+            "per_listener_settings false",
+            f"listener {port} {HOST}",
+            # Foundation: anonymous access on; the security issue provisions accounts and ACLs.
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {data_dir}/",
+            "autosave_interval 60",
+            f"max_queued_messages {MOSQUITTO_MAX_QUEUED_MESSAGES}",
+            "max_queued_bytes 0",
+            f"max_inflight_messages {MOSQUITTO_MAX_INFLIGHT_MESSAGES}",
+            "persistent_client_expiration 7d",
+            "set_tcp_nodelay true",
+            f"user {getpass.getuser()}",
+            f"log_dest file {data_dir}/mosquitto.log",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "",
+        ]
+    )
 
 
 @contextlib.contextmanager
@@ -248,9 +285,14 @@ def mosquitto(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedPro
     data_dir.mkdir(parents=True, exist_ok=True)
     conf = data_dir / "mosquitto.conf"
     conf.write_text(mosquitto_config(port=port, data_dir=data_dir))
-    process = ManagedProcess("mosquitto", ["mosquitto", "-c", str(conf)],
-                             ready=lambda: mqtt_ready(port), log_path=data_dir / "stdout.log",
-                             port=port, url=f"mqtt://{HOST}:{port}")
+    process = ManagedProcess(
+        "mosquitto",
+        ["mosquitto", "-c", str(conf)],
+        ready=lambda: mqtt_ready(port),
+        log_path=data_dir / "stdout.log",
+        port=port,
+        url=f"mqtt://{HOST}:{port}",
+    )
     with _running(process):
         yield process
 
@@ -265,9 +307,14 @@ def amqtt_broker(data_dir: Path, *, port: int | None = None) -> Iterator[Managed
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "processor.cli", "broker", "--host", HOST, "--port", str(port)]
-    process = ManagedProcess("amqtt", argv, ready=lambda: mqtt_ready(port),
-                             log_path=data_dir / "amqtt.log", port=port,
-                             url=f"mqtt://{HOST}:{port}")
+    process = ManagedProcess(
+        "amqtt",
+        argv,
+        ready=lambda: mqtt_ready(port),
+        log_path=data_dir / "amqtt.log",
+        port=port,
+        url=f"mqtt://{HOST}:{port}",
+    )
     with _running(process):
         yield process
 
@@ -285,21 +332,25 @@ def influxdb(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedProc
         f'bind-address = "{HOST}:{rpc_port}"\n'
         f'[meta]\n  dir = "{data_dir}/meta"\n'
         f'[data]\n  dir = "{data_dir}/data"\n  wal-dir = "{data_dir}/wal"\n'
-        '  query-log-enabled = false\n'
+        "  query-log-enabled = false\n"
         f'[http]\n  bind-address = "{HOST}:{port}"\n  log-enabled = false\n'
         "[monitor]\n  store-enabled = false\n"
         "[continuous_queries]\n  enabled = false\n"
     )
-    process = ManagedProcess("influxd", ["influxd", "run", "-config", str(conf)],
-                             ready=lambda: _influx_ping(port), log_path=data_dir / "influxd.log",
-                             timeout_s=60, port=port, url=f"http://{HOST}:{port}")
+    process = ManagedProcess(
+        "influxd",
+        ["influxd", "run", "-config", str(conf)],
+        ready=lambda: _influx_ping(port),
+        log_path=data_dir / "influxd.log",
+        timeout_s=60,
+        port=port,
+        url=f"http://{HOST}:{port}",
+    )
     with _running(process):
         yield process
 
 
-def processor(
-    data_dir: Path, *, env: Mapping[str, str], name: str = "processor"
-) -> ManagedProcess:
+def processor(data_dir: Path, *, env: Mapping[str, str], name: str = "processor") -> ManagedProcess:
     """A `votebox processor` child process (not started); ready once it logs "ready:"."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"{name}.log"

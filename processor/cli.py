@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -40,21 +41,34 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("processor", help="run the vote processor", epilog=_ENV_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "processor",
+        help="run the vote processor",
+        epilog=_ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_processor_flags(p)
 
     p = sub.add_parser("broker", help="run the embedded amqtt broker")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=1883, help="port to listen on (default 1883)")
 
-    p = sub.add_parser("poll", help="create and show polls", epilog=_ENV_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "poll",
+        help="create and show polls",
+        epilog=_ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     poll_sub = p.add_subparsers(dest="poll_command", required=True, metavar="ACTION")
     c = poll_sub.add_parser("create", help="create a single-choice poll, open for votes")
     c.add_argument("poll", help="poll id: 1-64 chars of A-Z a-z 0-9 _ -")
-    c.add_argument("--option", action="append", required=True, metavar="LABEL",
-                   help="an option label; repeat for each option, in order (index 0 first)")
+    c.add_argument(
+        "--option",
+        action="append",
+        required=True,
+        metavar="LABEL",
+        help="an option label; repeat for each option, in order (index 0 first)",
+    )
     c.add_argument("--title", default="", help="the question shown on kiosks")
     c.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
     s = poll_sub.add_parser("show", help="print a poll and its tally from Redis")
@@ -62,18 +76,25 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
 
     p = sub.add_parser("simulate", help="simulated kiosks voting through the broker")
-    p.add_argument("--mqtt-url", default=os.environ.get("VOTEBOX_MQTT_URL", DEFAULT_MQTT_URL),
-                   help="broker URL (env VOTEBOX_MQTT_URL)")
+    p.add_argument(
+        "--mqtt-url",
+        default=os.environ.get("VOTEBOX_MQTT_URL", DEFAULT_MQTT_URL),
+        help="broker URL (env VOTEBOX_MQTT_URL)",
+    )
     p.add_argument("--poll", default="demo", help="poll to vote in (default demo)")
     p.add_argument("--options", type=int, default=3, help="how many options it has (default 3)")
     p.add_argument("--devices", type=int, default=20, help="number of kiosks (default 20)")
     p.add_argument("--rate", type=float, default=50.0, help="votes per second, all kiosks")
     p.add_argument("--duration", type=float, default=10.0, help="seconds to vote (default 10)")
 
-    p = sub.add_parser("demo", help="everything on embedded defaults: amqtt, Redis, the "
-                       "processor, a demo poll and simulated kiosks")
-    p.add_argument("--duration", type=float, default=None,
-                   help="seconds to run (default: until Ctrl-C)")
+    p = sub.add_parser(
+        "demo",
+        help="everything on embedded defaults: amqtt, Redis, the "
+        "processor, a demo poll and simulated kiosks",
+    )
+    p.add_argument(
+        "--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)"
+    )
     p.add_argument("--devices", type=int, default=12, help="simulated kiosks (default 12)")
     p.add_argument("--rate", type=float, default=40.0, help="votes per second (default 40)")
     return parser
@@ -124,7 +145,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 async def _poll_command(args: argparse.Namespace, settings: Settings) -> int:
     from redis.asyncio import Redis
 
-    from processor.polls import Poll, create_poll, load_poll, read_results
+    from processor.polls import Poll, create_poll, load_poll, read_fates, read_results
     from processor.tally import redis_errors
 
     redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
@@ -133,28 +154,29 @@ async def _poll_command(args: argparse.Namespace, settings: Settings) -> int:
             if args.poll_command == "create":
                 poll = Poll(id=args.poll, labels=tuple(args.option), title=args.title)
                 await create_poll(redis, poll)
-                print(f"created poll {poll.id}: " + ", ".join(
-                    f"{i}={label}" for i, label in enumerate(poll.labels)))
+                print(
+                    f"created poll {poll.id}: "
+                    + ", ".join(f"{i}={label}" for i, label in enumerate(poll.labels))
+                )
                 return 0
             poll_def = await load_poll(redis, args.poll)
             if poll_def is None:
-                print(f"votebox: no poll {args.poll!r}; create it with votebox poll create",
-                      file=sys.stderr)
+                print(
+                    f"votebox: no poll {args.poll!r}; create it with votebox poll create",
+                    file=sys.stderr,
+                )
                 return 1
-            from processor.keys import UNATTRIBUTED_FATES, PollKeys
             from processor.watch import format_results
 
             results = (await read_results(redis, [args.poll]))[args.poll]
-            fates = await redis.hgetall(PollKeys(args.poll).fates)
-            unattributed = await redis.hgetall(UNATTRIBUTED_FATES)
-            import json
-
+            fates, unattributed = await read_fates(redis, args.poll)
             print(format_results(json.loads(results.to_json())))
-            print("  fates:", ", ".join(f"{k.decode()}={int(v)}" for k, v in sorted(fates.items()))
-                  or "none yet")
+            print("  fates:", ", ".join(f"{k}={n}" for k, n in sorted(fates.items())) or "none")
             if unattributed:
-                print("  rejected before reaching any poll:", ", ".join(
-                    f"{k.decode()}={int(v)}" for k, v in sorted(unattributed.items())))
+                print(
+                    "  rejected before reaching any poll:",
+                    ", ".join(f"{k}={n}" for k, n in sorted(unattributed.items())),
+                )
             return 0
     finally:
         await redis.aclose()
@@ -166,9 +188,16 @@ def _simulate(args: argparse.Namespace) -> int:
     url = MqttUrl.parse(args.mqtt_url)
     stop = threading.Event()
     try:
-        summary = simulate(host=url.host, port=url.port, poll=args.poll, n_options=args.options,
-                           devices=args.devices, rate=args.rate, duration_s=args.duration,
-                           stop=stop)
+        summary = simulate(
+            host=url.host,
+            port=url.port,
+            poll=args.poll,
+            n_options=args.options,
+            devices=args.devices,
+            rate=args.rate,
+            duration_s=args.duration,
+            stop=stop,
+        )
     except KeyboardInterrupt:
         stop.set()
         return 130

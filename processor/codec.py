@@ -129,7 +129,9 @@ def _strict_loads(payload: bytes) -> object:
         if "nesting depth" in text:
             raise VoteRejected(Reason.FORBIDDEN_ITEM, f"nested deeper than {_MAX_DEPTH}") from None
         if "indefinite" in text:
-            raise VoteRejected(Reason.FORBIDDEN_ITEM, "indefinite lengths are not allowed") from None
+            raise VoteRejected(
+                Reason.FORBIDDEN_ITEM, "indefinite lengths are not allowed"
+            ) from None
         raise VoteRejected(Reason.MALFORMED, text[:80]) from None
     except (ValueError, TypeError, OverflowError, MemoryError, RecursionError) as exc:
         # cbor2 raises plain errors for a few shapes (an unhashable map key, for one).

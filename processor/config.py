@@ -58,7 +58,13 @@ class MqttUrl:
         )
 
     def __str__(self) -> str:
-        user = f"{self.username}:***@" if self.password else f"{self.username}@" if self.username else ""
+        user = (
+            f"{self.username}:***@"
+            if self.password
+            else f"{self.username}@"
+            if self.username
+            else ""
+        )
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}"
 
@@ -176,14 +182,22 @@ class Settings:
 _VAR_OF: Final = {field: var for var, field, _ in ENV_VARS} | {
     f.name: f.name for f in dataclasses.fields(Settings) if f.name not in {x[1] for x in ENV_VARS}
 }
-_INT_FIELDS: Final = frozenset({"mqtt_receive_max", "batch_max", "mqtt_keepalive_s",
-                                "mqtt_session_expiry_s"})
-_FLOAT_FIELDS: Final = frozenset({"results_interval_s", "redis_timeout_s", "polls_rescan_s",
-                                  "shutdown_timeout_s", "mqtt_connect_timeout_s"})
+_INT_FIELDS: Final = frozenset(
+    {"mqtt_receive_max", "batch_max", "mqtt_keepalive_s", "mqtt_session_expiry_s"}
+)
+_FLOAT_FIELDS: Final = frozenset(
+    {
+        "results_interval_s",
+        "redis_timeout_s",
+        "polls_rescan_s",
+        "shutdown_timeout_s",
+        "mqtt_connect_timeout_s",
+    }
+)
 
 
 def _convert(kind: type[int] | type[float], value: object, var: str) -> int | float:
     try:
-        return kind(value)  # type: ignore[arg-type]
+        return kind(str(value))
     except (TypeError, ValueError):
         raise ConfigError(f"{var} must be a {kind.__name__} (got {value!r})") from None

@@ -24,8 +24,11 @@ from processor.watch import format_results, results_stream
 
 __all__ = ["run_demo"]
 
-_POLL = Poll(id="demo", title="Which snack should the stadium sell?",
-             labels=("Pretzels", "Nachos", "Popcorn"))
+_POLL = Poll(
+    id="demo",
+    title="Which snack should the stadium sell?",
+    labels=("Pretzels", "Nachos", "Popcorn"),
+)
 
 
 async def _create_poll(redis_url: str) -> None:
@@ -56,17 +59,24 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
         root = Path(tmp)
         with redis_server(root / "redis") as redis, amqtt_broker(root / "amqtt") as broker:
             asyncio.run(_create_poll(redis.url))
-            proc = processor(root / "processor", env={
-                "VOTEBOX_MQTT_URL": f"mqtt://processor@127.0.0.1:{broker.port}",
-                "VOTEBOX_MQTT_PROTOCOL": "3.1.1",
-                "VOTEBOX_REDIS_URL": redis.url,
-            })
+            proc = processor(
+                root / "processor",
+                env={
+                    "VOTEBOX_MQTT_URL": f"mqtt://processor@127.0.0.1:{broker.port}",
+                    "VOTEBOX_MQTT_PROTOCOL": "3.1.1",
+                    "VOTEBOX_REDIS_URL": redis.url,
+                },
+            )
             proc.start()
             try:
-                print(f"votebox demo: amqtt broker on mqtt://127.0.0.1:{broker.port}, Redis on "
-                      f"{redis.url}, data in {root}")
-                print(f"{devices} kiosks vote {rate:g} times a second; results are read from the "
-                      f"retained topic polls/{_POLL.id}/results. Ctrl-C stops.\n")
+                print(
+                    f"votebox demo: amqtt broker on mqtt://127.0.0.1:{broker.port}, Redis on "
+                    f"{redis.url}, data in {root}"
+                )
+                print(
+                    f"{devices} kiosks vote {rate:g} times a second; results are read from the "
+                    f"retained topic polls/{_POLL.id}/results. Ctrl-C stops.\n"
+                )
                 return _vote_and_watch(broker.port, duration_s, devices, rate)
             finally:
                 proc.stop()
@@ -75,34 +85,46 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
 def _vote_and_watch(port: int, duration_s: float | None, devices: int, rate: float) -> int:
     stop = threading.Event()
     summary: list[SimulationSummary] = []
-
-    def kiosks() -> None:
-        summary.append(simulate(
-            host="127.0.0.1", port=port, poll=_POLL.id, n_options=len(_POLL.labels),
-            devices=devices, rate=rate, duration_s=duration_s or float("inf"),
-            weights=(5, 3, 2), stop=stop))
-
-    voter = threading.Thread(target=kiosks, name="votebox.demo.kiosks")
-    voter.start()
     url = MqttUrl.parse(f"mqtt://demo-watch@127.0.0.1:{port}")
-    try:
-        async def watch() -> None:
-            watcher = asyncio.create_task(_print_live(url, stop), name="votebox.demo.watch")
-            try:
-                while voter.is_alive():
-                    await asyncio.sleep(0.2)
-                await asyncio.sleep(1.0)  # the last results publish after the last ack
-            finally:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
 
+    async def watch() -> None:
+        loop = asyncio.get_running_loop()
+        voted = asyncio.Event()
+
+        def kiosks() -> None:
+            try:
+                summary.append(
+                    simulate(
+                        host="127.0.0.1",
+                        port=port,
+                        poll=_POLL.id,
+                        n_options=len(_POLL.labels),
+                        devices=devices,
+                        rate=rate,
+                        duration_s=duration_s or float("inf"),
+                        weights=(5, 3, 2),
+                        stop=stop,
+                    )
+                )
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone after Ctrl-C
+                    loop.call_soon_threadsafe(voted.set)
+
+        # paho's kiosks are threaded, as firmware loops are; they stop when `stop` is set.
+        voter = threading.Thread(target=kiosks, name="votebox.demo.kiosks")
+        voter.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                watcher = tg.create_task(_print_live(url, stop), name="votebox.demo.watch")
+                await voted.wait()
+                await asyncio.sleep(1.0)  # the results publish that follows the last ack
+                watcher.cancel()
+        finally:
+            stop.set()
+            await asyncio.to_thread(voter.join)
+
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(watch())
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop.set()
-        voter.join()
     if summary:
         print("\n" + summary[0].line())
     return 0

@@ -1,10 +1,10 @@
 """Every error votebox raises, in one place.
 
-    VoteboxError
-    ├── VoteRejected        one vote or message cannot be counted; carries its Reason
-    ├── ConfigError         a setting is missing or malformed; the message says which and how to fix it
-    ├── StoreUnavailable    Redis cannot be reached or timed out; the batch is retried, never acked
-    └── BrokerUnavailable   the MQTT broker refused or dropped the connection
+VoteboxError
+├── VoteRejected        one vote or message cannot be counted; carries its Reason
+├── ConfigError         a setting is missing or malformed; the message says which and how to fix it
+├── StoreUnavailable    Redis cannot be reached or timed out; the batch is retried, never acked
+└── BrokerUnavailable   the MQTT broker refused or dropped the connection
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ class MqttIntake:
         self._suback = self._loop.create_future()
         properties = None
         if s.mqtt_protocol == "5":
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = s.mqtt_session_expiry_s
             properties.ReceiveMaximum = s.mqtt_receive_max
         try:
@@ -221,7 +221,9 @@ class MqttIntake:
                         s.mqtt_url.host,
                         s.mqtt_url.port,
                         keepalive=s.mqtt_keepalive_s,
-                        clean_start=False if s.mqtt_protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                        clean_start=False
+                        if s.mqtt_protocol == "5"
+                        else paho.MQTT_CLEAN_START_FIRST_ONLY,
                         properties=properties,
                     ),
                 )
@@ -357,7 +359,9 @@ class MqttIntake:
             return
         failed = [rc for rc in reason_codes if rc.is_failure]
         if failed:
-            future.set_exception(BrokerUnavailable(f"subscription to {self._filter} refused: {failed}"))
+            future.set_exception(
+                BrokerUnavailable(f"subscription to {self._filter} refused: {failed}")
+            )
         else:
             future.set_result(None)
 
@@ -369,7 +373,9 @@ class MqttIntake:
         self._disconnected.set()
         self._drop_socket()
         if not self._closing:
-            log.warning("disconnected from the broker (%s); un-acked votes will be resent", reason_code)
+            log.warning(
+                "disconnected from the broker (%s); un-acked votes will be resent", reason_code
+            )
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         self._received += 1
@@ -378,8 +384,7 @@ class MqttIntake:
         except UnicodeDecodeError:
             topic = ""  # MQTT-1.5.4-1 forbids it; parse_vote_topic rejects it as bad_topic
         self._pending.append(
-            Delivery(topic, message.payload, message.mid, message.qos, self._generation)
+            Delivery(topic, bytes(message.payload), message.mid, message.qos, self._generation)
         )
         self._held += 1
         self._has_pending.set()
-

@@ -15,10 +15,19 @@ from typing import Any, Final
 from redis.asyncio import Redis
 
 from processor.errors import ConfigError
-from processor.keys import POLLS_INDEX, PollKeys
+from processor.keys import POLLS_INDEX, UNATTRIBUTED_FATES, PollKeys
 from processor.topics import is_valid_id
 
-__all__ = ["MAX_OPTIONS", "Poll", "Results", "create_poll", "list_polls", "load_poll", "read_results"]
+__all__ = [
+    "MAX_OPTIONS",
+    "Poll",
+    "Results",
+    "create_poll",
+    "list_polls",
+    "load_poll",
+    "read_fates",
+    "read_results",
+]
 
 # docs/protocol.md, Polls: an option index must fit a kiosk's screen and a compact vote.
 MAX_OPTIONS: Final = 64
@@ -91,8 +100,12 @@ async def create_poll(redis: Redis, poll: Poll) -> None:
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(
             keys.definition,
-            mapping={"title": poll.title, "labels": json.dumps(poll.labels), "state": poll.state,
-                     "created_ms": now_ms},
+            mapping={
+                "title": poll.title,
+                "labels": json.dumps(poll.labels),
+                "state": poll.state,
+                "created_ms": now_ms,
+            },
         )
         pipe.hsetnx(keys.tally, "version", 0)
         pipe.hsetnx(keys.tally, "updated_ms", now_ms)
@@ -118,7 +131,8 @@ async def load_poll(redis: Redis, poll_id: str) -> Poll | None:
 
 async def list_polls(redis: Redis) -> list[str]:
     """Every poll id, sorted."""
-    return sorted(member.decode() for member in await redis.smembers(POLLS_INDEX))
+    members = await redis.smembers(POLLS_INDEX)
+    return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
 
 
 async def read_results(redis: Redis, poll_ids: Iterable[str]) -> dict[str, Results]:
@@ -147,3 +161,17 @@ async def read_results(redis: Redis, poll_ids: Iterable[str]) -> dict[str, Resul
             updated_ms=int(tally.get(b"updated_ms", 0)),
         )
     return out
+
+
+def _counts(fields: dict[Any, Any]) -> dict[str, int]:
+    return {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in fields.items()}
+
+
+async def read_fates(redis: Redis, poll_id: str) -> tuple[dict[str, int], dict[str, int]]:
+    """How many votes of the poll met each fate, and how many messages naming no valid poll
+    were rejected, by reason code (docs/protocol.md, Acks)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(PollKeys(poll_id).fates)
+        pipe.hgetall(UNATTRIBUTED_FATES)
+        per_poll, unattributed = await pipe.execute()
+    return _counts(per_poll), _counts(unattributed)

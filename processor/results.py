@@ -1,4 +1,4 @@
-"""Retained live results. Rule: at most one publish per poll per interval, and always the last state.
+"""Retained live results. Rule: one publish per poll per interval at most, and always the last.
 
 Each publish re-reads the poll from Redis, so whichever processor publishes last publishes the
 newest state, and a restarted processor republishes every poll (its version never goes back).
@@ -55,7 +55,7 @@ class ResultsPublisher:
         self.publishes = 0
 
     def mark(self, versions: dict[str, int]) -> None:
-        """Note the polls' versions after a commit; changed ones are published within one interval."""
+        """Note versions after a commit; changed polls are published within one interval."""
         for poll, version in versions.items():
             if self._published.get(poll) != version:
                 self._dirty.add(poll)

@@ -136,7 +136,7 @@ class BatchProcessor:
                 return result.codes, result.versions
             except StoreUnavailable as exc:
                 if self._stop.is_set():
-                    log.warning("stopping during a Redis outage: %d votes left un-acked", len(votes))
+                    log.warning("stopping in a Redis outage: %d votes left un-acked", len(votes))
                     return None
                 delay = next(delays)
                 log.warning("commit failed, nothing acked, retrying in %.1f s: %s", delay, exc)

@@ -120,11 +120,14 @@ class Tally:
                 # A script error happens before its first write (tally.lua, phase 1), so
                 # nothing of this poll's share was stored: set the votes aside, never retry
                 # them forever (that would stall every other poll).
-                log.error("tally script failed for poll %s (%d votes): %s", poll, len(indices), reply)
+                log.error(
+                    "tally script failed for poll %s (%d votes): %s", poll, len(indices), reply
+                )
                 for index in indices:
                     codes[index] = int(Reason.STORE_ERROR)
                     set_aside.append((votes[index], str(reply)))
                 continue
+            assert isinstance(reply, list)
             versions[poll] = int(reply[0])
             for index, code in zip(indices, reply[1:], strict=True):
                 codes[index] = int(code)
@@ -139,9 +142,14 @@ class Tally:
                     for vote, error in entries:
                         pipe.xadd(
                             SET_ASIDE,
-                            {"poll": vote.poll, "device": vote.device, "epoch": vote.epoch,
-                             "seq": vote.seq, "choice": _choice_arg(vote.choice),
-                             "error": error[:500]},
+                            {
+                                "poll": vote.poll,
+                                "device": vote.device,
+                                "epoch": vote.epoch,
+                                "seq": vote.seq,
+                                "choice": _choice_arg(vote.choice),
+                                "error": error[:500],
+                            },
                             maxlen=SET_ASIDE_MAXLEN,
                             approximate=True,
                         )

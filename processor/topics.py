@@ -74,5 +74,5 @@ def results_topic(poll: str) -> str:
 
 
 def shared(topic_filter: str, group: str | None) -> str:
-    """Prefix a filter with ``$share/{group}/`` (MQTT 5 shared subscriptions) when a group is set."""
+    """Prefix ``$share/{group}/`` (an MQTT 5 shared subscription) when a group is set."""
     return f"$share/{group}/{topic_filter}" if group else topic_filter

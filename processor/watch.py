@@ -59,8 +59,10 @@ async def wait_for_results(
 def format_results(document: dict[str, Any], *, width: int = 30) -> str:
     """A few lines of text bars for one results document."""
     total = document.get("total", 0)
-    lines = [f"{document.get('title') or document['poll']}  [{document['state']}]  "
-             f"total {total}  v{document['version']}  {document['updated_at']}"]
+    lines = [
+        f"{document.get('title') or document['poll']}  [{document['state']}]  "
+        f"total {total}  v{document['version']}  {document['updated_at']}"
+    ]
     label_width = max((len(label) for label in document["labels"]), default=0)
     for label, count in zip(document["labels"], document["counts"], strict=True):
         share = count / total if total else 0.0

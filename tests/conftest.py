@@ -1,0 +1,127 @@
+"""Real servers for the tests, session-scoped: redis-server, mosquitto, amqtt, influxd.
+
+Each runs on a free 127.0.0.1 port with data under pytest's temporary folder, is probed until
+ready, and is stopped by PID at the end. Tests isolate themselves by unique poll and client ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from harness.services import (
+    ManagedProcess,
+    amqtt_broker,
+    influxdb,
+    mosquitto,
+    processor,
+    redis_server,
+)
+from processor.polls import Poll, create_poll
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def mosquitto_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    with mosquitto(tmp_path_factory.mktemp("mosquitto")) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def amqtt_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    with amqtt_broker(tmp_path_factory.mktemp("amqtt")) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def influx_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    with influxdb(tmp_path_factory.mktemp("influxdb")) as proc:
+        yield proc
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+def broker(request: pytest.FixtureRequest) -> ManagedProcess:
+    """Each broker in turn: the embedded default and the production one."""
+    proc: ManagedProcess = request.getfixturevalue(f"{request.param}_proc")
+    return proc
+
+
+@pytest.fixture
+async def redis(redis_proc: ManagedProcess) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_proc.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def unique_id(request: pytest.FixtureRequest, suffix: str = "") -> str:
+    """A poll or client id derived from the test's name (1-64 chars of [A-Za-z0-9_-])."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name.removeprefix("test_"))
+    return (name[: 60 - len(suffix)] + suffix).strip("-")
+
+
+@pytest.fixture
+async def poll(request: pytest.FixtureRequest, redis: Redis) -> Poll:
+    """A fresh three-option poll named after the test."""
+    created = Poll(id=unique_id(request), labels=("red", "green", "blue"), title="colour?")
+    await create_poll(redis, created)
+    return created
+
+
+def processor_env(broker: ManagedProcess, redis_proc: ManagedProcess, client_id: str) -> dict[str, str]:
+    """Environment for a processor on ``broker`` (MQTT 5 on mosquitto, 3.1.1 on amqtt)."""
+    return {
+        "VOTEBOX_MQTT_URL": f"mqtt://processor@127.0.0.1:{broker.port}",
+        "VOTEBOX_MQTT_PROTOCOL": "3.1.1" if broker.name == "amqtt" else "5",
+        "VOTEBOX_MQTT_CLIENT_ID": client_id,
+        "VOTEBOX_REDIS_URL": redis_proc.url,
+        "VOTEBOX_LOG_LEVEL": "DEBUG",
+    }
+
+
+@pytest.fixture
+def processor_proc(
+    request: pytest.FixtureRequest,
+    broker: ManagedProcess,
+    redis_proc: ManagedProcess,
+    tmp_path: Path,
+) -> Iterator[ManagedProcess]:
+    """A running `votebox processor` subprocess with its own persistent session."""
+    proc = processor(
+        tmp_path, env=processor_env(broker, redis_proc, unique_id(request, "-proc"))
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        code = proc.stop()
+        if code not in (0, None):
+            print(proc.log_text()[-5000:])
+
+
+async def eventually(check: object, *, timeout_s: float = 30.0, every_s: float = 0.05) -> None:
+    """Await ``check()`` (sync or async, returning bool) until true, or fail with a timeout."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = check()  # type: ignore[operator]
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(every_s)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+
+from processor.config import MqttUrl, Settings
+from processor.errors import ConfigError
+
+
+def test_defaults_need_no_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings.mqtt_url == MqttUrl("127.0.0.1", 1883, "processor")
+    assert settings.mqtt_protocol == "5"
+    assert settings.influx_url is None
+
+
+def test_environment_is_read_and_flags_override_it() -> None:
+    env = {
+        "VOTEBOX_MQTT_URL": "mqtt://proc:s3cret@broker.example:1884",
+        "VOTEBOX_REDIS_URL": "redis://redis:6379/2",
+        "VOTEBOX_BATCH_MAX": "250",
+        "VOTEBOX_RESULTS_INTERVAL_S": "0.5",
+    }
+    settings = Settings.from_env(env)
+    assert settings.mqtt_url == MqttUrl("broker.example", 1884, "proc", "s3cret")
+    assert settings.batch_max == 250 and settings.results_interval_s == 0.5
+    flagged = settings.with_overrides({"batch_max": "100", "redis_url": None})
+    assert flagged.batch_max == 100 and flagged.redis_url == "redis://redis:6379/2"
+
+
+def test_repr_masks_passwords() -> None:
+    settings = Settings.from_env(
+        {"VOTEBOX_MQTT_URL": "mqtt://u:hunter2@h:1", "VOTEBOX_REDIS_URL": "redis://:pw9@r:1/0"}
+    )
+    assert "hunter2" not in repr(settings) and "pw9" not in repr(settings)
+
+
+def test_mqtts_defaults_to_port_8883() -> None:
+    assert MqttUrl.parse("mqtts://h") == MqttUrl("h", 8883, tls=True)
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"VOTEBOX_MQTT_URL": "http://h:1"}, "VOTEBOX_MQTT_URL"),
+        ({"VOTEBOX_MQTT_URL": "mqtt://h:notaport"}, "VOTEBOX_MQTT_URL"),
+        ({"VOTEBOX_REDIS_URL": "http://r"}, "VOTEBOX_REDIS_URL"),
+        ({"VOTEBOX_BATCH_MAX": "lots"}, "VOTEBOX_BATCH_MAX"),
+        ({"VOTEBOX_BATCH_MAX": "0"}, "VOTEBOX_BATCH_MAX"),
+        ({"VOTEBOX_MQTT_PROTOCOL": "4"}, "VOTEBOX_MQTT_PROTOCOL"),
+        ({"VOTEBOX_MQTT_RECEIVE_MAX": "70000"}, "VOTEBOX_MQTT_RECEIVE_MAX"),
+        (
+            {"VOTEBOX_MQTT_SHARE_GROUP": "g", "VOTEBOX_MQTT_PROTOCOL": "3.1.1"},
+            "VOTEBOX_MQTT_SHARE_GROUP",
+        ),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        Settings.from_env(env)

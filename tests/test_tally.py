@@ -1,0 +1,192 @@
+"""The Redis tally on a real redis-server: exactly-once rules, the window, atomicity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from harness.services import free_port
+from processor.codec import MAX_UINT, Vote
+from processor.errors import StoreUnavailable
+from processor.keys import SET_ASIDE, PollKeys
+from processor.polls import Poll, create_poll, read_results
+from processor.reasons import Fate, Reason
+from processor.tally import DEDUP_WINDOW, Tally
+
+A, D = int(Fate.ACCEPTED), int(Fate.DUPLICATE)
+
+
+def votes(poll: Poll, device: str, seqs: Sequence[int], *, choice: int = 0, epoch: int = 0) -> list[Vote]:
+    return [Vote(poll.id, device, choice, seq, epoch) for seq in seqs]
+
+
+@pytest.fixture
+async def tally(redis: Redis) -> Tally:
+    t = Tally(redis, timeout_s=5)
+    await t.load()
+    return t
+
+
+async def test_repeat_counts_once_in_one_batch_and_across_batches(tally: Tally, poll: Poll, redis: Redis) -> None:
+    first = await tally.commit(votes(poll, "k1", [1, 2, 2, 1]), now_ms=1)
+    assert first.codes == [A, A, D, D]
+    again = await tally.commit(votes(poll, "k1", [2, 3]), now_ms=2)
+    assert again.codes == [D, A]
+    results = (await read_results(redis, [poll.id]))[poll.id]
+    assert results.total == 3 and results.counts == (3, 0, 0)
+    assert again.versions[poll.id] == results.version == 2
+
+
+async def test_out_of_order_inside_the_window_each_counts_once(tally: Tally, poll: Poll) -> None:
+    assert (await tally.commit(votes(poll, "k1", [10, 5, 7, 5, 10, 1]), now_ms=1)).codes == [
+        A, A, A, D, D, A
+    ]
+
+
+async def test_seq_older_than_the_window_is_never_counted(tally: Tally, poll: Poll) -> None:
+    top = DEDUP_WINDOW + 100
+    result = await tally.commit(votes(poll, "k1", [top, 100, 101, 99]), now_ms=1)
+    assert result.codes == [A, int(Reason.SEQ_TOO_OLD), A, int(Reason.SEQ_TOO_OLD)]
+
+
+async def test_new_epoch_restarts_seqs_and_old_epoch_is_stale(tally: Tally, poll: Poll) -> None:
+    assert (await tally.commit(votes(poll, "k1", [1, 2]), now_ms=1)).codes == [A, A]
+    assert (await tally.commit(votes(poll, "k1", [1, 2], epoch=1), now_ms=2)).codes == [A, A]
+    assert (await tally.commit(votes(poll, "k1", [3], epoch=0), now_ms=3)).codes == [
+        int(Reason.STALE_EPOCH)
+    ]
+
+
+async def test_devices_are_independent(tally: Tally, poll: Poll) -> None:
+    batch = votes(poll, "k1", [1]) + votes(poll, "k2", [1]) + votes(poll, "k1", [1])
+    assert (await tally.commit(batch, now_ms=1)).codes == [A, A, D]
+
+
+async def test_unknown_poll_and_option_are_rejected_without_state(tally: Tally, poll: Poll, redis: Redis) -> None:
+    batch = [
+        Vote("no-such-poll", "k1", 0, 1),
+        Vote(poll.id, "k1", 3, 1),  # three options: 0..2
+        Vote(poll.id, "k1", (0, 1), 2),
+        Vote(poll.id, "k1", (2,), 1),  # a list of one is that option; seq 1 is still unused
+    ]
+    result = await tally.commit(batch, now_ms=1)
+    assert result.codes == [
+        int(Reason.UNKNOWN_POLL), int(Reason.UNKNOWN_OPTION), int(Reason.TOO_MANY_CHOICES), A
+    ]
+    assert (await read_results(redis, [poll.id]))[poll.id].counts == (0, 0, 1)
+    fates = await redis.hgetall(PollKeys(poll.id).fates)
+    assert fates == {b"accepted": b"1", b"unknown_option": b"1", b"too_many_choices": b"1"}
+
+
+async def test_largest_seq_is_stored_exactly(tally: Tally, poll: Poll, redis: Redis) -> None:
+    assert (await tally.commit(votes(poll, "k1", [MAX_UINT]), now_ms=1)).codes == [A]
+    assert await redis.hget(PollKeys(poll.id).devices, "k1") == f"0:{MAX_UINT}".encode()
+    assert (await tally.commit(votes(poll, "k1", [MAX_UINT, MAX_UINT - 1]), now_ms=2)).codes == [D, A]
+
+
+async def test_dedup_state_per_device_stays_bounded(tally: Tally, poll: Poll, redis: Redis) -> None:
+    starts = range(0, 3 * DEDUP_WINDOW, 500)
+    for start in starts:
+        await tally.commit(votes(poll, "k1", range(start, start + 500)), now_ms=1)
+    keys = PollKeys(poll.id)
+    assert await redis.strlen(keys.window_prefix + "k1") <= DEDUP_WINDOW // 8
+    assert await redis.hlen(keys.devices) == 1
+    assert (await read_results(redis, [poll.id]))[poll.id].total == len(starts) * 500
+
+
+async def test_a_lua_error_writes_nothing_and_sets_votes_aside(
+    tally: Tally, poll: Poll, redis: Redis
+) -> None:
+    other = Poll(id=poll.id + "-ok", labels=("a", "b"))
+    await create_poll(redis, other)
+    keys = PollKeys(poll.id)
+    await redis.hset(keys.devices, "broken", "garbage")  # tally.lua cannot parse this state
+    await redis.delete(SET_ASIDE)
+    batch = votes(poll, "fine", [1]) + votes(poll, "broken", [1]) + [Vote(other.id, "k", 1, 1)]
+    result = await tally.commit(batch, now_ms=1)
+    assert result.codes == [int(Reason.STORE_ERROR)] * 2 + [A]
+    assert (await read_results(redis, [poll.id]))[poll.id].total == 0  # not even "fine" counted
+    assert await redis.hget(keys.devices, "fine") is None
+    assert (await read_results(redis, [other.id]))[other.id].total == 1
+    aside = await redis.xrange(SET_ASIDE)
+    assert [entry[b"device"] for _, entry in aside] == [b"fine", b"broken"]
+
+
+async def test_script_cache_flush_is_survived(tally: Tally, poll: Poll, redis: Redis) -> None:
+    await redis.script_flush()
+    assert (await tally.commit(votes(poll, "k1", [1]), now_ms=1)).codes == [A]
+
+
+async def test_unreachable_redis_raises_store_unavailable(poll: Poll) -> None:
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await Tally(dead, timeout_s=2).commit(votes(poll, "k1", [1]), now_ms=1)
+    finally:
+        await dead.aclose()
+
+
+@dataclass
+class _Reference:
+    """The rules of docs/protocol.md, De-duplication, written plainly."""
+
+    epoch: dict[str, int] = field(default_factory=dict)
+    top: dict[str, int] = field(default_factory=dict)
+    seen: dict[str, set[int]] = field(default_factory=dict)
+
+    def apply(self, device: str, epoch: int, seq: int) -> int:
+        if device in self.epoch and epoch < self.epoch[device]:
+            return int(Reason.STALE_EPOCH)
+        if device not in self.epoch or epoch > self.epoch[device]:
+            self.epoch[device], self.top[device], self.seen[device] = epoch, -1, set()
+        top = self.top[device]
+        if top >= 0 and seq <= top - DEDUP_WINDOW:
+            return int(Reason.SEQ_TOO_OLD)
+        if seq in self.seen[device]:
+            return D
+        self.seen[device].add(seq)
+        self.top[device] = max(top, seq)
+        return A
+
+
+_events = st.lists(
+    st.tuples(
+        st.sampled_from(["k1", "k2"]),
+        st.integers(0, 1),
+        st.one_of(st.integers(0, 40), st.integers(0, 3 * DEDUP_WINDOW)),
+        st.booleans(),  # end the batch after this vote
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=_events)
+async def test_tally_equals_the_reference_rules(
+    events: list[tuple[str, int, int, bool]], tally: Tally, redis: Redis
+) -> None:
+    poll = Poll(id=f"ref-{abs(hash(tuple(events))) % 10**12}-{len(events)}", labels=("a", "b", "c"))
+    keys = PollKeys(poll.id)
+    await redis.delete(*keys.all_keys(), *[keys.window_prefix + d for d in ("k1", "k2")])
+    await create_poll(redis, poll)
+    reference = _Reference()
+    batch: list[Vote] = []
+    expected: list[int] = []
+    got: list[int] = []
+    for device, epoch, seq, cut in events:
+        batch.append(Vote(poll.id, device, seq % 3, seq, epoch))
+        expected.append(reference.apply(device, epoch, seq))
+        if cut:
+            got += (await tally.commit(batch, now_ms=1)).codes
+            batch = []
+    if batch:
+        got += (await tally.commit(batch, now_ms=1)).codes
+    assert got == expected
+    total = (await read_results(redis, [poll.id]))[poll.id].total
+    assert total == expected.count(A)
