@@ -139,7 +139,13 @@ class BatchProcessor:
                     log.warning("stopping in a Redis outage: %d votes left un-acked", len(votes))
                     return None
                 delay = next(delays)
-                log.warning("commit failed, nothing acked, retrying in %.1f s: %s", delay, exc)
+                log.warning(
+                    "commit of %d votes failed, %d deliveries held, none acked; retry in %.1f s: %s",
+                    len(votes),
+                    self._intake.held,
+                    delay,
+                    exc,
+                )
                 try:
                     async with asyncio.timeout(delay):
                         await self._stop.wait()
@@ -170,6 +176,7 @@ async def consume_votes(
         batch = await _next_batch_or_stop(intake, stop, batch_max)
         if batch is None:
             return
+        log.debug("batch of %d deliveries (%d held)", len(batch), intake.held)
         await processor.process(batch)
 
 

@@ -7,6 +7,7 @@ ready, and is stopped by PID at the end. Tests isolate themselves by unique poll
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -70,8 +71,10 @@ async def redis(redis_proc: ManagedProcess) -> AsyncIterator[Redis]:
 
 def unique_id(request: pytest.FixtureRequest, suffix: str = "") -> str:
     """A poll or client id derived from the test's name (1-64 chars of [A-Za-z0-9_-])."""
-    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name.removeprefix("test_"))
-    return (name[: 60 - len(suffix)] + suffix).strip("-")
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name.removeprefix("test_")) + suffix
+    if len(name) > 56:  # keep it unique: parametrized names differ only at the end
+        name = name[:47] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
 
 
 @pytest.fixture
@@ -82,7 +85,9 @@ async def poll(request: pytest.FixtureRequest, redis: Redis) -> Poll:
     return created
 
 
-def processor_env(broker: ManagedProcess, redis_proc: ManagedProcess, client_id: str) -> dict[str, str]:
+def processor_env(
+    broker: ManagedProcess, redis_proc: ManagedProcess, client_id: str
+) -> dict[str, str]:
     """Environment for a processor on ``broker`` (MQTT 5 on mosquitto, 3.1.1 on amqtt)."""
     return {
         "VOTEBOX_MQTT_URL": f"mqtt://processor@127.0.0.1:{broker.port}",
@@ -101,9 +106,7 @@ def processor_proc(
     tmp_path: Path,
 ) -> Iterator[ManagedProcess]:
     """A running `votebox processor` subprocess with its own persistent session."""
-    proc = processor(
-        tmp_path, env=processor_env(broker, redis_proc, unique_id(request, "-proc"))
-    )
+    proc = processor(tmp_path, env=processor_env(broker, redis_proc, unique_id(request, "-proc")))
     proc.start()
     try:
         yield proc

@@ -182,10 +182,15 @@ def test_any_bytes_give_votes_or_a_rejection(payload: bytes) -> None:
 
 
 _cbor_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.binary(max_size=40)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.binary(max_size=40)
     | st.text(max_size=10),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.integers(0, 6), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.integers(0, 6), children, max_size=5)
+    ),
     max_leaves=20,
 )
 
@@ -209,8 +214,10 @@ def test_mutated_cbor_gives_votes_or_a_rejection(value: Any, data: st.DataObject
 @given(
     st.lists(
         st.tuples(
-            st.one_of(st.integers(0, 63), st.lists(st.integers(0, 63), min_size=1, max_size=4,
-                                                   unique=True)),
+            st.one_of(
+                st.integers(0, 63),
+                st.lists(st.integers(0, 63), min_size=1, max_size=4, unique=True),
+            ),
             st.integers(0, MAX_UINT),
             st.one_of(st.none(), st.integers(0, 2**40)),
             st.one_of(st.none(), st.binary(min_size=1, max_size=32)),
@@ -239,7 +246,12 @@ def test_device_encoder_equals_cbor2_and_decodes_back(votes: list[Any]) -> None:
     for item, (choice, seq, ts, voter, epoch) in zip(decoded, votes, strict=False):
         assert isinstance(item, Vote)
         assert (item.choice, item.seq, item.ts_s, item.voter, item.epoch) == (
-            tuple(choice) if isinstance(choice, list) else choice, seq, ts, voter, epoch)
+            tuple(choice) if isinstance(choice, list) else choice,
+            seq,
+            ts,
+            voter,
+            epoch,
+        )
 
 
 def test_ack_round_trip() -> None:

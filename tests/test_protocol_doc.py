@@ -42,7 +42,9 @@ def test_doc_has_the_examples_it_promises() -> None:
 
 
 @pytest.mark.parametrize(("name", "value", "hex_"), VOTES, ids=[row[0] for row in VOTES])
-def test_vote_example_matches_cbor2_and_the_device_encoder(name: str, value: str, hex_: str) -> None:
+def test_vote_example_matches_cbor2_and_the_device_encoder(
+    name: str, value: str, hex_: str
+) -> None:
     literal = ast.literal_eval(value)
     expected = _hex(hex_)
     assert cbor2.dumps(literal) == expected
@@ -60,8 +62,15 @@ def test_vote_example_decodes_to_the_documented_vote(name: str, value: str, hex_
     maps = literal if isinstance(literal, list) else [literal]
     decoded = decode_message(_hex(hex_), poll="p", device="d")
     expected = [
-        Vote("p", "d", tuple(m[0]) if isinstance(m[0], list) else m[0], m[1], m.get(4, 0),
-             m.get(2), m.get(3))
+        Vote(
+            "p",
+            "d",
+            tuple(m[0]) if isinstance(m[0], list) else m[0],
+            m[1],
+            m.get(4, 0),
+            m.get(2),
+            m.get(3),
+        )
         for m in maps
     ]
     assert decoded == expected

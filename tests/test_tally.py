@@ -21,7 +21,9 @@ from processor.tally import DEDUP_WINDOW, Tally
 A, D = int(Fate.ACCEPTED), int(Fate.DUPLICATE)
 
 
-def votes(poll: Poll, device: str, seqs: Sequence[int], *, choice: int = 0, epoch: int = 0) -> list[Vote]:
+def votes(
+    poll: Poll, device: str, seqs: Sequence[int], *, choice: int = 0, epoch: int = 0
+) -> list[Vote]:
     return [Vote(poll.id, device, choice, seq, epoch) for seq in seqs]
 
 
@@ -32,7 +34,9 @@ async def tally(redis: Redis) -> Tally:
     return t
 
 
-async def test_repeat_counts_once_in_one_batch_and_across_batches(tally: Tally, poll: Poll, redis: Redis) -> None:
+async def test_repeat_counts_once_in_one_batch_and_across_batches(
+    tally: Tally, poll: Poll, redis: Redis
+) -> None:
     first = await tally.commit(votes(poll, "k1", [1, 2, 2, 1]), now_ms=1)
     assert first.codes == [A, A, D, D]
     again = await tally.commit(votes(poll, "k1", [2, 3]), now_ms=2)
@@ -44,7 +48,12 @@ async def test_repeat_counts_once_in_one_batch_and_across_batches(tally: Tally, 
 
 async def test_out_of_order_inside_the_window_each_counts_once(tally: Tally, poll: Poll) -> None:
     assert (await tally.commit(votes(poll, "k1", [10, 5, 7, 5, 10, 1]), now_ms=1)).codes == [
-        A, A, A, D, D, A
+        A,
+        A,
+        A,
+        D,
+        D,
+        A,
     ]
 
 
@@ -67,7 +76,9 @@ async def test_devices_are_independent(tally: Tally, poll: Poll) -> None:
     assert (await tally.commit(batch, now_ms=1)).codes == [A, A, D]
 
 
-async def test_unknown_poll_and_option_are_rejected_without_state(tally: Tally, poll: Poll, redis: Redis) -> None:
+async def test_unknown_poll_and_option_are_rejected_without_state(
+    tally: Tally, poll: Poll, redis: Redis
+) -> None:
     batch = [
         Vote("no-such-poll", "k1", 0, 1),
         Vote(poll.id, "k1", 3, 1),  # three options: 0..2
@@ -76,7 +87,10 @@ async def test_unknown_poll_and_option_are_rejected_without_state(tally: Tally, 
     ]
     result = await tally.commit(batch, now_ms=1)
     assert result.codes == [
-        int(Reason.UNKNOWN_POLL), int(Reason.UNKNOWN_OPTION), int(Reason.TOO_MANY_CHOICES), A
+        int(Reason.UNKNOWN_POLL),
+        int(Reason.UNKNOWN_OPTION),
+        int(Reason.TOO_MANY_CHOICES),
+        A,
     ]
     assert (await read_results(redis, [poll.id]))[poll.id].counts == (0, 0, 1)
     fates = await redis.hgetall(PollKeys(poll.id).fates)
@@ -86,7 +100,10 @@ async def test_unknown_poll_and_option_are_rejected_without_state(tally: Tally, 
 async def test_largest_seq_is_stored_exactly(tally: Tally, poll: Poll, redis: Redis) -> None:
     assert (await tally.commit(votes(poll, "k1", [MAX_UINT]), now_ms=1)).codes == [A]
     assert await redis.hget(PollKeys(poll.id).devices, "k1") == f"0:{MAX_UINT}".encode()
-    assert (await tally.commit(votes(poll, "k1", [MAX_UINT, MAX_UINT - 1]), now_ms=2)).codes == [D, A]
+    assert (await tally.commit(votes(poll, "k1", [MAX_UINT, MAX_UINT - 1]), now_ms=2)).codes == [
+        D,
+        A,
+    ]
 
 
 async def test_dedup_state_per_device_stays_bounded(tally: Tally, poll: Poll, redis: Redis) -> None:
@@ -166,7 +183,9 @@ _events = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(events=_events)
 async def test_tally_equals_the_reference_rules(
     events: list[tuple[str, int, int, bool]], tally: Tally, redis: Redis

@@ -1,0 +1,120 @@
+"""End to end through each broker: kiosks -> broker -> processor -> Redis -> retained results."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from devices.simulator import Kiosk
+from harness.services import ManagedProcess
+from processor.config import MqttUrl
+from processor.polls import Poll, read_fates, read_results
+from processor.watch import wait_for_results
+
+pytestmark = pytest.mark.e2e
+
+
+def results_url(broker: ManagedProcess) -> MqttUrl:
+    return MqttUrl.parse(f"mqtt://dashboard@127.0.0.1:{broker.port}")
+
+
+class Fleet:
+    """Kiosks that remember every ack they were sent."""
+
+    def __init__(self, broker: ManagedProcess, prefix: str, n: int) -> None:
+        self.acks: list[list[Any]] = []
+        self.kiosks = [
+            Kiosk(
+                f"{prefix}-{i:02d}"[-64:],
+                host="127.0.0.1",
+                port=broker.port,
+                on_ack=self.acks.append,
+            )
+            for i in range(n)
+        ]
+
+    def __enter__(self) -> Fleet:
+        for kiosk in self.kiosks:
+            kiosk.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for kiosk in self.kiosks:
+            kiosk.close()
+
+    def codes(self) -> Counter[int]:
+        return Counter(entry[2] for entry in list(self.acks))
+
+
+async def test_ten_thousand_votes_with_repeats_and_garbage_are_counted_exactly(
+    broker: ManagedProcess, processor_proc: ManagedProcess, poll: Poll, redis: Redis
+) -> None:
+    rng = random.Random(7)
+    expected = Counter[int]()
+    repeats = garbage = 0
+    with Fleet(broker, poll.id, 20) as fleet:
+
+        def send() -> int:
+            nonlocal repeats, garbage
+            for i in range(10_000):
+                kiosk = fleet.kiosks[i % 20]
+                roll = rng.random()
+                if roll < 0.1 and kiosk.seq > 0:
+                    kiosk.vote(poll.id, 0, seq=rng.randint(1, kiosk.seq))  # a repeat: same seq
+                    repeats += 1
+                elif roll < 0.13:
+                    kiosk.publish_raw(poll.id, rng.randbytes(rng.randint(1, 40)) + b"\xff")
+                    garbage += 1
+                else:
+                    choice = rng.choices([0, 1, 2], weights=[5, 3, 2])[0]
+                    kiosk.vote(poll.id, choice)
+                    expected[choice] += 1
+            return sum(kiosk.wait_published(60) for kiosk in fleet.kiosks)
+
+        assert await asyncio.to_thread(send) == 10_000
+        total = sum(expected.values())
+        # A fresh subscriber, as a dashboard: the retained result must reach the exact counts.
+        document = await wait_for_results(
+            results_url(broker), poll.id, lambda d: d["total"] >= total, timeout_s=90
+        )
+        assert document["counts"] == [expected[0], expected[1], expected[2]]
+        assert document["total"] == total
+        assert document["labels"] == list(poll.labels) and document["state"] == "open"
+        stored = (await read_results(redis, [poll.id]))[poll.id]
+        assert stored.counts == (expected[0], expected[1], expected[2])
+        assert stored.version == document["version"]
+
+        # Every message got its ack: garbage is rejected (it may by chance decode as a vote for
+        # option 0..2 with a fresh seq, so count by fate, not by kind of message).
+        async def all_acked() -> bool:
+            return sum(fleet.codes().values()) >= 10_000
+
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await all_acked():
+            assert asyncio.get_running_loop().time() < deadline, fleet.codes()
+            await asyncio.sleep(0.1)
+        codes = fleet.codes()
+        assert codes[0] == total
+        assert codes[1] == repeats
+        assert sum(n for code, n in codes.items() if code >= 16) == garbage
+        fates, unattributed = await read_fates(redis, poll.id)
+        assert fates["accepted"] == total and fates["duplicate"] == repeats
+        assert sum(unattributed.values()) >= garbage  # other tests add theirs
+
+
+async def test_results_are_retained_for_a_late_subscriber(
+    broker: ManagedProcess, processor_proc: ManagedProcess, poll: Poll
+) -> None:
+    with Fleet(broker, poll.id, 1) as fleet:
+        fleet.kiosks[0].vote(poll.id, 2)
+        document = await wait_for_results(
+            results_url(broker), poll.id, lambda d: d["total"] == 1, timeout_s=30
+        )
+    # A second, later subscriber gets the same document at once, from the retained message.
+    again = await wait_for_results(results_url(broker), poll.id, lambda d: True, timeout_s=5)
+    assert again == document and again["counts"] == [0, 0, 1]
