@@ -79,6 +79,10 @@ class Kiosk:
         self._client.on_message = self._handle_message
         self._host, self._port = host, port
         self._infos: list[paho.MQTTMessageInfo] = []
+        # Votes sent and not yet answered on acks/{device}, by (epoch, seq): a vote leaves only
+        # when the processor says it is counted, a duplicate, or rejected (docs/protocol.md).
+        self.outbox: dict[tuple[int, int], tuple[str, bytes]] = {}
+        self._lock = threading.Lock()
 
     def connect(self, timeout_s: float = 10.0) -> None:
         self._client.connect(self._host, self._port, keepalive=30)
@@ -94,14 +98,15 @@ class Kiosk:
             self._connected.set()
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        if self._on_ack is None:
-            return
         try:
             entries = cbor2.loads(msg.payload)
         except cbor2.CBORDecodeError:
             return
         for entry in entries:
-            self._on_ack(entry)
+            with self._lock:
+                self.outbox.pop((entry[0], entry[1]), None)
+            if self._on_ack is not None:
+                self._on_ack(entry)
 
     def publish_raw(self, poll: str, payload: bytes) -> None:
         """Publish any payload to this kiosk's vote topic (tests use it for malformed input)."""
@@ -112,8 +117,19 @@ class Kiosk:
         if seq is None:
             self.seq += 1
             seq = self.seq
-        self.publish_raw(poll, encode_vote(choice, seq, ts=int(time.time())))
+        payload = encode_vote(choice, seq, ts=int(time.time()))
+        with self._lock:
+            self.outbox[(0, seq)] = (poll, payload)
+        self.publish_raw(poll, payload)
         return seq
+
+    def resend_outbox(self) -> int:
+        """Publish every unanswered vote again with its own seq; returns how many."""
+        with self._lock:
+            pending = list(self.outbox.values())
+        for poll, payload in pending:
+            self.publish_raw(poll, payload)
+        return len(pending)
 
     def wait_published(self, timeout_s: float = 30.0) -> int:
         """Wait for the broker's PUBACK of everything published; returns how many arrived."""

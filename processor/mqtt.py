@@ -74,6 +74,9 @@ class MqttIntake:
         self._held = 0
         self._max_held = settings.mqtt_receive_max * 2
         self._reading_paused = False
+        # While connecting, reading never pauses: CONNACK and SUBACK must get through even when
+        # a broker replays a long offline queue first (amqtt does) and nobody consumes yet.
+        self._handshaking = False
         self._generation = 0
         self._connected = asyncio.Event()
         self._disconnected = asyncio.Event()
@@ -212,6 +215,7 @@ class MqttIntake:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = s.mqtt_session_expiry_s
             properties.ReceiveMaximum = s.mqtt_receive_max
+        self._handshaking = True
         try:
             async with asyncio.timeout(s.mqtt_connect_timeout_s):
                 # connect() resolves and opens the TCP socket, which blocks: off the loop.
@@ -229,14 +233,17 @@ class MqttIntake:
                 )
                 self._attach_socket()
                 session_present = await self._connack
-                # Always subscribe, even on a resumed session: a broker that lost the session
-                # (amqtt restarted) says so only through session_present, and this is cheaper
-                # than trusting it.
+                # Subscribe on a resumed session too (harmless, and it repairs a broker that
+                # kept the session but lost its subscriptions). Wait for the SUBACK only on a
+                # new session: amqtt answers a resumed session's SUBSCRIBE only after its
+                # offline queue is acked, and acks come from the consumer, which starts when
+                # this returns. A resumed session is subscribed already.
                 if s.mqtt_protocol == "5":
                     self._client.subscribe(self._filter, options=SubscribeOptions(qos=1))
                 else:
                     self._client.subscribe(self._filter, qos=1)
-                await self._suback
+                if not session_present:
+                    await self._suback
         except TimeoutError:
             self._drop_socket()
             hint = (
@@ -251,6 +258,11 @@ class MqttIntake:
         except OSError as exc:
             self._drop_socket()
             raise BrokerUnavailable(f"cannot reach {s.mqtt_url}: {exc}") from None
+        finally:
+            self._handshaking = False
+        if self._held >= self._max_held and self._sock is not None:
+            self._loop.remove_reader(self._sock)
+            self._reading_paused = True
         self._disconnected.clear()
         self._connected.set()
         log.info(
@@ -307,7 +319,7 @@ class MqttIntake:
                 return
             if self._received == before:
                 return  # no complete PUBLISH read: the socket is drained or held a control packet
-            if self._held >= self._max_held:
+            if self._held >= self._max_held and not self._handshaking:
                 self._loop.remove_reader(self._sock)
                 self._reading_paused = True
                 return

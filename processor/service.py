@@ -140,7 +140,7 @@ class BatchProcessor:
                     return None
                 delay = next(delays)
                 log.warning(
-                    "commit of %d votes failed, %d deliveries held, none acked; retry in %.1f s: %s",
+                    "commit of %d votes failed, %d deliveries held, none acked; retry in %.1fs: %s",
                     len(votes),
                     self._intake.held,
                     delay,
@@ -178,6 +178,34 @@ async def consume_votes(
             return
         log.debug("batch of %d deliveries (%d held)", len(batch), intake.held)
         await processor.process(batch)
+
+
+async def drain_votes(
+    intake: MqttIntake,
+    processor: BatchProcessor,
+    *,
+    batch_max: int,
+    quiet_s: float,
+    deadline_s: float,
+) -> None:
+    """After a stop: commit and ack what was received and what is still arriving, until the
+    intake is quiet for ``quiet_s`` or ``deadline_s`` has passed.
+
+    A broker that does not resend un-acked messages to a resumed session (amqtt, #401) loses
+    whatever it had in flight when we disconnect; draining first makes a planned stop lossless
+    whenever the devices pause for a moment, and bounded when they do not.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while (remaining := end - loop.time()) > 0:
+        try:
+            async with asyncio.timeout(min(quiet_s, remaining)):
+                batch = await intake.next_batch(batch_max)
+        except TimeoutError:
+            return
+        await processor.process(batch)
+    if intake.held:
+        log.warning("stopping with %d deliveries un-acked; the broker keeps them", intake.held)
 
 
 async def _wait_for_redis(tally: Tally, stop: asyncio.Event) -> bool:
@@ -241,10 +269,18 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             async with asyncio.TaskGroup() as tg:
                 publisher = tg.create_task(results.run(), name="votebox.results")
                 await consume_votes(intake, processor, stop, batch_max=settings.batch_max)
+                log.info("stopping: draining what the broker has sent")
+                await drain_votes(
+                    intake,
+                    processor,
+                    batch_max=settings.batch_max,
+                    quiet_s=0.25,
+                    deadline_s=settings.shutdown_timeout_s / 2,
+                )
                 publisher.cancel()
             # Shutdown gets its own deadline: the final results and the acks already queued.
             try:
-                async with asyncio.timeout(settings.shutdown_timeout_s):
+                async with asyncio.timeout(settings.shutdown_timeout_s / 2):
                     await results.flush()
                     await intake.drain()
             except (TimeoutError, StoreUnavailable) as exc:

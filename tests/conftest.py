@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from harness.services import (
     ManagedProcess,
@@ -62,7 +65,12 @@ def broker(request: pytest.FixtureRequest) -> ManagedProcess:
 
 @pytest.fixture
 async def redis(redis_proc: ManagedProcess) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_proc.url)
+    # Retries: some tests restart redis-server under this client's pooled connections.
+    client = Redis.from_url(
+        redis_proc.url,
+        retry=Retry(ExponentialBackoff(cap=1.0), retries=20),
+        retry_on_error=[RedisConnectionError],
+    )
     try:
         yield client
     finally:

@@ -5,50 +5,16 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from devices.simulator import Kiosk
 from harness.services import ManagedProcess
-from processor.config import MqttUrl
 from processor.polls import Poll, read_fates, read_results
 from processor.watch import wait_for_results
+from tests.fleet import Fleet, results_url
 
 pytestmark = pytest.mark.e2e
-
-
-def results_url(broker: ManagedProcess) -> MqttUrl:
-    return MqttUrl.parse(f"mqtt://dashboard@127.0.0.1:{broker.port}")
-
-
-class Fleet:
-    """Kiosks that remember every ack they were sent."""
-
-    def __init__(self, broker: ManagedProcess, prefix: str, n: int) -> None:
-        self.acks: list[list[Any]] = []
-        self.kiosks = [
-            Kiosk(
-                f"{prefix}-{i:02d}"[-64:],
-                host="127.0.0.1",
-                port=broker.port,
-                on_ack=self.acks.append,
-            )
-            for i in range(n)
-        ]
-
-    def __enter__(self) -> Fleet:
-        for kiosk in self.kiosks:
-            kiosk.connect()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for kiosk in self.kiosks:
-            kiosk.close()
-
-    def codes(self) -> Counter[int]:
-        return Counter(entry[2] for entry in list(self.acks))
 
 
 async def test_ten_thousand_votes_with_repeats_and_garbage_are_counted_exactly(
@@ -99,6 +65,7 @@ async def test_ten_thousand_votes_with_repeats_and_garbage_are_counted_exactly(
             assert asyncio.get_running_loop().time() < deadline, fleet.codes()
             await asyncio.sleep(0.1)
         codes = fleet.codes()
+        assert fleet.unacked() == 0
         assert codes[0] == total
         assert codes[1] == repeats
         assert sum(n for code, n in codes.items() if code >= 16) == garbage

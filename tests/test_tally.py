@@ -130,7 +130,7 @@ async def test_a_lua_error_writes_nothing_and_sets_votes_aside(
     assert (await read_results(redis, [poll.id]))[poll.id].total == 0  # not even "fine" counted
     assert await redis.hget(keys.devices, "fine") is None
     assert (await read_results(redis, [other.id]))[other.id].total == 1
-    aside = await redis.xrange(SET_ASIDE)
+    aside: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(SET_ASIDE)  # type: ignore[assignment]
     assert [entry[b"device"] for _, entry in aside] == [b"fine", b"broken"]
 
 
