@@ -41,6 +41,9 @@ async def embedded_broker(*, host: str = "127.0.0.1", port: int = 1883) -> Async
 
 async def serve(*, host: str, port: int) -> None:
     """Run the broker until SIGINT/SIGTERM."""
+    # amqtt and its state machine library log every session transition at INFO.
+    for noisy in ("amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
