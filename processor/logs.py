@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 __all__ = ["RejectionLog", "configure_logging"]
 
@@ -23,14 +24,21 @@ class RejectionLog:
     A flood of one bad kiosk must not flood the log; the counts in Redis keep the exact numbers.
     """
 
-    def __init__(self, logger: logging.Logger, *, every_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        every_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._log = logger
         self._every_s = every_s
+        self._clock = clock
         self._last: dict[str, float] = {}
         self._quiet: Counter[str] = Counter()
 
     def rejected(self, reason: str, device: str | None, detail: str) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last.get(reason, -self._every_s) < self._every_s:
             self._quiet[reason] += 1
             return

@@ -162,16 +162,18 @@ class MqttIntake:
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Queue a publish; paho sends it now or after a reconnect (QoS 1 is kept until acked)."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if qos > 0:
+        if qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            # Published while disconnected (rc NO_CONN), paho keeps the message and sends it
+            # after the reconnect, but its info object can no longer tell when: not tracked.
             self._publishes.add(info)
             if len(self._publishes) > 1000:
                 self._publishes = {i for i in self._publishes if not i.is_published()}
 
     async def drain(self) -> None:
-        """Wait until every QoS 1 publish so far was acknowledged by the broker."""
+        """Wait until every tracked QoS 1 publish was acknowledged by the broker."""
         while True:
             self._publishes = {i for i in self._publishes if not i.is_published()}
-            if not self._publishes:
+            if not self._publishes or not self.connected:
                 return
             await asyncio.sleep(0.01)
 

@@ -219,3 +219,20 @@ async def test_mosquitto_restart_keeps_votes_queued_for_the_away_processor(
         await until_total(redis, poll, 508, timeout_s=60)
     finally:
         proc.stop()
+
+
+async def test_broker_restart_while_the_processor_runs_is_survived(
+    broker: ManagedProcess, processor_proc: ManagedProcess, poll: Poll, redis: Redis
+) -> None:
+    with Fleet(broker, poll.id, 4) as fleet:
+        await send(fleet, poll, 40)
+        await until_total(redis, poll, 40)
+        broker.stop()
+        broker.start()
+        # amqtt forgets every session and queue on restart: the processor must notice, resume
+        # with a new session and subscribe again; kiosks reconnect and re-send what has no ack.
+        await wait_log(processor_proc, lambda log: log.count("connected to") >= 2)
+        await send(fleet, poll, 40)
+        await asyncio.to_thread(fleet.resend_unacked)
+        await until_total(redis, poll, 80, timeout_s=60)
+        await eventually(lambda: fleet.unacked() == 0, timeout_s=30)
