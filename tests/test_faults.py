@@ -236,3 +236,38 @@ async def test_broker_restart_while_the_processor_runs_is_survived(
         await asyncio.to_thread(fleet.resend_unacked)
         await until_total(redis, poll, 80, timeout_s=60)
         await eventually(lambda: fleet.unacked() == 0, timeout_s=30)
+
+
+async def test_intake_stays_bounded_while_redis_is_stuck_and_loses_nothing(
+    broker: ManagedProcess,
+    redis_proc: ManagedProcess,
+    poll: Poll,
+    redis: Redis,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    paused_redis: tuple[Callable[[], None], Callable[[], None]],
+) -> None:
+    pause, resume = paused_redis
+    env = processor_env(broker, redis_proc, unique_id(request)) | {"VOTEBOX_MQTT_RECEIVE_MAX": "50"}
+    proc = processor(tmp_path, env=env)
+    proc.start()
+    try:
+        with Fleet(broker, poll.id, 5) as fleet:
+            pause()
+            await send(fleet, poll, 1000)
+            # Two failed commits logged: the intake has had time to fill up to its bound.
+            await wait_log(proc, lambda log: log.count("none acked") >= 2, timeout_s=30)
+            held = [
+                int(line.split(" deliveries held")[0].rsplit(" ", 1)[1])
+                for line in proc.log_text(since_start=True).splitlines()
+                if " deliveries held" in line
+            ]
+            # MQTT 5 brokers stop at Receive Maximum (50); for amqtt, which ignores flow
+            # control, the intake stops reading at twice that.
+            assert 0 < max(held) <= 100
+            resume()
+            await until_total(redis, poll, 1000, timeout_s=90)
+            await eventually(lambda: fleet.unacked() == 0, timeout_s=30)
+    finally:
+        resume()
+        proc.stop()
