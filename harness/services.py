@@ -320,8 +320,13 @@ def amqtt_broker(data_dir: Path, *, port: int | None = None) -> Iterator[Managed
 
 
 @contextlib.contextmanager
-def influxdb(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedProcess]:
-    """influxd (1.x) on 127.0.0.1, its HTTP API on ``.port`` and data in ``data_dir``."""
+def influxdb(
+    data_dir: Path, *, port: int | None = None, max_body_size: int = 25_000_000
+) -> Iterator[ManagedProcess]:
+    """influxd (1.x) on 127.0.0.1, its HTTP API on ``.port`` and data in ``data_dir``.
+
+    ``max_body_size`` is the largest write it accepts; beyond it InfluxDB answers 413.
+    """
     require_binaries("influxd")
     port = port or free_port()
     rpc_port = free_port()
@@ -334,6 +339,7 @@ def influxdb(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedProc
         f'[data]\n  dir = "{data_dir}/data"\n  wal-dir = "{data_dir}/wal"\n'
         "  query-log-enabled = false\n"
         f'[http]\n  bind-address = "{HOST}:{port}"\n  log-enabled = false\n'
+        f"  max-body-size = {max_body_size}\n"
         "[monitor]\n  store-enabled = false\n"
         "[continuous_queries]\n  enabled = false\n"
     )

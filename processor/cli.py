@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 
 from processor.config import DEFAULT_MQTT_URL, ENV_VARS, MqttUrl, Settings
-from processor.errors import VoteboxError
+from processor.errors import ConfigError, VoteboxError
 from processor.logs import configure_logging
 
 __all__ = ["main"]
@@ -75,6 +75,17 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("poll")
     s.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
 
+    p = sub.add_parser(
+        "recount",
+        help="recompute a poll's tally from InfluxDB and compare it with Redis (exit 1 if they "
+        "differ)",
+        epilog=_ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("poll")
+    p.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
+    p.add_argument("--influx-url", dest="influx_url", metavar="VOTEBOX_INFLUX_URL")
+
     p = sub.add_parser("simulate", help="simulated kiosks voting through the broker")
     p.add_argument(
         "--mqtt-url",
@@ -109,8 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = settings.with_overrides(
                 {name: getattr(args, name) for _, name, _ in ENV_VARS}
             )
-        elif getattr(args, "redis_url", None):
-            settings = settings.with_overrides({"redis_url": args.redis_url})
+        else:
+            settings = settings.with_overrides(
+                {name: getattr(args, name, None) for name in ("redis_url", "influx_url")}
+            )
         configure_logging(settings.log_level)
         return _dispatch(args, settings)
     except VoteboxError as exc:
@@ -135,6 +148,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return asyncio.run(_poll_command(args, settings))
     if args.command == "simulate":
         return _simulate(args)
+    if args.command == "recount":
+        return asyncio.run(_recount(args.poll, settings))
     if args.command == "demo":
         from processor.demo import run_demo
 
@@ -145,6 +160,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 async def _poll_command(args: argparse.Namespace, settings: Settings) -> int:
     from redis.asyncio import Redis
 
+    from processor.keys import PollKeys
     from processor.polls import Poll, create_poll, load_poll, read_fates, read_results
     from processor.tally import redis_errors
 
@@ -170,8 +186,11 @@ async def _poll_command(args: argparse.Namespace, settings: Settings) -> int:
 
             results = (await read_results(redis, [args.poll]))[args.poll]
             fates, unattributed = await read_fates(redis, args.poll)
+            keys = PollKeys(args.poll)
+            queued, refused = await redis.xlen(keys.points), await redis.xlen(keys.points_rejected)
             print(format_results(json.loads(results.to_json())))
             print("  fates:", ", ".join(f"{k}={n}" for k, n in sorted(fates.items())) or "none")
+            print(f"  points for InfluxDB: {queued} queued, {refused} refused and set aside")
             if unattributed:
                 print(
                     "  rejected before reaching any poll:",
@@ -180,6 +199,26 @@ async def _poll_command(args: argparse.Namespace, settings: Settings) -> int:
             return 0
     finally:
         await redis.aclose()
+
+
+async def _recount(poll: str, settings: Settings) -> int:
+    from redis.asyncio import Redis
+
+    from processor.influx import make_writer
+    from processor.recount import recount
+
+    target = settings.influx_target()
+    if target is None:
+        raise ConfigError("recount reads InfluxDB: set VOTEBOX_INFLUX_URL (and its friends)")
+    redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
+    writer = make_writer(target)
+    try:
+        result = await recount(redis, writer, poll)
+    finally:
+        writer.close()
+        await redis.aclose()
+    print(result.report())
+    return 0 if result.matches else 1
 
 
 def _simulate(args: argparse.Namespace) -> int:

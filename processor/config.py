@@ -13,7 +13,14 @@ from urllib.parse import unquote, urlsplit
 
 from processor.errors import ConfigError
 
-__all__ = ["DEFAULT_MQTT_URL", "DEFAULT_REDIS_URL", "ENV_VARS", "MqttUrl", "Settings"]
+__all__ = [
+    "DEFAULT_MQTT_URL",
+    "DEFAULT_REDIS_URL",
+    "ENV_VARS",
+    "InfluxTarget",
+    "MqttUrl",
+    "Settings",
+]
 
 DEFAULT_MQTT_URL: Final = "mqtt://processor@127.0.0.1:1883"
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
@@ -72,6 +79,38 @@ class MqttUrl:
         return f"MqttUrl({str(self)!r})"
 
 
+@dataclass(frozen=True, slots=True)
+class InfluxTarget:
+    """Where points go. ``api`` v1 is InfluxDB 1.x /write; v2 is influxdb-client."""
+
+    url: str
+    api: Literal["v1", "v2"]
+    database: str = "votebox"
+    retention_policy: str | None = None
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    org: str | None = None
+    bucket: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"VOTEBOX_INFLUX_URL must start with http:// or https:// (got {self.url!r})"
+            )
+        if self.api == "v2" and not (self.token and self.org and self.bucket):
+            raise ConfigError(
+                "InfluxDB 2 needs VOTEBOX_INFLUX_TOKEN, VOTEBOX_INFLUX_ORG and "
+                "VOTEBOX_INFLUX_BUCKET (or VOTEBOX_INFLUX_API=v1 and VOTEBOX_INFLUX_DB for 1.x)"
+            )
+
+    def __repr__(self) -> str:
+        where = (
+            f"bucket={self.bucket} org={self.org}" if self.api == "v2" else f"db={self.database}"
+        )
+        return f"InfluxTarget({self.api} {self.url} {where})"
+
+
 def _mask(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
@@ -87,7 +126,27 @@ ENV_VARS: Final = (
     ("VOTEBOX_MQTT_SHARE_GROUP", "mqtt_share_group", "MQTT 5 shared-subscription group"),
     ("VOTEBOX_MQTT_RECEIVE_MAX", "mqtt_receive_max", "un-acked votes in flight, default 1000"),
     ("VOTEBOX_REDIS_URL", "redis_url", f"Redis URL, default {DEFAULT_REDIS_URL}"),
-    ("VOTEBOX_INFLUX_URL", "influx_url", "InfluxDB URL; unset: Redis only"),
+    ("VOTEBOX_INFLUX_URL", "influx_url", "InfluxDB URL, http://host:8086; unset: Redis only"),
+    (
+        "VOTEBOX_INFLUX_API",
+        "influx_api",
+        "v2 (token, org, bucket) or v1 (/write); default v2 when a token is set",
+    ),
+    ("VOTEBOX_INFLUX_TOKEN", "influx_token", "InfluxDB 2 API token"),
+    ("VOTEBOX_INFLUX_ORG", "influx_org", "InfluxDB 2 organization"),
+    ("VOTEBOX_INFLUX_BUCKET", "influx_bucket", "InfluxDB 2 bucket"),
+    ("VOTEBOX_INFLUX_DB", "influx_db", "InfluxDB 1.x database, default votebox"),
+    ("VOTEBOX_INFLUX_RP", "influx_rp", "InfluxDB 1.x retention policy, default the database's"),
+    ("VOTEBOX_INFLUX_USER", "influx_user", "InfluxDB 1.x user"),
+    ("VOTEBOX_INFLUX_PASSWORD", "influx_password", "InfluxDB 1.x password"),
+    (
+        "VOTEBOX_INFLUX_QUEUE_MAX",
+        "influx_queue_max",
+        "points queued per poll at most, default 1000000",
+    ),
+    ("VOTEBOX_INFLUX_BATCH_MAX", "influx_batch_max", "points per InfluxDB write, default 5000"),
+    ("VOTEBOX_INFLUX_FLUSH_S", "influx_flush_s", "InfluxDB write interval, default 1.0"),
+    ("VOTEBOX_CLOCK_SKEW_S", "clock_skew_s", "device clock error tolerated, default 300"),
     ("VOTEBOX_RESULTS_INTERVAL_S", "results_interval_s", "results publish interval, default 0.1"),
     ("VOTEBOX_BATCH_MAX", "batch_max", "votes per Redis round trip at most, default 500"),
     ("VOTEBOX_LOG_LEVEL", "log_level", "DEBUG, INFO (default), WARNING"),
@@ -112,6 +171,20 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     redis_timeout_s: float = 5.0
     influx_url: str | None = None
+    influx_api: str | None = None
+    influx_token: str | None = None
+    influx_org: str | None = None
+    influx_bucket: str | None = None
+    influx_db: str = "votebox"
+    influx_rp: str | None = None
+    influx_user: str | None = None
+    influx_password: str | None = None
+    # 1,000,000 points of about 150 bytes: some 150 MB of Redis per poll when InfluxDB is away
+    # for long (docs/analytics.md, When InfluxDB is down).
+    influx_queue_max: int = 1_000_000
+    influx_batch_max: int = 5000
+    influx_flush_s: float = 1.0
+    clock_skew_s: int = 300
     results_interval_s: float = 0.1
     polls_rescan_s: float = 2.0
     batch_max: int = 500
@@ -138,6 +211,32 @@ class Settings:
             raise ConfigError("VOTEBOX_MQTT_SHARE_GROUP needs VOTEBOX_MQTT_PROTOCOL=5")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("VOTEBOX_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if self.influx_api not in (None, "v1", "v2"):
+            raise ConfigError(f"VOTEBOX_INFLUX_API must be v1 or v2 (got {self.influx_api!r})")
+        if self.influx_queue_max < 1 or self.influx_batch_max < 1:
+            raise ConfigError("VOTEBOX_INFLUX_QUEUE_MAX and VOTEBOX_INFLUX_BATCH_MAX must be >= 1")
+        self.influx_target()  # validates the InfluxDB settings as a whole
+
+    def influx_target(self) -> InfluxTarget | None:
+        """Where points go, or None when InfluxDB is not configured.
+
+        Raises:
+            ConfigError: the InfluxDB settings are incomplete; the message says which to set.
+        """
+        if not self.influx_url:
+            return None
+        api = self.influx_api or ("v2" if self.influx_token else "v1")
+        return InfluxTarget(
+            url=self.influx_url,
+            api="v2" if api == "v2" else "v1",
+            database=self.influx_db,
+            retention_policy=self.influx_rp,
+            username=self.influx_user,
+            password=self.influx_password,
+            token=self.influx_token,
+            org=self.influx_org,
+            bucket=self.influx_bucket,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -175,7 +274,7 @@ class Settings:
         return (
             f"Settings(mqtt_url={self.mqtt_url}, mqtt_protocol={self.mqtt_protocol}, "
             f"client_id={self.mqtt_client_id}, redis_url={_mask(self.redis_url)}, "
-            f"influx_url={self.influx_url and _mask(self.influx_url)})"
+            f"influx={self.influx_target()!r})"
         )
 
 
@@ -183,10 +282,12 @@ _VAR_OF: Final = {field: var for var, field, _ in ENV_VARS} | {
     f.name: f.name for f in dataclasses.fields(Settings) if f.name not in {x[1] for x in ENV_VARS}
 }
 _INT_FIELDS: Final = frozenset(
-    {"mqtt_receive_max", "batch_max", "mqtt_keepalive_s", "mqtt_session_expiry_s"}
+    {"influx_queue_max", "influx_batch_max", "clock_skew_s"}
+    | {"mqtt_receive_max", "batch_max", "mqtt_keepalive_s", "mqtt_session_expiry_s"}
 )
 _FLOAT_FIELDS: Final = frozenset(
-    {
+    {"influx_flush_s"}
+    | {
         "results_interval_s",
         "redis_timeout_s",
         "polls_rescan_s",

@@ -16,10 +16,12 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from devices.simulator import SimulationSummary, simulate
-from harness.services import amqtt_broker, processor, redis_server
-from processor.config import MqttUrl
-from processor.errors import ConfigError
+from harness.services import amqtt_broker, influxdb, processor, redis_server
+from processor.config import MqttUrl, Settings
+from processor.errors import ConfigError, VoteboxError
+from processor.influx import make_writer
 from processor.polls import Poll, create_poll
+from processor.recount import recount
 from processor.watch import format_results, results_stream
 
 __all__ = ["run_demo"]
@@ -57,29 +59,66 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
     """Run the demo until Ctrl-C or ``duration_s``; returns the exit code."""
     with tempfile.TemporaryDirectory(prefix="votebox-demo-") as tmp:
         root = Path(tmp)
-        with redis_server(root / "redis") as redis, amqtt_broker(root / "amqtt") as broker:
+        with (
+            redis_server(root / "redis") as redis,
+            amqtt_broker(root / "amqtt") as broker,
+            influxdb(root / "influxdb") as influx,
+        ):
             asyncio.run(_create_poll(redis.url))
-            proc = processor(
-                root / "processor",
-                env={
-                    "VOTEBOX_MQTT_URL": f"mqtt://processor@127.0.0.1:{broker.port}",
-                    "VOTEBOX_MQTT_PROTOCOL": "3.1.1",
-                    "VOTEBOX_REDIS_URL": redis.url,
-                },
-            )
+            env = {
+                "VOTEBOX_MQTT_URL": f"mqtt://processor@127.0.0.1:{broker.port}",
+                "VOTEBOX_MQTT_PROTOCOL": "3.1.1",
+                "VOTEBOX_REDIS_URL": redis.url,
+                "VOTEBOX_INFLUX_URL": influx.url,
+                "VOTEBOX_INFLUX_API": "v1",
+                "VOTEBOX_INFLUX_DB": "votebox",
+            }
+            proc = processor(root / "processor", env=env)
             proc.start()
             try:
+                query = f"SELECT count(value) FROM vote WHERE poll='{_POLL.id}' GROUP BY label"
                 print(
                     f"votebox demo: amqtt broker on mqtt://127.0.0.1:{broker.port}, Redis on "
-                    f"{redis.url}, data in {root}"
+                    f"{redis.url}, InfluxDB on {influx.url}, data in {root}"
                 )
                 print(
                     f"{devices} kiosks vote {rate:g} times a second; results are read from the "
-                    f"retained topic polls/{_POLL.id}/results. Ctrl-C stops.\n"
+                    f"retained topic polls/{_POLL.id}/results. Ctrl-C stops."
                 )
-                return _vote_and_watch(broker.port, duration_s, devices, rate)
+                print(
+                    "Every vote is also a point in InfluxDB (docs/analytics.md). While the demo "
+                    f"runs, try:\n  curl -sG {influx.url}/query --data-urlencode db=votebox "
+                    f'--data-urlencode "q={query}"\n'
+                )
+                code = _vote_and_watch(broker.port, duration_s, devices, rate)
+                print(_recount(redis.url, env))
+                return code
             finally:
                 proc.stop()
+
+
+def _recount(redis_url: str, env: dict[str, str]) -> str:
+    """The demo's closing check: InfluxDB's points against Redis's tally."""
+    target = Settings.from_env(env).influx_target()
+    assert target is not None
+
+    async def run() -> str:
+        redis = Redis.from_url(redis_url)
+        writer = make_writer(target)
+        try:
+            for _ in range(50):  # the drainer writes within its flush interval
+                result = await recount(redis, writer, _POLL.id)
+                if result.matches and not any(result.queued):
+                    break
+                await asyncio.sleep(0.2)
+            return result.report()
+        except VoteboxError as exc:
+            return f"recount failed: {exc}"
+        finally:
+            writer.close()
+            await redis.aclose()
+
+    return asyncio.run(run())
 
 
 def _vote_and_watch(port: int, duration_s: float | None, devices: int, rate: float) -> int:

@@ -4,7 +4,9 @@ VoteboxError
 ├── VoteRejected        one vote or message cannot be counted; carries its Reason
 ├── ConfigError         a setting is missing or malformed; the message says which and how to fix it
 ├── StoreUnavailable    Redis cannot be reached or timed out; the batch is retried, never acked
-└── BrokerUnavailable   the MQTT broker refused or dropped the connection
+├── BrokerUnavailable   the MQTT broker refused or dropped the connection
+├── InfluxUnavailable   InfluxDB did not answer; points stay queued and are retried
+└── InfluxRejected      InfluxDB answered with an error status (400, 413, 429, 5xx...)
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from processor.reasons import Reason
 __all__ = [
     "BrokerUnavailable",
     "ConfigError",
+    "InfluxRejected",
+    "InfluxUnavailable",
     "StoreUnavailable",
     "VoteRejected",
     "VoteboxError",
@@ -54,3 +58,23 @@ class StoreUnavailable(VoteboxError):
 
 class BrokerUnavailable(VoteboxError):
     """The MQTT broker cannot be reached or refused the connection."""
+
+
+class InfluxUnavailable(VoteboxError):
+    """InfluxDB could not be reached or did not answer in time."""
+
+
+class InfluxRejected(VoteboxError):
+    """InfluxDB answered a write or query with an error status.
+
+    Args:
+        status: the HTTP status.
+        body: InfluxDB's explanation.
+        retry_after_s: the Retry-After header of a 429 or 503, when given.
+    """
+
+    def __init__(self, status: int, body: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+        self.retry_after_s = retry_after_s

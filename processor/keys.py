@@ -23,7 +23,16 @@ SET_ASIDE: Final = "votebox:set_aside"
 class PollKeys:
     """The keys of one poll."""
 
-    __slots__ = ("definition", "devices", "fates", "poll", "tally", "window_prefix")
+    __slots__ = (
+        "definition",
+        "devices",
+        "fates",
+        "points",
+        "poll",
+        "points_rejected",
+        "tally",
+        "window_prefix",
+    )
 
     def __init__(self, poll: str) -> None:
         tag = f"votebox:{{{poll}}}"
@@ -33,7 +42,10 @@ class PollKeys:
         self.fates = f"{tag}:fates"
         self.devices = f"{tag}:devices"
         self.window_prefix = f"{tag}:win:"
+        # Accepted votes waiting for InfluxDB, and points InfluxDB refused (with the reason).
+        self.points = f"{tag}:points"
+        self.points_rejected = f"{tag}:points_rejected"
 
-    def all_keys(self) -> tuple[str, str, str, str]:
+    def all_keys(self) -> tuple[str, str, str, str, str]:
         """The fixed keys, in the order tally.lua expects them as KEYS."""
-        return (self.definition, self.tally, self.fates, self.devices)
+        return (self.definition, self.tally, self.fates, self.devices, self.points)

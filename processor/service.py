@@ -19,9 +19,10 @@ from processor.backoff import backoff_delays
 from processor.codec import AckEntry, Vote, decode_message, encode_ack
 from processor.config import Settings
 from processor.errors import StoreUnavailable, VoteRejected
+from processor.influx import InfluxDrainer, make_writer
 from processor.logs import RejectionLog
 from processor.mqtt import Delivery, MqttIntake
-from processor.reasons import Reason
+from processor.reasons import Fate, Reason
 from processor.results import ResultsPublisher
 from processor.tally import Tally
 from processor.topics import VOTES_FILTER, acks_topic, device_from_topic, parse_vote_topic, shared
@@ -48,6 +49,7 @@ class BatchProcessor:
         intake: acknowledges deliveries and publishes acks.
         results: told which polls changed.
         stop: set when the service should stop; an outage retry gives up then.
+        drainer: told how many points were queued for InfluxDB, when it is on.
     """
 
     def __init__(
@@ -57,7 +59,9 @@ class BatchProcessor:
         intake: MqttIntake,
         results: ResultsPublisher,
         stop: asyncio.Event,
+        drainer: InfluxDrainer | None = None,
     ) -> None:
+        self._drainer = drainer
         self._tally = tally
         self._intake = intake
         self._results = results
@@ -115,6 +119,8 @@ class BatchProcessor:
             self._intake.publish(acks_topic(device), encode_ack(entries), qos=1)
         self._intake.settle(batch)
         self._results.mark(versions)
+        if self._drainer is not None:
+            self._drainer.notify(codes.count(int(Fate.ACCEPTED)))
 
         self.counters.batches += 1
         self.counters.messages += len(batch)
@@ -239,20 +245,33 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("starting with %r", settings)
-    if settings.influx_url is None:
+    target = settings.influx_target()
+    if target is None:
         log.info("InfluxDB not configured (VOTEBOX_INFLUX_URL unset): tallying in Redis only")
-    else:
-        log.warning(
-            "VOTEBOX_INFLUX_URL is set, but this version does not write to InfluxDB yet: "
-            "tallying in Redis only"
-        )
     redis = Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
     )
+    writer = make_writer(target) if target else None
     try:
-        tally = Tally(redis, timeout_s=settings.redis_timeout_s)
+        tally = Tally(
+            redis,
+            timeout_s=settings.redis_timeout_s,
+            points_max=settings.influx_queue_max if target else 0,
+            clock_skew_s=settings.clock_skew_s,
+        )
+        drainer = (
+            InfluxDrainer(
+                redis=redis,
+                writer=writer,
+                batch_max=settings.influx_batch_max,
+                flush_interval_s=settings.influx_flush_s,
+                redis_timeout_s=settings.redis_timeout_s,
+            )
+            if writer
+            else None
+        )
         if not await _wait_for_redis(tally, stop):
             return
         topic_filter = shared(VOTES_FILTER, settings.mqtt_share_group)
@@ -264,10 +283,15 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
                 rescan_s=settings.polls_rescan_s,
                 timeout_s=settings.redis_timeout_s,
             )
-            processor = BatchProcessor(tally=tally, intake=intake, results=results, stop=stop)
+            processor = BatchProcessor(
+                tally=tally, intake=intake, results=results, stop=stop, drainer=drainer
+            )
             log.info("ready: consuming %s", topic_filter)
             async with asyncio.TaskGroup() as tg:
                 publisher = tg.create_task(results.run(), name="votebox.results")
+                if drainer is not None:
+                    log.info("writing every vote to %r", target)
+                    influx_task = tg.create_task(drainer.run(), name="votebox.influx")
                 await consume_votes(intake, processor, stop, batch_max=settings.batch_max)
                 log.info("stopping: draining what the broker has sent")
                 await drain_votes(
@@ -278,6 +302,9 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
                     deadline_s=settings.shutdown_timeout_s / 2,
                 )
                 publisher.cancel()
+                if drainer is not None:
+                    # Points still queued stay in Redis and are written by the next start.
+                    influx_task.cancel()
             # Shutdown gets its own deadline: the final results and the acks already queued.
             try:
                 async with asyncio.timeout(settings.shutdown_timeout_s / 2):
@@ -292,4 +319,6 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
                 dict(processor.counters.fates),
             )
     finally:
+        if writer is not None:
+            writer.close()
         await redis.aclose()

@@ -7,8 +7,10 @@
 -- KEYS[2] votebox:{poll}:tally    hash  c:<option> counts, total, version, updated_ms
 -- KEYS[3] votebox:{poll}:fates    hash  accepted, duplicate and rejection counts by reason code
 -- KEYS[4] votebox:{poll}:devices  hash  device -> "epoch:max_seq"
+-- KEYS[5] votebox:{poll}:points   stream of accepted votes waiting for InfluxDB
 -- ARGV[1] now_ms    ARGV[2] window bits W    ARGV[3] window key prefix votebox:{poll}:win:
--- ARGV[4..] four per vote: device, epoch, seq, choice ("3", or "1,4" for several options)
+-- ARGV[4] points queue bound (0: InfluxDB is off, queue nothing)   ARGV[5] clock skew, s
+-- ARGV[6..] five per vote: device, epoch, seq, choice ("3", or "1,4"), device ts in s or ""
 --
 -- The de-duplication window of a device is a ring of W bits (key prefix .. device): bit
 -- seq % W is set when seq was counted. It is exact for seqs above max_seq - W; older ones are
@@ -25,9 +27,15 @@ local NAMES = {[0] = 'accepted', [1] = 'duplicate', [24] = 'unknown_poll',
 local now_ms = ARGV[1]
 local W = tonumber(ARGV[2])
 local win_prefix = ARGV[3]
-local n_votes = (#ARGV - 3) / 4
+local queue_max = tonumber(ARGV[4])
+local skew_s = tonumber(ARGV[5])
+local FIRST, PER_VOTE = 6, 5
+local n_votes = (#ARGV - FIRST + 1) / PER_VOTE
 
-local n_options = tonumber(redis.call('HGET', KEYS[1], 'n_options') or '')
+local poll_fields = redis.call('HMGET', KEYS[1], 'n_options', 'created_ms')
+local n_options = tonumber(poll_fields[1] or '')
+local created_s = math.floor(tonumber(poll_fields[2] or '0') / 1000)
+local now_s = math.floor(tonumber(now_ms) / 1000)
 -- codes[1] is the version, filled in last; unpack() of a long list would overflow Lua's stack.
 local codes = {0}
 local fates = {}
@@ -49,13 +57,16 @@ end
 -- the strings they came in (es, ms): Lua prints numbers above 1e14 in exponent form.
 local devs = {}
 local counted = {}    -- option -> votes to add
+local points = {}     -- {device, epoch, seq, option, ts_s, ts_source} per counted vote
 local n_counted = 0
 
 for i = 0, n_votes - 1 do
-  local device = ARGV[4 + i * 4]
-  local epoch_s, seq_s = ARGV[5 + i * 4], ARGV[6 + i * 4]
+  local base = FIRST + i * PER_VOTE
+  local device = ARGV[base]
+  local epoch_s, seq_s = ARGV[base + 1], ARGV[base + 2]
   local epoch, seq = tonumber(epoch_s), tonumber(seq_s)
-  local choice = tonumber(ARGV[7 + i * 4])
+  local choice = tonumber(ARGV[base + 3])
+  local ts_arg = ARGV[base + 4]
 
   local d = devs[device]
   if not d then
@@ -94,6 +105,10 @@ for i = 0, n_votes - 1 do
       note(ACCEPTED)
       d.seen[seq] = true
       d.bits[#d.bits + 1] = seq
+      -- docs/analytics.md, Timestamps: the device's clock when plausible, else ours.
+      local ts, src = tonumber(ts_arg), 'device'
+      if not ts or ts < created_s - skew_s or ts > now_s + skew_s then ts, src = now_s, 'server' end
+      points[#points + 1] = {device, epoch_s, seq_s, choice, ts, src}
       if seq > d.m then d.m, d.ms = seq, seq_s end
       counted[choice] = (counted[choice] or 0) + 1
       n_counted = n_counted + 1
@@ -129,6 +144,20 @@ for device, d in pairs(devs) do
   for _, seq in ipairs(d.bits) do redis.call('SETBIT', key, seq % W, 1) end
   if #d.bits > 0 or d.reset then
     redis.call('HSET', KEYS[4], device, d.es .. ':' .. d.ms)
+  end
+end
+
+-- The points for InfluxDB, in the same atomic step as the count: a committed vote is always
+-- either queued here or counted as point_dropped when the queue is at its bound.
+if queue_max > 0 and #points > 0 then
+  local room = math.max(0, queue_max - redis.call('XLEN', KEYS[5]))
+  for j, p in ipairs(points) do
+    if j > room then
+      redis.call('HINCRBY', KEYS[3], 'point_dropped', #points - room)
+      break
+    end
+    redis.call('XADD', KEYS[5], '*', 'd', p[1], 'e', p[2], 's', p[3], 'o', p[4], 't', p[5],
+      'src', p[6])
   end
 end
 

@@ -68,11 +68,17 @@ class Tally:
     Args:
         redis: a client; Tally never closes it.
         timeout_s: deadline of one round trip.
+        points_max: bound of each poll's queue of points for InfluxDB; 0 queues nothing.
+        clock_skew_s: how far a device clock may be off and still date its vote's point.
     """
 
-    def __init__(self, redis: Redis, *, timeout_s: float) -> None:
+    def __init__(
+        self, redis: Redis, *, timeout_s: float, points_max: int = 0, clock_skew_s: int = 300
+    ) -> None:
         self._redis = redis
         self._timeout_s = timeout_s
+        self._points_max = points_max
+        self._clock_skew_s = clock_skew_s
 
     async def load(self) -> None:
         """Load the script, so the first batch need not; also a readiness probe of Redis."""
@@ -104,10 +110,17 @@ class Tally:
         calls: list[tuple[list[str], list[str | int]]] = []
         for poll in polls:
             keys = PollKeys(poll)
-            args: list[str | int] = [now_ms, DEDUP_WINDOW, keys.window_prefix]
+            args: list[str | int] = [
+                now_ms,
+                DEDUP_WINDOW,
+                keys.window_prefix,
+                self._points_max,
+                self._clock_skew_s,
+            ]
             for index in by_poll[poll]:
                 vote = votes[index]
-                args += (vote.device, vote.epoch, vote.seq, _choice_arg(vote.choice))
+                ts = "" if vote.ts_s is None else vote.ts_s
+                args += (vote.device, vote.epoch, vote.seq, _choice_arg(vote.choice), ts)
             calls.append((list(keys.all_keys()), args))
 
         replies = await self._run(calls, unattributed)

@@ -62,4 +62,6 @@ def test_docker_compose_file_validates() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "VOTEBOX_REDIS_URL: redis://redis:6379/0" in result.stdout
+    assert "VOTEBOX_INFLUX_URL: http://influxdb:8086" in result.stdout
+    assert "DOCKER_INFLUXDB_INIT_BUCKET: votes" in result.stdout
     assert "./mosquitto.conf" in (REPO / "docker-compose.yml").read_text()

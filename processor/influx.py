@@ -1,0 +1,421 @@
+"""Every accepted vote as a point in InfluxDB. Rule: a point leaves the Redis queue only after
+InfluxDB accepted it, or after InfluxDB refused it as bad and it was set aside with the reason.
+
+The tally script queues each accepted vote in the poll's ``points`` stream in the same atomic
+step that counts it. The drainer here reads those streams, writes line protocol in batches (off
+the MQTT hot path), and deletes what landed. A point's series and timestamp are fixed when it is
+queued, so a write retried after a crash overwrites itself instead of adding a second point.
+
+Two APIs: InfluxDB 1.x ``/write`` (database, retention policy, user, password), and InfluxDB
+2.x/3.x or 1.8+ through influxdb-client (token, org, bucket). Both are blocking HTTP clients;
+they run in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import urllib3
+from redis.asyncio import Redis
+
+from processor.backoff import backoff_delays
+from processor.config import InfluxTarget
+from processor.errors import InfluxRejected, InfluxUnavailable, StoreUnavailable
+from processor.keys import PollKeys
+from processor.polls import list_polls, load_poll
+from processor.tally import redis_errors
+
+__all__ = [
+    "InfluxDrainer",
+    "PointWriter",
+    "QueuedPoint",
+    "count_votes",
+    "line_for",
+    "make_writer",
+]
+
+log = logging.getLogger(__name__)
+
+MEASUREMENT: Final = "vote"
+# A point's timestamp is the vote's second plus its seq in the nanoseconds, so two votes of one
+# device in one second (same series) never share a timestamp and never overwrite each other.
+_NS: Final = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedPoint:
+    """One entry of a poll's points stream (written by tally.lua)."""
+
+    stream_id: str
+    poll: str
+    device: str
+    epoch: int
+    seq: int
+    option: int
+    ts_s: int
+    source: str
+
+    @classmethod
+    def from_stream(
+        cls, poll: str, stream_id: bytes | str, fields: Mapping[bytes, bytes]
+    ) -> QueuedPoint:
+        return cls(
+            stream_id=stream_id.decode() if isinstance(stream_id, bytes) else stream_id,
+            poll=poll,
+            device=fields[b"d"].decode(),
+            epoch=int(fields[b"e"]),
+            seq=int(fields[b"s"]),
+            option=int(fields[b"o"]),
+            ts_s=int(fields[b"t"]),
+            source=fields[b"src"].decode(),
+        )
+
+
+def _escape_tag(value: str) -> str:
+    # Line protocol: commas, equals signs and spaces in tag values are escaped with a backslash.
+    return value.replace("\\", "\\\\").replace(",", r"\,").replace("=", r"\=").replace(" ", r"\ ")
+
+
+def line_for(point: QueuedPoint, label: str) -> bytes:
+    """The line protocol of one vote (docs/analytics.md, Schema); tags in key order."""
+    tags = (
+        f"device={point.device},label={_escape_tag(label) or '-'},option={point.option},"
+        f"poll={point.poll}"
+    )
+    fields = f'value=1i,seq={point.seq}i,epoch={point.epoch}i,ts_source="{point.source}"'
+    timestamp = point.ts_s * _NS + point.seq % _NS
+    return f"{MEASUREMENT},{tags} {fields} {timestamp}".encode()
+
+
+class PointWriter(Protocol):
+    """Writes line protocol; blocking (run it in a thread)."""
+
+    def write(self, lines: Sequence[bytes]) -> None:
+        """Raises InfluxRejected (4xx, 5xx with a status) or InfluxUnavailable (no answer)."""
+
+    def query_counts(self, poll: str) -> dict[int, int]:
+        """Points of ``poll`` per option index."""
+
+    def close(self) -> None: ...
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    if not headers:
+        return None
+    value = headers.get("Retry-After") or headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class V1Writer:
+    """InfluxDB 1.x: ``POST /write?db=&rp=&precision=ns`` and ``/query`` (InfluxQL)."""
+
+    def __init__(self, target: InfluxTarget, *, timeout_s: float) -> None:
+        self._target = target
+        self._http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(total=timeout_s), retries=False, maxsize=2
+        )
+        self._headers: dict[str, str] = {"Content-Type": "text/plain; charset=utf-8"}
+        if target.username:
+            token = base64.b64encode(f"{target.username}:{target.password or ''}".encode())
+            self._headers["Authorization"] = f"Basic {token.decode()}"
+        self._database_ready = False
+
+    def _request(
+        self, method: str, path: str, params: dict[str, str], body: bytes | None = None
+    ) -> Any:
+        url = f"{self._target.url.rstrip('/')}{path}?{urllib.parse.urlencode(params)}"
+        try:
+            return self._http.request(method, url, body=body, headers=self._headers)
+        except urllib3.exceptions.HTTPError as exc:
+            raise InfluxUnavailable(f"InfluxDB at {self._target.url}: {exc}") from exc
+
+    def _ensure_database(self) -> None:
+        # Idempotent in InfluxQL; needs admin rights, so a refusal is only logged.
+        reply = self._request("POST", "/query", {"q": f'CREATE DATABASE "{self._target.database}"'})
+        if reply.status >= 300:
+            log.warning(
+                "could not create InfluxDB database %s: %s", self._target.database, reply.data[:200]
+            )
+        self._database_ready = True
+
+    def write(self, lines: Sequence[bytes]) -> None:
+        if not self._database_ready:
+            self._ensure_database()
+        params = {"db": self._target.database, "precision": "ns"}
+        if self._target.retention_policy:
+            params["rp"] = self._target.retention_policy
+        reply = self._request("POST", "/write", params, b"\n".join(lines))
+        if reply.status != 204:
+            raise InfluxRejected(
+                reply.status,
+                reply.data.decode(errors="replace")[:500],
+                retry_after_s=_retry_after(reply.headers),
+            )
+
+    def query_counts(self, poll: str) -> dict[int, int]:
+        query = (
+            f'SELECT count("value") FROM "{MEASUREMENT}" WHERE "poll" = \'{poll}\' '
+            'GROUP BY "option"'
+        )
+        reply = self._request("GET", "/query", {"db": self._target.database, "q": query})
+        if reply.status != 200:
+            raise InfluxRejected(reply.status, reply.data.decode(errors="replace")[:500])
+        result = reply.json()["results"][0]
+        if "error" in result:
+            raise InfluxRejected(400, result["error"])
+        return {int(s["tags"]["option"]): int(s["values"][0][1]) for s in result.get("series", [])}
+
+    def close(self) -> None:
+        self._http.clear()
+
+
+class V2Writer:
+    """InfluxDB 2.x/3.x and 1.8+: influxdb-client's synchronous write API (its batching writer
+    loses buffered points on close or crash; our queue in Redis is the buffer instead)."""
+
+    def __init__(self, target: InfluxTarget, *, timeout_s: float) -> None:
+        from influxdb_client.client.influxdb_client import InfluxDBClient
+        from influxdb_client.client.write_api import SYNCHRONOUS
+
+        assert target.token and target.org and target.bucket  # InfluxTarget checks it
+        self._target = target
+        self._org, self._bucket = target.org, target.bucket
+        self._client = InfluxDBClient(
+            url=target.url, token=target.token, org=target.org, timeout=int(timeout_s * 1000)
+        )
+        self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
+
+    def write(self, lines: Sequence[bytes]) -> None:
+        from influxdb_client.domain.write_precision import WritePrecision
+        from influxdb_client.rest import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            self._write_api.write(
+                bucket=self._bucket,
+                org=self._org,
+                record=b"\n".join(lines),
+                write_precision=WritePrecision.NS,  # type: ignore[arg-type]  # a str constant
+            )
+        except ApiException as exc:
+            raise InfluxRejected(
+                int(exc.status or 0), str(exc.body)[:500], retry_after_s=_retry_after(exc.headers)
+            ) from exc
+        except HTTPError as exc:
+            raise InfluxUnavailable(f"InfluxDB at {self._target.url}: {exc}") from exc
+
+    def query_counts(self, poll: str) -> dict[int, int]:
+        flux = (
+            f'from(bucket: "{self._target.bucket}") |> range(start: 0) '
+            f'|> filter(fn: (r) => r._measurement == "{MEASUREMENT}" and r.poll == "{poll}" '
+            'and r._field == "value") |> group(columns: ["option"]) |> count()'
+        )
+        tables = self._client.query_api().query(flux, org=self._org)
+        return {
+            int(r.values["option"]): int(r.get_value())  # type: ignore[no-untyped-call]
+            for t in tables
+            for r in t.records
+        }
+
+    def close(self) -> None:
+        self._client.close()  # type: ignore[no-untyped-call]
+
+
+def make_writer(target: InfluxTarget, *, timeout_s: float = 10.0) -> PointWriter:
+    """The writer for the target's API."""
+    return (
+        V1Writer(target, timeout_s=timeout_s)
+        if target.api == "v1"
+        else V2Writer(target, timeout_s=timeout_s)
+    )
+
+
+async def count_votes(writer: PointWriter, poll: str) -> dict[int, int]:
+    """Points of ``poll`` in InfluxDB per option (for ``votebox recount``)."""
+    return await asyncio.to_thread(writer.query_counts, poll)
+
+
+class InfluxDrainer:
+    """Moves queued points from Redis to InfluxDB, in batches, until cancelled.
+
+    Args:
+        redis: where the queues are.
+        writer: the InfluxDB client.
+        batch_max: points per write at most.
+        flush_interval_s: a point waits at most about this long when votes trickle in.
+        redis_timeout_s: deadline of one Redis call.
+    """
+
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        writer: PointWriter,
+        batch_max: int,
+        flush_interval_s: float,
+        redis_timeout_s: float,
+    ) -> None:
+        self._redis = redis
+        self._writer = writer
+        self._batch_max = batch_max
+        self._flush_interval_s = flush_interval_s
+        self._redis_timeout_s = redis_timeout_s
+        self._wake = asyncio.Event()
+        self._pending_hint = 0
+        self._labels: dict[str, tuple[str, ...]] = {}
+        self.written = 0
+        self.set_aside = 0
+        self.failures = 0
+
+    def notify(self, queued: int) -> None:
+        """Tell the drainer that a commit queued ``queued`` points; a full batch wakes it."""
+        self._pending_hint += queued
+        if self._pending_hint >= self._batch_max:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Drain forever: a batch whenever one is full, or every flush interval."""
+        while True:
+            try:
+                moved = await self.drain_once()
+            except StoreUnavailable as exc:
+                log.warning("points drain paused, Redis unavailable: %s", exc)
+                moved = 0
+            if moved < self._batch_max:
+                try:
+                    async with asyncio.timeout(self._flush_interval_s):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            self._pending_hint = 0
+
+    async def drain_once(self, polls: Sequence[str] | None = None) -> int:
+        """Write one batch from every poll (or those given) that has queued points.
+
+        Returns:
+            How many points left the queues (landed, or refused and set aside).
+        """
+        with redis_errors():
+            async with asyncio.timeout(self._redis_timeout_s):
+                if polls is None:
+                    polls = await list_polls(self._redis)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for poll in polls:
+                        pipe.xrange(PollKeys(poll).points, count=self._batch_max)
+                    batches = await pipe.execute()
+        moved = 0
+        for poll, entries in zip(polls, batches, strict=True):
+            if entries:
+                points = [QueuedPoint.from_stream(poll, sid, fields) for sid, fields in entries]
+                moved += await self._deliver(poll, points)
+        return moved
+
+    async def queue_depth(self) -> int:
+        """Points waiting in all polls' queues."""
+        with redis_errors():
+            async with asyncio.timeout(self._redis_timeout_s):
+                polls = await list_polls(self._redis)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for poll in polls:
+                        pipe.xlen(PollKeys(poll).points)
+                    return sum(await pipe.execute())
+
+    async def _label_of(self, poll: str, option: int) -> str:
+        if poll not in self._labels:
+            definition = await load_poll(self._redis, poll)
+            self._labels[poll] = definition.labels if definition else ()
+        labels = self._labels[poll]
+        return labels[option] if option < len(labels) else ""
+
+    async def _deliver(self, poll: str, points: list[QueuedPoint]) -> int:
+        lines = [line_for(p, await self._label_of(poll, p.option)) for p in points]
+        landed, refused = await self._write_until_done(lines, points)
+        keys = PollKeys(poll)
+        with redis_errors():
+            async with asyncio.timeout(self._redis_timeout_s):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for point, reason in refused:
+                        pipe.xadd(
+                            keys.points_rejected,
+                            {
+                                "d": point.device,
+                                "e": point.epoch,
+                                "s": point.seq,
+                                "o": point.option,
+                                "t": point.ts_s,
+                                "reason": reason[:300],
+                            },
+                        )
+                    pipe.xdel(keys.points, *[p.stream_id for p in points])
+                    await pipe.execute()
+        self.written += landed
+        self.set_aside += len(refused)
+        if refused:
+            log.error(
+                "InfluxDB refused %d points of poll %s; set aside in %s: %s",
+                len(refused),
+                poll,
+                keys.points_rejected,
+                refused[0][1][:200],
+            )
+        return len(points)
+
+    async def _write_until_done(
+        self, lines: list[bytes], points: list[QueuedPoint]
+    ) -> tuple[int, list[tuple[QueuedPoint, str]]]:
+        """Write, retrying outages forever; split on 413, bisect a 400 down to the bad points.
+
+        Returns the number of points that landed and the (point, reason) pairs refused as bad.
+        """
+        delays = backoff_delays(base_s=0.5, cap_s=30.0)
+        while True:
+            try:
+                await asyncio.to_thread(self._writer.write, lines)
+                return len(lines), []
+            except InfluxRejected as exc:
+                if exc.status == 413 and len(lines) > 1:
+                    return await self._split(lines, points)
+                if exc.status == 400:
+                    if len(lines) == 1:
+                        return 0, [(points[0], exc.body)]
+                    # Some points are bad, InfluxDB may have written the rest ("partial write");
+                    # rewriting those is harmless (same series, same timestamp).
+                    return await self._split(lines, points)
+                delay = exc.retry_after_s if exc.retry_after_s is not None else next(delays)
+                await self._log_failure(f"HTTP {exc.status}: {exc.body[:200]}", delay)
+                await asyncio.sleep(delay)
+            except InfluxUnavailable as exc:
+                delay = next(delays)
+                await self._log_failure(str(exc), delay)
+                await asyncio.sleep(delay)
+
+    async def _split(
+        self, lines: list[bytes], points: list[QueuedPoint]
+    ) -> tuple[int, list[tuple[QueuedPoint, str]]]:
+        half = len(lines) // 2
+        first = await self._write_until_done(lines[:half], points[:half])
+        second = await self._write_until_done(lines[half:], points[half:])
+        return first[0] + second[0], first[1] + second[1]
+
+    async def _log_failure(self, why: str, delay: float) -> None:
+        self.failures += 1
+        try:
+            depth: int | str = await self.queue_depth()
+        except StoreUnavailable:
+            depth = "?"
+        log.warning(
+            "InfluxDB write failed (%s); %s points stay queued in Redis; retry in %.1fs",
+            why,
+            depth,
+            delay,
+        )

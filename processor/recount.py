@@ -1,0 +1,116 @@
+"""``votebox recount POLL``: the tally recomputed from InfluxDB, compared with Redis.
+
+Rule: a point still queued for InfluxDB counts as written (it will be); anything else that
+differs is a mismatch, printed option by option.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass
+from typing import cast
+
+from redis.asyncio import Redis
+
+from processor.errors import ConfigError
+from processor.influx import PointWriter, count_votes
+from processor.keys import PollKeys
+from processor.polls import load_poll, read_fates, read_results
+from processor.tally import redis_errors
+
+__all__ = ["Recount", "recount"]
+
+_CHUNK = 10_000
+_ATTEMPTS = 10
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Recount:
+    """Per option: what Redis counted, what InfluxDB holds, what is still queued."""
+
+    poll: str
+    labels: tuple[str, ...]
+    redis: tuple[int, ...]
+    influx: tuple[int, ...]
+    queued: tuple[int, ...]
+    dropped: int
+    refused: int
+
+    @property
+    def matches(self) -> bool:
+        return all(i + q == r for r, i, q in zip(self.redis, self.influx, self.queued, strict=True))
+
+    def report(self) -> str:
+        width = max(len("label"), *(len(label) for label in self.labels))
+        lines = [
+            f"{'option':>6}  {'label':<{width}}  {'redis':>9}  {'influxdb':>9}  "
+            f"{'queued':>7}  {'difference':>10}"
+        ]
+        for option, label in enumerate(self.labels):
+            r, i, q = self.redis[option], self.influx[option], self.queued[option]
+            lines.append(f"{option:>6}  {label:<{width}}  {r:>9}  {i:>9}  {q:>7}  {i + q - r:>+10}")
+        lines.append(
+            f"points dropped because the queue was full: {self.dropped}; "
+            f"refused by InfluxDB and set aside: {self.refused}"
+        )
+        verdict = "MATCH" if self.matches else "MISMATCH"
+        lines.append(
+            f"recount of {self.poll}: {verdict} (redis total {sum(self.redis)}, "
+            f"influxdb {sum(self.influx)}, queued {sum(self.queued)})"
+        )
+        return "\n".join(lines)
+
+
+async def _queued_per_option(redis: Redis, poll: str) -> Counter[int]:
+    counts: Counter[int] = Counter()
+    start = "-"
+    key = PollKeys(poll).points
+    while True:
+        # redis-py types stream replies loosely; without decode_responses they are bytes.
+        entries = cast(_Entries, await redis.xrange(key, min=start, count=_CHUNK))
+        for _, fields in entries:
+            counts[int(fields[b"o"])] += 1
+        if len(entries) < _CHUNK:
+            return counts
+        start = "(" + entries[-1][0].decode()
+
+
+async def recount(redis: Redis, writer: PointWriter, poll: str) -> Recount:
+    """Compare the poll's tally in Redis with its points in InfluxDB.
+
+    Raises:
+        ConfigError: there is no such poll.
+        StoreUnavailable: Redis cannot be read.
+        InfluxRejected, InfluxUnavailable: InfluxDB cannot be queried.
+    """
+    with redis_errors():
+        definition = await load_poll(redis, poll)
+        if definition is None:
+            raise ConfigError(f"no poll {poll!r}")
+        n = len(definition.labels)
+        for _ in range(_ATTEMPTS):
+            # A point leaves the queue only after it landed in InfluxDB. If the queue did not
+            # move while InfluxDB and Redis were read, every point is in exactly one place.
+            queued = await _queued_per_option(redis, poll)
+            in_influx = await count_votes(writer, poll)
+            results = (await read_results(redis, [poll]))[poll]
+            if await _queued_per_option(redis, poll) == queued:
+                break
+            await asyncio.sleep(0.5)
+        else:
+            raise ConfigError(
+                "votes or points kept moving while counting; recount once voting has paused"
+            )
+        fates, _ = await read_fates(redis, poll)
+        refused = await redis.xlen(PollKeys(poll).points_rejected)
+    return Recount(
+        poll=poll,
+        labels=definition.labels,
+        redis=results.counts,
+        influx=tuple(in_influx.get(o, 0) for o in range(n)),
+        queued=tuple(queued[o] for o in range(n)),
+        dropped=fates.get("point_dropped", 0),
+        refused=int(refused),
+    )
