@@ -385,12 +385,19 @@ async def test_the_documented_influxql_examples_run_on_real_data(
     with _drainer(redis, v1_target(influx_proc, database)) as drainer:
         assert await drainer.drain_once([poll.id]) == 30
     queries = _doc_queries()
-    assert len(queries) == 4
-    results = [
+    assert len(queries) == 5
+    per_option, per_hour, per_device, turnout, undated = (
         influx_query(influx_proc, database, q.replace("'final'", f"'{poll.id}'")) for q in queries
-    ]
-    per_label = {s["tags"]["label"]: s["values"][0][1] for s in results[0]}
-    assert per_label == {"red": 10, "green": 10, "blue": 10}
-    assert sum(v[1] for s in results[1] for v in s["values"]) == 30
-    assert len(results[2][0]["values"]) == 4  # four kiosks
-    assert results[3] == []  # every vote here carried a plausible device time
+    )
+    three_tens = {"red": 10, "green": 10, "blue": 10}
+    assert {s["tags"]["label"]: s["values"][0][1] for s in per_option} == three_tens
+    assert {s["tags"]["label"]: sum(v[1] for v in s["values"]) for s in per_hour} == three_tens
+    assert {s["tags"]["device"]: s["values"][0][1] for s in per_device} == {
+        "k0": 7,
+        "k1": 8,
+        "k2": 8,
+        "k3": 7,
+    }
+    running = [v[1] for v in turnout[0]["values"]]
+    assert running == sorted(running) and running[-1] == 30
+    assert undated == []  # every vote here carried a plausible device time
