@@ -1,9 +1,12 @@
 """MQTT intake and output. Rule: a delivery is acknowledged only through `settle`, after commit.
 
-paho-mqtt runs on the asyncio loop here (no threads): its socket is read when readable, written
-when it has bytes queued, and its keepalive runs once a second, the way aiomqtt drives it. We do
-not use aiomqtt for the intake because it acknowledges a QoS 1 message when it queues it, before
-we could commit it, and drops acknowledged messages when its queue is full (aiomqtt#345).
+A small MQTT client on an asyncio Protocol (packets in processor/mqtt_packets.py). Why our own:
+aiomqtt acknowledges a QoS 1 message when it queues it, before we could commit it, and drops
+acknowledged messages when its queue is full (aiomqtt#345); paho-mqtt has manual acks, but
+under load it spent 57% of the processor's CPU reading packets byte by byte and writing each
+PUBACK with its own system call (docs/benchmarks.md, Profile); gmqtt acks on receipt under MQTT
+3.1.1, which the embedded amqtt broker speaks. Here a read parses every packet that arrived,
+and all PUBACKs and acks of a batch leave in one write.
 
 Backpressure: the broker sends at most Receive Maximum un-acked messages (MQTT 5, 3.3.4); for an
 MQTT 3.1.1 broker that ignores flow control (amqtt), reading pauses while too many deliveries are
@@ -16,17 +19,11 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import threading
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Final, Self
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
+from processor import mqtt_packets as packets
 from processor.backoff import backoff_delays
 from processor.config import Settings
 from processor.errors import BrokerUnavailable
@@ -35,9 +32,7 @@ __all__ = ["Delivery", "MqttIntake"]
 
 log = logging.getLogger(__name__)
 
-# Packets read per readable event before yielding to the loop: large enough to amortise the
-# wake-up, small enough that one busy socket cannot starve the rest of the loop.
-_READS_PER_WAKEUP: Final = 200
+_SUBSCRIBE_MID: Final = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +48,62 @@ class Delivery:
     generation: int
 
 
+class _Protocol(asyncio.Protocol):
+    """One TCP connection to the broker; hands parsed packets to the intake."""
+
+    def __init__(self, intake: MqttIntake, generation: int, v5: bool) -> None:
+        self._intake = intake
+        self._generation = generation
+        self._v5 = v5
+        self._buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self.closed = asyncio.get_running_loop().create_future()
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        try:
+            incoming = packets.parse_packets(self._buffer, v5=self._v5)
+        except packets.PacketError as exc:
+            log.error("closing the connection: %s", exc)
+            self.close()
+            return
+        for packet in incoming:
+            self._intake._handle(packet, self._generation)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._intake._connection_lost(self._generation, exc)
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes; everything queued in one loop iteration leaves in one write."""
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def close(self) -> None:
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+
 class MqttIntake:
     """A persistent MQTT session that yields batches of deliveries and acks them on demand.
 
     Use as ``async with MqttIntake(settings=s, topic_filter="votes/#") as intake:``; it returns
-    once subscribed and keeps reconnecting (with backoff) until closed.
+    once connected (and subscribed, on a new session) and keeps reconnecting with backoff until
+    closed.
 
     Args:
         settings: broker URL, client id, protocol, receive maximum, keepalive.
@@ -67,28 +113,31 @@ class MqttIntake:
     def __init__(self, *, settings: Settings, topic_filter: str) -> None:
         self._settings = settings
         self._filter = topic_filter
+        self._v5 = settings.mqtt_protocol == "5"
         self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
         self._pending: list[Delivery] = []
         self._has_pending = asyncio.Event()
         self._held = 0
         self._max_held = settings.mqtt_receive_max * 2
-        self._reading_paused = False
         # While connecting, reading never pauses: CONNACK and SUBACK must get through even when
         # a broker replays a long offline queue first (amqtt does) and nobody consumes yet.
         self._handshaking = False
         self._generation = 0
+        self._protocol: _Protocol | None = None
         self._connected = asyncio.Event()
         self._disconnected = asyncio.Event()
         self._connack: asyncio.Future[bool] | None = None
         self._suback: asyncio.Future[None] | None = None
-        self._sock: Any = None
-        self._publishes: set[paho.MQTTMessageInfo] = set()
+        self._pingresp_due: float | None = None
+        # Our QoS 1 publishes not yet acknowledged by the broker: resent after a reconnect.
+        self._unacked_out: dict[int, tuple[str, bytes, bool]] = {}
+        self._next_mid = 1
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._stack = contextlib.AsyncExitStack()
         self.reconnects = 0
-        self._client = self._make_client()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -109,13 +158,14 @@ class MqttIntake:
     ) -> None:
         self._closing = True
         try:
-            if self._connected.is_set():
-                self._client.disconnect()
+            protocol = self._protocol
+            if protocol is not None and self._connected.is_set():
+                protocol.send(packets.disconnect())
+                protocol.close()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2):
-                        await self._disconnected.wait()
+                        await protocol.closed
         finally:
-            self._drop_socket()
             for task in self._tasks:
                 task.cancel()
             await self._stack.aclose()
@@ -140,13 +190,20 @@ class MqttIntake:
         A delivery from an earlier connection is not acknowledged (its packet id is void); the
         broker resends it and the tally counts that copy as a duplicate.
         """
-        for delivery in batch:
-            if delivery.qos > 0 and delivery.generation == self._generation:
-                self._client.ack(delivery.mid, delivery.qos)
+        protocol = self._protocol
+        if protocol is not None:
+            acks = [
+                packets.puback(d.mid)
+                for d in batch
+                if d.qos > 0 and d.generation == self._generation
+            ]
+            if acks:
+                protocol.send(b"".join(acks))
         self._held -= len(batch)
-        if self._reading_paused and self._held < self._max_held and self._sock is not None:
-            self._reading_paused = False
-            self._loop.add_reader(self._sock, self._on_readable)
+        if protocol is not None and protocol.paused and self._held < self._max_held:
+            protocol.paused = False
+            assert protocol.transport is not None
+            protocol.transport.resume_reading()
 
     @property
     def held(self) -> int:
@@ -160,113 +217,108 @@ class MqttIntake:
     # -- output ----------------------------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Queue a publish; paho sends it now or after a reconnect (QoS 1 is kept until acked)."""
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-            # Published while disconnected (rc NO_CONN), paho keeps the message and sends it
-            # after the reconnect, but its info object can no longer tell when: not tracked.
-            self._publishes.add(info)
-            if len(self._publishes) > 1000:
-                self._publishes = {i for i in self._publishes if not i.is_published()}
+        """Send a message. QoS 1 ones are kept until the broker acks them, across reconnects."""
+        mid = 0
+        if qos:
+            mid = self._take_mid()
+            self._unacked_out[mid] = (topic, payload, retain)
+            self._drained.clear()
+        if self._protocol is not None and self._connected.is_set():
+            self._protocol.send(
+                packets.publish(topic, payload, qos=qos, retain=retain, mid=mid, v5=self._v5)
+            )
 
     async def drain(self) -> None:
-        """Wait until every tracked QoS 1 publish was acknowledged by the broker."""
-        while True:
-            self._publishes = {i for i in self._publishes if not i.is_published()}
-            if not self._publishes or not self.connected:
-                return
-            await asyncio.sleep(0.01)
+        """Wait until every QoS 1 publish so far was acknowledged (or the connection is gone)."""
+        while self._unacked_out and self.connected:
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await self._drained.wait()
+
+    def _take_mid(self) -> int:
+        # Packet ids 2..65535 for our publishes; 1 is the subscription's.
+        for _ in range(65534):
+            mid = self._next_mid
+            self._next_mid = mid + 1 if mid < 65535 else 2
+            if mid != _SUBSCRIBE_MID and mid not in self._unacked_out:
+                return mid
+        raise BrokerUnavailable("65,534 publishes waiting for the broker's PUBACK")
 
     # -- connection ------------------------------------------------------------------------
 
-    def _make_client(self) -> paho.Client:
-        s = self._settings
-        v5 = s.mqtt_protocol == "5"
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=s.mqtt_client_id,
-            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            # MQTT 3.1.1: a clean session would discard votes queued while we are away.
-            clean_session=None if v5 else False,
-            manual_ack=True,
-        )
-        if s.mqtt_url.username:
-            client.username_pw_set(s.mqtt_url.username, s.mqtt_url.password)
-        if s.mqtt_url.tls:
-            client.tls_set_context(ssl.create_default_context())
-        # Results and acks may pile up while disconnected; paho's default caps would hold them
-        # back in batches of 20.
-        client.max_inflight_messages_set(0)
-        client.max_queued_messages_set(0)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_socket_register_write
-        client.on_socket_unregister_write = self._on_socket_unregister_write
-        return client
-
     async def _connect(self) -> None:
         s = self._settings
+        self._generation += 1
+        generation = self._generation
         self._connack = self._loop.create_future()
         self._suback = self._loop.create_future()
-        properties = None
-        if s.mqtt_protocol == "5":
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = s.mqtt_session_expiry_s
-            properties.ReceiveMaximum = s.mqtt_receive_max
         self._handshaking = True
+        protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(s.mqtt_connect_timeout_s):
-                # connect() resolves and opens the TCP socket, which blocks: off the loop.
-                await self._loop.run_in_executor(
-                    None,
-                    lambda: self._client.connect(
-                        s.mqtt_url.host,
-                        s.mqtt_url.port,
-                        keepalive=s.mqtt_keepalive_s,
-                        clean_start=False
-                        if s.mqtt_protocol == "5"
-                        else paho.MQTT_CLEAN_START_FIRST_ONLY,
-                        properties=properties,
-                    ),
+                _, protocol = await self._loop.create_connection(
+                    lambda: _Protocol(self, generation, self._v5),
+                    s.mqtt_url.host,
+                    s.mqtt_url.port,
+                    ssl=ssl.create_default_context() if s.mqtt_url.tls else None,
                 )
-                self._attach_socket()
+                self._protocol = protocol
+                protocol.send(
+                    packets.connect(
+                        client_id=s.mqtt_client_id,
+                        v5=self._v5,
+                        keepalive_s=s.mqtt_keepalive_s,
+                        username=s.mqtt_url.username,
+                        password=s.mqtt_url.password,
+                        session_expiry_s=s.mqtt_session_expiry_s,
+                        receive_maximum=s.mqtt_receive_max,
+                    )
+                )
                 session_present = await self._connack
                 # Subscribe on a resumed session too (harmless, and it repairs a broker that
                 # kept the session but lost its subscriptions). Wait for the SUBACK only on a
                 # new session: amqtt answers a resumed session's SUBSCRIBE only after its
                 # offline queue is acked, and acks come from the consumer, which starts when
                 # this returns. A resumed session is subscribed already.
-                if s.mqtt_protocol == "5":
-                    self._client.subscribe(self._filter, options=SubscribeOptions(qos=1))
+                protocol.send(packets.subscribe(_SUBSCRIBE_MID, self._filter, v5=self._v5))
+                if session_present:
+                    self._suback = None  # nobody waits; a refusal is still logged
                 else:
-                    self._client.subscribe(self._filter, qos=1)
-                if not session_present:
                     await self._suback
         except TimeoutError:
-            self._drop_socket()
+            if protocol is not None:
+                protocol.close()
             hint = (
                 " An MQTT 3.1.1-only broker (amqtt) never answers an MQTT 5 CONNECT: "
                 "set VOTEBOX_MQTT_PROTOCOL=3.1.1."
-                if s.mqtt_protocol == "5"
+                if self._v5
                 else ""
             )
             raise BrokerUnavailable(
                 f"no CONNACK/SUBACK from {s.mqtt_url} within {s.mqtt_connect_timeout_s} s.{hint}"
             ) from None
         except OSError as exc:
-            self._drop_socket()
+            if protocol is not None:
+                protocol.close()
             raise BrokerUnavailable(f"cannot reach {s.mqtt_url}: {exc}") from None
+        except BrokerUnavailable:
+            if protocol is not None:
+                protocol.close()
+            raise
         finally:
             self._handshaking = False
-        if self._held >= self._max_held and self._sock is not None:
-            self._loop.remove_reader(self._sock)
-            self._reading_paused = True
+        self._pingresp_due = None
         self._disconnected.clear()
         self._connected.set()
+        # MQTT-4.4.0-1: on a resumed session, resend un-acked QoS 1 publishes with DUP set.
+        for mid, (topic, payload, retain) in list(self._unacked_out.items()):
+            protocol.send(
+                packets.publish(
+                    topic, payload, qos=1, retain=retain, mid=mid, v5=self._v5, dup=True
+                )
+            )
+        self._pause_if_full(protocol)
         log.info(
             "connected to %s as %s (session %s)",
             s.mqtt_url,
@@ -289,89 +341,80 @@ class MqttIntake:
                     log.warning("reconnect failed: %s; retrying", exc)
 
     async def _keepalive_loop(self) -> None:
+        # MQTT-3.1.2-24: the broker drops us after 1.5 keepalives of silence; a PINGREQ every
+        # half keepalive is well inside that. No PINGRESP within a keepalive: the link is dead.
+        interval = self._settings.mqtt_keepalive_s / 2
         while True:
-            await asyncio.sleep(1)
-            if self._sock is not None:
-                self._client.loop_misc()
+            await asyncio.sleep(interval)
+            protocol = self._protocol
+            if protocol is None or not self._connected.is_set():
+                continue
+            now = self._loop.time()
+            if self._pingresp_due is not None and now > self._pingresp_due:
+                log.warning(
+                    "no PINGRESP within %d s: reconnecting", self._settings.mqtt_keepalive_s
+                )
+                protocol.close()
+                continue
+            if self._pingresp_due is None:
+                self._pingresp_due = now + self._settings.mqtt_keepalive_s
+            protocol.send(packets.PINGREQ)
 
-    # -- paho callbacks (all on the loop thread once connected) ----------------------------
+    # -- packets ---------------------------------------------------------------------------
 
-    def _attach_socket(self) -> None:
-        sock = self._client.socket()
-        if sock is None:
-            raise OSError("paho returned no socket")
-        self._sock = sock
-        self._reading_paused = False
-        self._loop.add_reader(sock, self._on_readable)
-        if self._client.want_write():
-            self._loop.add_writer(sock, self._on_writable)
+    def _handle(self, packet: packets.Incoming, generation: int) -> None:
+        if generation != self._generation:
+            return
+        kind = packet.kind
+        if kind == packets.PUBLISH:
+            try:
+                topic = packet.topic.decode()
+            except UnicodeDecodeError:
+                topic = ""  # MQTT-1.5.3-1 forbids it; parse_vote_topic rejects it as bad_topic
+            self._pending.append(
+                Delivery(topic, packet.payload, packet.mid, packet.qos, generation)
+            )
+            self._held += 1
+            self._has_pending.set()
+            if self._protocol is not None:
+                self._pause_if_full(self._protocol)
+        elif kind == packets.PUBACK:
+            self._unacked_out.pop(packet.mid, None)
+            if not self._unacked_out:
+                self._drained.set()
+        elif kind == packets.PINGRESP:
+            self._pingresp_due = None
+        elif kind == packets.CONNACK:
+            self._resolve_connack(packet)
+        elif kind == packets.SUBACK:
+            self._resolve_suback(packet)
+        elif kind == packets.DISCONNECT:
+            log.warning("the broker disconnected us (reason %d)", packet.code)
 
-    def _drop_socket(self) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._sock)
-                self._loop.remove_writer(self._sock)
-            self._sock = None
+    def _pause_if_full(self, protocol: _Protocol) -> None:
+        if self._held >= self._max_held and not self._handshaking and not protocol.paused:
+            protocol.paused = True
+            assert protocol.transport is not None
+            protocol.transport.pause_reading()
 
-    def _on_readable(self) -> None:
-        for _ in range(_READS_PER_WAKEUP):
-            before = self._received
-            rc = self._client.loop_read()
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._sock is None:
-                return
-            if self._received == before:
-                return  # no complete PUBLISH read: the socket is drained or held a control packet
-            if self._held >= self._max_held and not self._handshaking:
-                self._loop.remove_reader(self._sock)
-                self._reading_paused = True
-                return
-
-    _received = 0
-
-    def _on_writable(self) -> None:
-        self._client.loop_write()
-
-    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        pass  # connect() runs in an executor thread; _attach_socket() registers on the loop.
-
-    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self._on_loop_thread():
-            self._drop_socket()
-
-    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self._on_loop_thread() and self._sock is not None:
-            self._loop.add_writer(self._sock, self._on_writable)
-
-    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self._on_loop_thread() and self._sock is not None:
-            self._loop.remove_writer(self._sock)
-
-    def _on_loop_thread(self) -> bool:
-        return threading.get_ident() == self._loop_thread
-
-    def _on_connect(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        flags: paho.ConnectFlags,
-        reason_code: Any,
-        properties: Any,
-    ) -> None:
+    def _resolve_connack(self, packet: packets.Incoming) -> None:
         future = self._connack
         if future is None or future.done():
             return
-        if reason_code.is_failure:
-            future.set_exception(BrokerUnavailable(f"broker refused the connection: {reason_code}"))
+        if packet.code:
+            future.set_exception(
+                BrokerUnavailable(f"broker refused the connection (CONNACK code {packet.code})")
+            )
         else:
-            future.set_result(bool(flags.session_present))
+            future.set_result(packet.session_present)
 
-    def _on_subscribe(
-        self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
-    ) -> None:
+    def _resolve_suback(self, packet: packets.Incoming) -> None:
+        failed = [code for code in packet.codes if code >= 0x80]
+        if failed:
+            log.error("subscription to %s refused (SUBACK codes %s)", self._filter, failed)
         future = self._suback
         if future is None or future.done():
             return
-        failed = [rc for rc in reason_codes if rc.is_failure]
         if failed:
             future.set_exception(
                 BrokerUnavailable(f"subscription to {self._filter} refused: {failed}")
@@ -379,26 +422,20 @@ class MqttIntake:
         else:
             future.set_result(None)
 
-    def _on_disconnect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
-    ) -> None:
-        self._generation += 1
+    def _connection_lost(self, generation: int, exc: Exception | None) -> None:
+        if generation != self._generation:
+            return
+        self._protocol = None
+        was_connected = self._connected.is_set()
         self._connected.clear()
-        self._disconnected.set()
-        self._drop_socket()
-        if not self._closing:
-            log.warning(
-                "disconnected from the broker (%s); un-acked votes will be resent", reason_code
-            )
-
-    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        self._received += 1
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:
-            topic = ""  # MQTT-1.5.4-1 forbids it; parse_vote_topic rejects it as bad_topic
-        self._pending.append(
-            Delivery(topic, bytes(message.payload), message.mid, message.qos, self._generation)
-        )
-        self._held += 1
-        self._has_pending.set()
+        self._drained.set()  # nobody can ack now; drain() must not wait for it
+        for future in (self._connack, self._suback):
+            if future is not None and not future.done():
+                future.set_exception(BrokerUnavailable(f"connection lost: {exc}"))
+        if was_connected:
+            self._disconnected.set()
+            if not self._closing:
+                log.warning(
+                    "disconnected from the broker (%s); un-acked votes will be resent",
+                    exc or "closed by the broker",
+                )
