@@ -1,0 +1,1 @@
+"""The benchmark: ``votebox bench`` (docs/benchmarks.md)."""

@@ -156,7 +156,7 @@ class _Connection:
 
 def run(
     load: Load, *, host: str, port: int, window: int, rate: float | None, chunk: int = 100
-) -> dict[str, float | int]:
+) -> dict[str, object]:
     """Send the prepared load; returns counts and timestamps (time.time(), seconds)."""
     conns = [
         _Connection(host, port, f"loadgen-{i}-{time.time_ns()}", window)
@@ -164,6 +164,9 @@ def run(
     ]
     threads = []
     started = time.time()
+    # (time, messages sent so far) on the first connection: with one connection and no
+    # duplicates or batches, message k is vote k, for publish-to-result latency.
+    send_log: list[tuple[float, int]] = []
 
     def pump(index: int) -> None:
         packets = load.packets[index]
@@ -177,6 +180,8 @@ def run(
                     time.sleep(delay)
             part = packets[start : start + chunk]
             conn.send(part, sent=start)
+            if index == 0:
+                send_log.append((time.time(), start + len(part)))
 
     for i in range(len(conns)):
         thread = threading.Thread(target=pump, args=(i,))
@@ -199,6 +204,7 @@ def run(
         "acked": acked,
         "votes": load.votes,
         "unique_votes": load.unique_votes,
+        "send_log": send_log,
     }
 
 
@@ -216,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dup-share", type=float, default=0.05)
     parser.add_argument("--batch-share", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--chunk", type=int, default=100, help="messages per write")
     args = parser.parse_args(argv)
     load = build_load(
         poll=args.poll,
@@ -227,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         batch_share=args.batch_share,
         seed=args.seed,
     )
-    result = run(load, host=args.host, port=args.port, window=args.window, rate=args.rate)
-    result["per_option"] = load.per_option  # type: ignore[assignment]
+    result = run(
+        load, host=args.host, port=args.port, window=args.window, rate=args.rate, chunk=args.chunk
+    )
+    result["per_option"] = load.per_option
     json.dump(result, sys.stdout)
     print()
     return 0

@@ -99,6 +99,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="seconds to vote (default 10)")
 
     p = sub.add_parser(
+        "bench", help="benchmark votebox against the broker's own limit (docs/benchmarks.md)"
+    )
+    p.add_argument("--smoke", action="store_true", help="a few seconds, to check it works")
+    p.add_argument("--out", default="bench-results.json", help="where to write the figures")
+
+    p = sub.add_parser(
         "demo",
         help="everything on embedded defaults: amqtt, Redis, the "
         "processor, a demo poll and simulated kiosks",
@@ -150,6 +156,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _simulate(args)
     if args.command == "recount":
         return asyncio.run(_recount(args.poll, settings))
+    if args.command == "bench":
+        from pathlib import Path
+
+        from bench.run import main as bench_main
+
+        return bench_main(smoke=args.smoke, out=Path(args.out))
     if args.command == "demo":
         from processor.demo import run_demo
 

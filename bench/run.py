@@ -1,0 +1,425 @@
+"""``votebox bench``: votebox against the broker's own limit, measured in one run.
+
+Rule: every figure comes from real servers on loopback started here, with the load generator
+in its own process; every votebox run also checks that the count is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from harness.services import (
+    ManagedProcess,
+    amqtt_broker,
+    influxdb,
+    mosquitto,
+    processor,
+    redis_server,
+)
+from processor.config import MqttUrl
+from processor.keys import PollKeys
+from processor.polls import Poll, create_poll, read_results
+from processor.watch import results_stream
+
+__all__ = ["BenchConfig", "main", "run_bench"]
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    """Sizes of one benchmark run."""
+
+    messages: int = 200_000
+    devices: int = 10_000
+    amqtt_messages: int = 30_000
+    latency_seconds: float = 10.0
+    dup_share: float = 0.05
+    batch_share: float = 0.05
+
+    @classmethod
+    def smoke(cls) -> BenchConfig:
+        return cls(messages=3000, devices=50, amqtt_messages=1500, latency_seconds=2.0)
+
+
+def _loadgen(
+    port: int,
+    *,
+    poll: str,
+    messages: int,
+    devices: int,
+    rate: float | None = None,
+    connections: int = 4,
+    dup: float = 0.0,
+    batch: float = 0.0,
+    chunk: int = 100,
+) -> subprocess.Popen[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--port",
+        str(port),
+        "--poll",
+        poll,
+        "--messages",
+        str(messages),
+        "--devices",
+        str(devices),
+        "--connections",
+        str(connections),
+        "--dup-share",
+        str(dup),
+        "--batch-share",
+        str(batch),
+        "--chunk",
+        str(chunk),
+    ]
+    if rate:
+        argv += ["--rate", str(rate)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=_REPO)
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Bench:
+    """The servers of one benchmark run, and the measurements on them."""
+
+    def __init__(self, root: Path, stack: ExitStack, config: BenchConfig) -> None:
+        self.root = root
+        self.config = config
+        self.redis = stack.enter_context(redis_server(root / "redis"))
+        self.mosquitto = stack.enter_context(mosquitto(root / "mosquitto"))
+        self.amqtt = stack.enter_context(amqtt_broker(root / "amqtt"))
+        self.influx = stack.enter_context(influxdb(root / "influxdb"))
+        self._runs = 0
+
+    def _poll(self, name: str) -> str:
+        self._runs += 1
+        poll_id = f"{name}-{self._runs}"
+
+        async def create() -> None:
+            redis = Redis.from_url(self.redis.url)
+            try:
+                await create_poll(redis, Poll(id=poll_id, labels=("a", "b", "c", "d")))
+            finally:
+                await redis.aclose()
+
+        asyncio.run(create())
+        return poll_id
+
+    def processors(
+        self, broker: ManagedProcess, n: int = 1, share: bool = False
+    ) -> list[ManagedProcess]:
+        procs = []
+        for _ in range(n):
+            self._runs += 1
+            env = {
+                "VOTEBOX_MQTT_URL": f"mqtt://processor@127.0.0.1:{broker.port}",
+                "VOTEBOX_MQTT_PROTOCOL": "3.1.1" if broker.name == "amqtt" else "5",
+                "VOTEBOX_MQTT_CLIENT_ID": f"bench-proc-{self._runs}",
+                "VOTEBOX_REDIS_URL": self.redis.url,
+                "VOTEBOX_INFLUX_URL": self.influx.url,
+                "VOTEBOX_INFLUX_API": "v1",
+                "VOTEBOX_INFLUX_DB": "bench",
+                "VOTEBOX_LOG_LEVEL": "INFO",
+            }
+            if share:
+                env["VOTEBOX_MQTT_SHARE_GROUP"] = "bench"
+            proc = processor(self.root / f"proc-{self._runs}", env=env)
+            proc.start()
+            procs.append(proc)
+        return procs
+
+    def baseline(self, broker: ManagedProcess, messages: int) -> dict[str, Any]:
+        """mosquitto_sub receiving the load from the same broker: the broker's own limit."""
+        poll = self._poll("base")
+        sub = subprocess.Popen(
+            [
+                "mosquitto_sub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(broker.port),
+                "-t",
+                f"votes/{poll}/#",
+                "-q",
+                "1",
+                "-C",
+                str(messages),
+                "-i",
+                f"bench-sub-{self._runs}",
+                "-u",
+                "bench",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)  # subscribed
+        gen = _loadgen(broker.port, poll=poll, messages=messages, devices=self.config.devices)
+        out, _ = gen.communicate()
+        sub.wait(timeout=300)
+        done = time.time()
+        load = json.loads(out)
+        return {"messages": messages, "rate": messages / (done - load["started"])}
+
+    def throughput(
+        self, broker: ManagedProcess, *, messages: int, devices: int, n_processors: int = 1
+    ) -> dict[str, Any]:
+        """votebox flat out: from the first publish to the last vote committed."""
+        poll = self._poll("tput")
+        procs = self.processors(broker, n_processors, share=n_processors > 1)
+        cpu_before = [_cpu_s(p.pid) for p in procs]
+        gen = _loadgen(
+            broker.port,
+            poll=poll,
+            messages=messages,
+            devices=devices,
+            dup=self.config.dup_share,
+            batch=self.config.batch_share,
+        )
+        load, done, total = asyncio.run(self._wait_total(gen, poll))
+        cpu = sum(_cpu_s(p.pid) - b for p, b in zip(procs, cpu_before, strict=True))
+        rss = max(_peak_rss_mb(p.pid) for p in procs)
+        memory = asyncio.run(self._dedup_bytes_per_device(poll, devices))
+        # Let InfluxDB catch up before the next run, so that its writes do not compete with it.
+        drained = asyncio.run(self._wait_points_drained(poll))
+        for proc in procs:
+            proc.stop()
+        elapsed = done - load["started"]
+        return {
+            "messages": messages,
+            "devices": devices,
+            "processors": n_processors,
+            "votes": load["votes"],
+            "unique_votes": load["unique_votes"],
+            "counted": total,
+            "exact": total == load["unique_votes"],
+            "rate": messages / elapsed,
+            "votes_rate": load["votes"] / elapsed,
+            "processor_cpu_s": cpu,
+            "processor_cpu_share": cpu / elapsed,
+            "processor_peak_rss_mb": rss,
+            "redis_dedup_bytes_per_device": memory,
+            "influx_drained_after_s": drained - done,
+        }
+
+    async def _wait_points_drained(self, poll: str, timeout_s: float = 300) -> float:
+        redis = Redis.from_url(self.redis.url)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while await redis.xlen(PollKeys(poll).points):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"points of {poll} not written to InfluxDB in {timeout_s} s")
+                await asyncio.sleep(0.05)
+            return time.time()
+        finally:
+            await redis.aclose()
+
+    async def _wait_total(
+        self, gen: subprocess.Popen[str], poll: str, timeout_s: float = 600
+    ) -> tuple[dict[str, Any], float, int]:
+        redis = Redis.from_url(self.redis.url)
+        load: dict[str, Any] | None = None
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                total = (await read_results(redis, [poll]))[poll].total
+                if load is None and gen.poll() is not None:
+                    assert gen.stdout is not None
+                    load = json.loads(gen.stdout.read())
+                if load is not None and total >= load["unique_votes"]:
+                    return load, time.time(), total
+                await asyncio.sleep(0.005)
+        finally:
+            await redis.aclose()
+        raise TimeoutError(f"poll {poll}: the votes were not all counted in {timeout_s} s")
+
+    async def _dedup_bytes_per_device(self, poll: str, devices: int) -> float:
+        redis = Redis.from_url(self.redis.url)
+        keys = PollKeys(poll)
+        try:
+            total = await redis.memory_usage(keys.devices) or 0
+            sample = [
+                f"{keys.window_prefix}dev-{d:05d}"
+                for d in range(0, devices, max(1, devices // 100))
+            ]
+            sizes = [await redis.memory_usage(key) or 0 for key in sample]
+            return total / devices + statistics.mean(sizes)
+        finally:
+            await redis.aclose()
+
+    def latency(self, broker: ManagedProcess, rate: float) -> dict[str, Any]:
+        """Publish-to-retained-result latency at a fixed rate, from per-vote timestamps."""
+        poll = self._poll("lat")
+        procs = self.processors(broker)
+        messages = max(50, int(rate * self.config.latency_seconds))
+        seen: list[tuple[float, int]] = []
+
+        async def watch_and_send() -> dict[str, Any]:
+            url = MqttUrl.parse(f"mqtt://bench-watch@127.0.0.1:{broker.port}")
+
+            async def watch() -> None:
+                async for document in results_stream(url, poll):
+                    seen.append((time.time(), document["total"]))
+                    if document["total"] >= messages:
+                        return
+
+            async with asyncio.TaskGroup() as tg:
+                watcher = tg.create_task(watch())
+                await asyncio.sleep(0.5)
+                gen = _loadgen(
+                    broker.port,
+                    poll=poll,
+                    messages=messages,
+                    devices=100,
+                    rate=rate,
+                    connections=1,
+                    chunk=max(1, int(rate / 200)),
+                )
+                out = await asyncio.to_thread(lambda: gen.communicate()[0])
+                async with asyncio.timeout(60):
+                    await watcher
+            return dict(json.loads(out))
+
+        load = asyncio.run(watch_and_send())
+        for proc in procs:
+            proc.stop()
+        latencies = []
+        index = 0
+        for sent_at, sent_so_far in load["send_log"]:
+            while seen[index][1] < sent_so_far:
+                index += 1
+            latencies.append((seen[index][0] - sent_at) * 1000)
+        q = statistics.quantiles(latencies, n=100)
+        return {
+            "rate": rate,
+            "messages": messages,
+            "p50_ms": q[49],
+            "p95_ms": q[94],
+            "p99_ms": q[98],
+        }
+
+
+def _machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "mosquitto": subprocess.run(
+            ["mosquitto", "-h"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()[0],
+    }
+
+
+def run_bench(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
+    """Run every measurement; returns the figures (also printed as they come)."""
+    with tempfile.TemporaryDirectory(prefix="votebox-bench-") as tmp, ExitStack() as stack:
+        bench = Bench(Path(tmp), stack, config)
+        c = config
+        out: dict[str, Any] = {"machine": _machine(), "config": dataclasses.asdict(c)}
+        log("mosquitto_sub baseline ...")
+        out["mosquitto_baseline"] = bench.baseline(bench.mosquitto, c.messages)
+        log(f"  {out['mosquitto_baseline']['rate']:,.0f} msg/s")
+        log(f"votebox on mosquitto, {c.devices} devices ...")
+        out["votebox"] = bench.throughput(bench.mosquitto, messages=c.messages, devices=c.devices)
+        log(f"  {out['votebox']['rate']:,.0f} msg/s, exact={out['votebox']['exact']}")
+        log("votebox on mosquitto, 10 devices ...")
+        out["votebox_10_devices"] = bench.throughput(
+            bench.mosquitto, messages=c.messages, devices=10
+        )
+        log(f"  {out['votebox_10_devices']['rate']:,.0f} msg/s")
+        log("two votebox processors, shared subscription ...")
+        out["votebox_two_processors"] = bench.throughput(
+            bench.mosquitto, messages=c.messages, devices=c.devices, n_processors=2
+        )
+        log(
+            f"  {out['votebox_two_processors']['rate']:,.0f} msg/s, "
+            f"exact={out['votebox_two_processors']['exact']}"
+        )
+        rate = max(100.0, out["votebox"]["rate"] / 5)
+        log(f"latency at {rate:,.0f} msg/s ...")
+        out["latency"] = bench.latency(bench.mosquitto, rate)
+        log(f"  p50 {out['latency']['p50_ms']:.0f} ms, p99 {out['latency']['p99_ms']:.0f} ms")
+        log("amqtt baseline ...")
+        out["amqtt_baseline"] = bench.baseline(bench.amqtt, c.amqtt_messages)
+        log(f"  {out['amqtt_baseline']['rate']:,.0f} msg/s")
+        log("votebox on amqtt ...")
+        out["votebox_amqtt"] = bench.throughput(
+            bench.amqtt, messages=c.amqtt_messages, devices=min(c.devices, 1000)
+        )
+        log(f"  {out['votebox_amqtt']['rate']:,.0f} msg/s, exact={out['votebox_amqtt']['exact']}")
+        return out
+
+
+def table(result: dict[str, Any]) -> str:
+    """The summary table of docs/benchmarks.md."""
+    mb, ab = result["mosquitto_baseline"]["rate"], result["amqtt_baseline"]["rate"]
+    rows = [
+        ("mosquitto_sub baseline (mosquitto)", mb, mb),
+        (f"votebox, {result['votebox']['devices']} devices", result["votebox"]["rate"], mb),
+        ("votebox, 10 devices", result["votebox_10_devices"]["rate"], mb),
+        ("votebox, two processors ($share)", result["votebox_two_processors"]["rate"], mb),
+        ("mosquitto_sub baseline (amqtt)", ab, ab),
+        ("votebox on amqtt", result["votebox_amqtt"]["rate"], ab),
+    ]
+    lines = ["| run | messages/s | votebox / baseline |", "|---|---:|---:|"]
+    lines += [f"| {name} | {rate:,.0f} | {rate / base:.0%} |" for name, rate, base in rows]
+    lat, v = result["latency"], result["votebox"]
+    lines += [
+        "",
+        f"Latency publish -> retained result at {lat['rate']:,.0f} msg/s: "
+        f"p50 {lat['p50_ms']:.0f} ms, "
+        f"p95 {lat['p95_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms.",
+        f"Processor: {v['processor_cpu_share']:.0%} of a core, peak RSS "
+        f"{v['processor_peak_rss_mb']:.0f} MB; Redis de-duplication state "
+        f"{v['redis_dedup_bytes_per_device']:.0f} bytes per device and poll.",
+    ]
+    return "\n".join(lines)
+
+
+def main(*, smoke: bool, out: Path) -> int:
+    """Run the benchmark, print the table, write the JSON."""
+    result = run_bench(BenchConfig.smoke() if smoke else BenchConfig())
+    out.write_text(json.dumps(result, indent=2))
+    print()
+    print(table(result))
+    print(f"\nfigures written to {out}")
+    exact = all(
+        result[k]["exact"]
+        for k in ("votebox", "votebox_10_devices", "votebox_two_processors", "votebox_amqtt")
+    )
+    return 0 if exact else 1
