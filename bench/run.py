@@ -250,8 +250,7 @@ class Bench:
             while time.monotonic() < deadline:
                 total = (await read_results(redis, [poll]))[poll].total
                 if load is None and gen.poll() is not None:
-                    assert gen.stdout is not None
-                    load = json.loads(gen.stdout.read())
+                    load = json.loads(gen.communicate()[0])
                 if load is not None and total >= load["unique_votes"]:
                     return load, time.time(), total
                 await asyncio.sleep(0.005)
