@@ -120,7 +120,9 @@ class Tally:
             for index in by_poll[poll]:
                 vote = votes[index]
                 ts = "" if vote.ts_s is None else vote.ts_s
-                args += (vote.device, vote.epoch, vote.seq, _choice_arg(vote.choice), ts)
+                args.append(
+                    f"{vote.device}\t{vote.epoch}\t{vote.seq}\t{_choice_arg(vote.choice)}\t{ts}"
+                )
             calls.append((list(keys.all_keys()), args))
 
         replies = await self._run(calls, unattributed)
