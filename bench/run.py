@@ -324,6 +324,47 @@ class Bench:
         }
 
 
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_soak(seconds: float, rate: float, *, log: Any = print) -> dict[str, Any]:
+    """One processor on Mosquitto at a fixed rate for ``seconds``; its RSS every 10 s."""
+    config = BenchConfig()
+    with tempfile.TemporaryDirectory(prefix="votebox-soak-") as tmp, ExitStack() as stack:
+        bench = Bench(Path(tmp), stack, config)
+        poll = bench._poll("soak")
+        [proc] = bench.processors(bench.mosquitto)
+        gen = _loadgen(
+            bench.mosquitto.port,
+            poll=poll,
+            messages=int(seconds * rate),
+            devices=config.devices,
+            rate=rate,
+            dup=config.dup_share,
+            batch=config.batch_share,
+        )
+        samples: list[tuple[float, float]] = []
+        started = time.monotonic()
+        while gen.poll() is None:
+            samples.append((time.monotonic() - started, _rss_mb(proc.pid)))
+            log(f"  {samples[-1][0]:5.0f} s  RSS {samples[-1][1]:.1f} MB")
+            time.sleep(10)
+        load, _, total = asyncio.run(bench._wait_total(gen, poll))
+        peak = _peak_rss_mb(proc.pid)
+        proc.stop()
+    return {
+        "seconds": seconds,
+        "rate": rate,
+        "exact": total == load["unique_votes"],
+        "rss_mb": samples,
+        "peak_rss_mb": peak,
+    }
+
+
 def _machine() -> dict[str, Any]:
     cpu = next(
         (
@@ -410,8 +451,17 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(*, smoke: bool, out: Path) -> int:
-    """Run the benchmark, print the table, write the JSON."""
+def main(*, smoke: bool, out: Path, soak_s: float = 0, soak_rate: float = 5000) -> int:
+    """Run the benchmark (or only the soak), print the table, write the JSON."""
+    if soak_s:
+        soak = run_soak(soak_s, soak_rate)
+        out.write_text(json.dumps(soak, indent=2))
+        rss = [mb for _, mb in soak["rss_mb"]]
+        print(
+            f"\nsoak: {soak_s:.0f} s at {soak_rate:,.0f} msg/s, RSS {rss[0]:.0f} -> {rss[-1]:.0f} "
+            f"MB (peak {soak['peak_rss_mb']:.0f} MB), exact={soak['exact']}"
+        )
+        return 0 if soak["exact"] else 1
     result = run_bench(BenchConfig.smoke() if smoke else BenchConfig())
     out.write_text(json.dumps(result, indent=2))
     print()

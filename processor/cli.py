@@ -103,6 +103,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--smoke", action="store_true", help="a few seconds, to check it works")
     p.add_argument("--out", default="bench-results.json", help="where to write the figures")
+    p.add_argument(
+        "--soak",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="instead: one processor at a fixed rate this long, RSS every 10 s",
+    )
+    p.add_argument("--soak-rate", type=float, default=5000, help="messages/s for --soak")
 
     p = sub.add_parser(
         "demo",
@@ -161,7 +169,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         from bench.run import main as bench_main
 
-        return bench_main(smoke=args.smoke, out=Path(args.out))
+        return bench_main(
+            smoke=args.smoke, out=Path(args.out), soak_s=args.soak, soak_rate=args.soak_rate
+        )
     if args.command == "demo":
         from processor.demo import run_demo
 

@@ -114,12 +114,12 @@ async def test_random_sigkills_during_a_stream_count_exactly_once(
     proc.start()
     try:
         with Fleet(mosquitto_proc, poll.id, 10) as fleet:
-            sender = asyncio.create_task(send(fleet, poll, 4000))
-            for kill_at in (0.15, 0.3, 0.25, 0.4):
-                await asyncio.sleep(kill_at)
-                proc.kill()  # after a commit, before its PUBACK, or anywhere else
-                proc.start()
-            await sender
+            async with asyncio.TaskGroup() as tg:  # the sender is awaited at the end
+                tg.create_task(send(fleet, poll, 4000))
+                for kill_at in (0.15, 0.3, 0.25, 0.4):
+                    await asyncio.sleep(kill_at)
+                    proc.kill()  # after a commit, before its PUBACK, or anywhere else
+                    proc.start()
             await until_total(redis, poll, 4000, timeout_s=90)
             await eventually(lambda: fleet.unacked() == 0, timeout_s=30)
     finally:
@@ -130,12 +130,12 @@ async def test_sigterm_mid_stream_finishes_the_batch_and_loses_nothing(
     broker: ManagedProcess, processor_proc: ManagedProcess, poll: Poll, redis: Redis
 ) -> None:
     with Fleet(broker, poll.id, 10) as fleet:
-        sender = asyncio.create_task(send(fleet, poll, 3000))
-        await asyncio.sleep(0.3)
-        started = time.monotonic()
-        assert processor_proc.stop(timeout_s=15) == 0  # exits by itself, cleanly
-        assert time.monotonic() - started < 12
-        await sender
+        async with asyncio.TaskGroup() as tg:  # the sender is awaited at the end
+            tg.create_task(send(fleet, poll, 3000))
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            assert processor_proc.stop(timeout_s=15) == 0  # exits by itself, cleanly
+            assert time.monotonic() - started < 12
         processor_proc.start()
         await until_total(redis, poll, 3000, timeout_s=90)
         await eventually(lambda: fleet.unacked() == 0, timeout_s=30)
@@ -163,13 +163,13 @@ async def test_redis_restart_mid_stream_loses_and_doubles_nothing(
     redis: Redis,
 ) -> None:
     with Fleet(broker, poll.id, 10) as fleet:
-        sender = asyncio.create_task(send(fleet, poll, 2000))
-        await asyncio.sleep(0.2)
-        redis_proc.stop()  # redis-server writes its AOF on SIGTERM
-        await asyncio.sleep(2)
-        await wait_log(processor_proc, "none acked")
-        redis_proc.start()
-        await sender
+        async with asyncio.TaskGroup() as tg:  # the sender is awaited at the end
+            tg.create_task(send(fleet, poll, 2000))
+            await asyncio.sleep(0.2)
+            redis_proc.stop()  # redis-server writes its AOF on SIGTERM
+            await asyncio.sleep(2)
+            await wait_log(processor_proc, "none acked")
+            redis_proc.start()
         await until_total(redis, poll, 2000, timeout_s=90)
         await eventually(lambda: fleet.unacked() == 0, timeout_s=30)
 
