@@ -113,6 +113,7 @@ class Bench:
     def __init__(self, root: Path, stack: ExitStack, config: BenchConfig) -> None:
         self.root = root
         self.config = config
+        self._stack = stack
         self.redis = stack.enter_context(redis_server(root / "redis"))
         self.mosquitto = stack.enter_context(mosquitto(root / "mosquitto"))
         self.amqtt = stack.enter_context(amqtt_broker(root / "amqtt"))
@@ -152,6 +153,7 @@ class Bench:
             if share:
                 env["VOTEBOX_MQTT_SHARE_GROUP"] = "bench"
             proc = processor(self.root / f"proc-{self._runs}", env=env)
+            self._stack.callback(proc.stop)  # stopped even when a measurement fails
             proc.start()
             procs.append(proc)
         return procs
