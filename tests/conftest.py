@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -122,6 +122,29 @@ def processor_proc(
         code = proc.stop()
         if code not in (0, None):
             print(proc.log_text()[-5000:])
+
+
+@pytest.fixture
+def spawn_processor(
+    request: pytest.FixtureRequest, redis_proc: ManagedProcess, tmp_path: Path
+) -> Iterator[Callable[..., ManagedProcess]]:
+    """Start processors on a given broker with extra ``VOTEBOX_*`` settings; all are stopped
+    when the test ends, whatever happened to them meanwhile."""
+    started: list[ManagedProcess] = []
+
+    def spawn(broker: ManagedProcess, **env: str) -> ManagedProcess:
+        n = len(started)
+        proc = processor(
+            tmp_path / f"processor-{n}",
+            env=processor_env(broker, redis_proc, unique_id(request, f"-{n}")) | env,
+        )
+        started.append(proc)
+        proc.start()
+        return proc
+
+    yield spawn
+    for proc in started:
+        proc.stop()
 
 
 async def eventually(check: object, *, timeout_s: float = 30.0, every_s: float = 0.05) -> None:

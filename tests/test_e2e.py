@@ -6,16 +6,15 @@ import asyncio
 import random
 import time
 from collections import Counter
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from harness.services import ManagedProcess, processor
+from harness.services import ManagedProcess
 from processor.polls import Poll, read_fates, read_results
 from processor.watch import results_stream, wait_for_results
-from tests.conftest import processor_env, unique_id
 from tests.fleet import Fleet, results_url
 
 pytestmark = pytest.mark.e2e
@@ -93,43 +92,34 @@ async def test_results_are_retained_for_a_late_subscriber(
 
 async def test_results_are_coalesced_and_versions_only_grow(
     broker: ManagedProcess,
-    redis_proc: ManagedProcess,
     poll: Poll,
-    tmp_path: Path,
-    request: pytest.FixtureRequest,
+    spawn_processor: Callable[..., ManagedProcess],
 ) -> None:
-    env = processor_env(broker, redis_proc, unique_id(request)) | {
-        "VOTEBOX_RESULTS_INTERVAL_S": "0.5"
-    }
-    proc = processor(tmp_path, env=env)
-    proc.start()
+    spawn_processor(broker, VOTEBOX_RESULTS_INTERVAL_S="0.5")
     seen: list[dict[str, Any]] = []
-    try:
-        with Fleet(broker, poll.id, 5) as fleet:
+    with Fleet(broker, poll.id, 5) as fleet:
 
-            async def collect() -> None:
-                async for document in results_stream(results_url(broker), poll.id):
-                    seen.append(document)
-                    if document["total"] == 1000:
-                        return
+        async def collect() -> None:
+            async for document in results_stream(results_url(broker), poll.id):
+                seen.append(document)
+                if document["total"] == 1000:
+                    return
 
-            async with asyncio.timeout(60):
-                async with asyncio.TaskGroup() as tg:
-                    collector = tg.create_task(collect())
-                    await asyncio.sleep(0.5)  # subscribed before the burst
-                    started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(60):
+            async with asyncio.TaskGroup() as tg:
+                collector = tg.create_task(collect())
+                await asyncio.sleep(0.5)  # subscribed before the burst
+                started = asyncio.get_running_loop().time()
 
-                    def burst() -> None:
-                        for i in range(1000):
-                            fleet.kiosks[i % 5].vote(poll.id, i % 3)
-                            if i % 100 == 99:
-                                time.sleep(0.2)  # ~2 s of steady voting
+                def burst() -> None:
+                    for i in range(1000):
+                        fleet.kiosks[i % 5].vote(poll.id, i % 3)
+                        if i % 100 == 99:
+                            time.sleep(0.2)  # ~2 s of steady voting
 
-                    await asyncio.to_thread(burst)
-                    await collector
-                    elapsed = asyncio.get_running_loop().time() - started
-    finally:
-        proc.stop()
+                await asyncio.to_thread(burst)
+                await collector
+                elapsed = asyncio.get_running_loop().time() - started
     live = [d for d in seen if d["total"] > 0]
     # One publish per 0.5 s interval at most, plus the one that follows the last vote.
     assert 1 <= len(live) <= elapsed / 0.5 + 2, [d["total"] for d in live]

@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -21,7 +21,7 @@ from typing import Any, ClassVar, cast
 import pytest
 from redis.asyncio import Redis
 
-from harness.services import HOST, ManagedProcess, influxdb, processor
+from harness.services import HOST, ManagedProcess, influxdb
 from processor.codec import Vote
 from processor.config import InfluxTarget
 from processor.influx import InfluxDrainer, PointWriter, QueuedPoint, line_for, make_writer
@@ -29,7 +29,7 @@ from processor.keys import PollKeys
 from processor.polls import Poll
 from processor.recount import recount
 from processor.tally import Tally
-from tests.conftest import eventually, processor_env, unique_id
+from tests.conftest import eventually, unique_id
 from tests.fleet import Fleet
 
 NOW_S = 1_767_225_600  # 2026-01-01T00:00:00Z
@@ -255,107 +255,83 @@ async def test_v2_writes_the_documented_request_and_honours_retry_after(
     assert drainer.failures == 1 and await redis.xlen(keys.points) == 0
 
 
-def influx_processor(
-    tmp_path: Path,
-    broker: ManagedProcess,
-    redis_proc: ManagedProcess,
-    influx_proc: ManagedProcess,
-    request: pytest.FixtureRequest,
-    **extra: str,
-) -> ManagedProcess:
-    """A processor writing to InfluxDB 1.x, database named after the test (not started)."""
-    env = processor_env(broker, redis_proc, unique_id(request, "-p")) | {
+def influx_env(influx_proc: ManagedProcess, database: str) -> dict[str, str]:
+    """Settings for a processor writing to InfluxDB 1.x."""
+    return {
         "VOTEBOX_INFLUX_URL": influx_proc.url,
         "VOTEBOX_INFLUX_API": "v1",
-        "VOTEBOX_INFLUX_DB": unique_id(request),
+        "VOTEBOX_INFLUX_DB": database,
         "VOTEBOX_INFLUX_FLUSH_S": "0.2",
     }
-    return processor(tmp_path, env=env | extra)
 
 
 async def test_five_thousand_votes_through_an_influxdb_outage_land_once_and_recount_matches(
     mosquitto_proc: ManagedProcess,
-    redis_proc: ManagedProcess,
     influx_proc: ManagedProcess,
     poll: Poll,
     redis: Redis,
-    tmp_path: Path,
     request: pytest.FixtureRequest,
+    spawn_processor: Callable[..., ManagedProcess],
 ) -> None:
     database = unique_id(request)
-    proc = influx_processor(
-        tmp_path, mosquitto_proc, redis_proc, influx_proc, request, VOTEBOX_INFLUX_BATCH_MAX="700"
+    proc = spawn_processor(
+        mosquitto_proc, **influx_env(influx_proc, database), VOTEBOX_INFLUX_BATCH_MAX="700"
     )
-    proc.start()
-    try:
-        with Fleet(mosquitto_proc, poll.id, 10) as fleet:
+    with Fleet(mosquitto_proc, poll.id, 10) as fleet:
 
-            def send(n: int) -> None:
-                for i in range(n):
-                    fleet.kiosks[i % 10].vote(poll.id, i % 3)
+        def send(n: int) -> None:
+            for i in range(n):
+                fleet.kiosks[i % 10].vote(poll.id, i % 3)
 
-            await asyncio.to_thread(send, 1500)
-            await eventually(
-                lambda: point_count(influx_proc, database, poll.id) == 1500, timeout_s=60
-            )
-            influx_proc.stop()
-            await asyncio.to_thread(send, 2000)  # counted, acked, queued: InfluxDB is away
-            await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
-            assert await redis.xlen(PollKeys(poll.id).points) == 2000
-            influx_proc.start()
-            await asyncio.to_thread(send, 1500)
-            await eventually(
-                lambda: point_count(influx_proc, database, poll.id) >= 5000, timeout_s=90
-            )
-        assert point_count(influx_proc, database, poll.id) == 5000
-        per_option = influx_query(
-            influx_proc,
-            database,
-            f"SELECT count(value) FROM vote WHERE poll='{poll.id}' GROUP BY option",
-        )
-        assert {s["tags"]["option"]: s["values"][0][1] for s in per_option} == {
-            "0": 1667,
-            "1": 1667,
-            "2": 1666,
-        }
-        assert "points stay queued in Redis" in proc.log_text()
-        with _writer(v1_target(influx_proc, database)) as writer:
-            result = await recount(redis, writer, poll.id)
-        assert result.matches and result.influx == (1667, 1667, 1666)
-    finally:
-        proc.stop()
+        await asyncio.to_thread(send, 1500)
+        await eventually(lambda: point_count(influx_proc, database, poll.id) == 1500, timeout_s=60)
+        influx_proc.stop()
+        await asyncio.to_thread(send, 2000)  # counted, acked, queued: InfluxDB is away
+        await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
+        assert await redis.xlen(PollKeys(poll.id).points) == 2000
+        influx_proc.start()
+        await asyncio.to_thread(send, 1500)
+        await eventually(lambda: point_count(influx_proc, database, poll.id) >= 5000, timeout_s=90)
+    assert point_count(influx_proc, database, poll.id) == 5000
+    per_option = influx_query(
+        influx_proc,
+        database,
+        f"SELECT count(value) FROM vote WHERE poll='{poll.id}' GROUP BY option",
+    )
+    assert {s["tags"]["option"]: s["values"][0][1] for s in per_option} == {
+        "0": 1667,
+        "1": 1667,
+        "2": 1666,
+    }
+    assert "points stay queued in Redis" in proc.log_text()
+    with _writer(v1_target(influx_proc, database)) as writer:
+        result = await recount(redis, writer, poll.id)
+    assert result.matches and result.influx == (1667, 1667, 1666)
 
 
 async def test_sigkill_with_points_queued_loses_none(
     mosquitto_proc: ManagedProcess,
-    redis_proc: ManagedProcess,
     influx_proc: ManagedProcess,
     poll: Poll,
     redis: Redis,
-    tmp_path: Path,
     request: pytest.FixtureRequest,
+    spawn_processor: Callable[..., ManagedProcess],
 ) -> None:
     database = unique_id(request)
-    proc = influx_processor(tmp_path, mosquitto_proc, redis_proc, influx_proc, request)
+    proc = spawn_processor(mosquitto_proc, **influx_env(influx_proc, database))
+    with Fleet(mosquitto_proc, poll.id, 5) as fleet:
+        influx_proc.stop()
+        await asyncio.to_thread(lambda: [fleet.kiosks[i % 5].vote(poll.id, 1) for i in range(500)])
+        await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
+    assert await redis.xlen(PollKeys(poll.id).points) == 500
+    proc.kill()
+    influx_proc.start()
     proc.start()
-    try:
-        with Fleet(mosquitto_proc, poll.id, 5) as fleet:
-            influx_proc.stop()
-            await asyncio.to_thread(
-                lambda: [fleet.kiosks[i % 5].vote(poll.id, 1) for i in range(500)]
-            )
-            await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
-        assert await redis.xlen(PollKeys(poll.id).points) == 500
-        proc.kill()
-        influx_proc.start()
-        proc.start()
-        await eventually(lambda: point_count(influx_proc, database, poll.id) >= 500, timeout_s=60)
-        assert point_count(influx_proc, database, poll.id) == 500
-        with _writer(v1_target(influx_proc, database)) as writer:
-            result = await recount(redis, writer, poll.id)
-        assert result.matches, result.report()
-    finally:
-        proc.stop()
+    await eventually(lambda: point_count(influx_proc, database, poll.id) >= 500, timeout_s=60)
+    assert point_count(influx_proc, database, poll.id) == 500
+    with _writer(v1_target(influx_proc, database)) as writer:
+        result = await recount(redis, writer, poll.id)
+    assert result.matches, result.report()
 
 
 def _doc_queries() -> list[str]:
