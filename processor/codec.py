@@ -13,7 +13,7 @@ from typing import Any, Final
 import cbor2
 
 from processor.errors import VoteRejected
-from processor.reasons import Fate, Reason
+from processor.reasons import Reason
 
 __all__ = [
     "MAX_BATCH_VOTES",
@@ -75,10 +75,6 @@ class AckEntry:
     def rejected(cls, error: VoteRejected) -> AckEntry:
         """The ack entry for a rejection, naming the vote when its seq was readable."""
         return cls(error.epoch, error.seq, int(error.reason))
-
-    @property
-    def fate(self) -> Fate:
-        return Fate(self.code) if self.code < 16 else Fate.REJECTED
 
 
 class _Forbidden(Exception):

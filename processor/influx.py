@@ -272,7 +272,6 @@ class InfluxDrainer:
         self._wake = asyncio.Event()
         self._pending_hint = 0
         self._labels: dict[str, tuple[str, ...]] = {}
-        self.written = 0
         self.set_aside = 0
         self.failures = 0
 
@@ -358,7 +357,6 @@ class InfluxDrainer:
                         )
                     pipe.xdel(keys.points, *[p.stream_id for p in points])
                     await pipe.execute()
-        self.written += landed
         self.set_aside += len(refused)
         if refused:
             log.error(

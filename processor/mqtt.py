@@ -137,7 +137,7 @@ class MqttIntake:
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._stack = contextlib.AsyncExitStack()
-        self.reconnects = 0
+        self._interrupted = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -177,12 +177,22 @@ class MqttIntake:
 
         Batches grow by themselves under load: whatever arrived while the last batch was being
         committed forms the next one, so there is no timer and no added latency.
+
+        Returns an empty batch, once, after `interrupt`.
         """
         while not self._pending:
+            if self._interrupted:
+                self._interrupted = False
+                return []
             self._has_pending.clear()
             await self._has_pending.wait()
         batch, self._pending = self._pending[:max_size], self._pending[max_size:]
         return batch
+
+    def interrupt(self) -> None:
+        """Wake a waiting `next_batch` with an empty batch (to notice a stop request)."""
+        self._interrupted = True
+        self._has_pending.set()
 
     def settle(self, batch: list[Delivery]) -> None:
         """Acknowledge deliveries whose fate is committed, and release their hold on the intake.
@@ -335,7 +345,6 @@ class MqttIntake:
                 await asyncio.sleep(delay)
                 try:
                     await self._connect()
-                    self.reconnects += 1
                     break
                 except BrokerUnavailable as exc:
                     log.warning("reconnect failed: %s; retrying", exc)

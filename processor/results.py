@@ -52,7 +52,6 @@ class ResultsPublisher:
         self._dirty: set[str] = set()
         self._published: dict[str, int] = {}
         self._wake = asyncio.Event()
-        self.publishes = 0
 
     def mark(self, versions: dict[str, int]) -> None:
         """Note versions after a commit; changed polls are published within one interval."""
@@ -116,4 +115,3 @@ class ResultsPublisher:
                 continue
             self._publish(results_topic(poll), results.to_json())
             self._published[poll] = results.version
-            self.publishes += 1

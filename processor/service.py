@@ -38,7 +38,15 @@ class Counters:
 
     batches: int = 0
     messages: int = 0
-    fates: Counter[str] = field(default_factory=Counter)
+    # Fate or Reason codes (docs/protocol.md, Codes); named only when reported.
+    codes: Counter[int] = field(default_factory=Counter)
+
+    def fates(self) -> dict[str, int]:
+        """The counts by fate or reason name."""
+        return {
+            (Fate(code).name if code < 16 else Reason(code).name).lower(): n
+            for code, n in self.codes.items()
+        }
 
 
 class BatchProcessor:
@@ -127,8 +135,7 @@ class BatchProcessor:
         self.counters.batches += 1
         self.counters.messages += len(batch)
         for entries in acks.values():
-            for entry in entries:
-                self.counters.fates[entry.fate.name.lower()] += 1
+            self.counters.codes.update(entry.code for entry in entries)
 
     async def _commit_until_done(
         self, votes: list[Vote], unattributed: Counter[Reason]
@@ -161,31 +168,24 @@ class BatchProcessor:
                     pass
 
 
-async def _next_batch_or_stop(
-    intake: MqttIntake, stop: asyncio.Event, max_size: int
-) -> list[Delivery] | None:
-    """The next batch, or None once ``stop`` is set (taking a batch is never interrupted)."""
-    async with asyncio.TaskGroup() as tg:
-        getter = tg.create_task(intake.next_batch(max_size), name="votebox.next_batch")
-        stopper = tg.create_task(stop.wait(), name="votebox.stop_wait")
-        await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            stopper.cancel()
-        else:
-            getter.cancel()
-    return getter.result() if not getter.cancelled() else None
-
-
 async def consume_votes(
     intake: MqttIntake, processor: BatchProcessor, stop: asyncio.Event, *, batch_max: int
 ) -> None:
     """Take batches and process them until ``stop`` is set; the batch in hand is finished."""
-    while not stop.is_set():
-        batch = await _next_batch_or_stop(intake, stop, batch_max)
-        if batch is None:
-            return
-        log.debug("batch of %d deliveries (%d held)", len(batch), intake.held)
-        await processor.process(batch)
+
+    async def interrupt_on_stop() -> None:
+        await stop.wait()
+        intake.interrupt()
+
+    async with asyncio.TaskGroup() as tg:
+        # One watcher for the whole run, not one per batch: waiting is on the hot path.
+        watcher = tg.create_task(interrupt_on_stop(), name="votebox.stop_watch")
+        while not stop.is_set():
+            batch = await intake.next_batch(batch_max)
+            if batch:
+                log.debug("batch of %d deliveries (%d held)", len(batch), intake.held)
+                await processor.process(batch)
+        watcher.cancel()
 
 
 async def drain_votes(
@@ -211,7 +211,8 @@ async def drain_votes(
                 batch = await intake.next_batch(batch_max)
         except TimeoutError:
             return
-        await processor.process(batch)
+        if batch:  # empty once, when the stop interrupted the wait
+            await processor.process(batch)
     if intake.held:
         log.warning("stopping with %d deliveries un-acked; the broker keeps them", intake.held)
 
@@ -318,7 +319,7 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
                 "stopped after %d batches, %d messages: %s",
                 processor.counters.batches,
                 processor.counters.messages,
-                dict(processor.counters.fates),
+                processor.counters.fates(),
             )
     finally:
         if writer is not None:
