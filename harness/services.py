@@ -121,12 +121,15 @@ class ManagedProcess:
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         try:
+            # A session of its own: Ctrl-C in a terminal signals the whole foreground process
+            # group, and the servers must outlive it until their owner stops them, in order.
             self.proc = subprocess.Popen(
                 self.argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self._env,
+                start_new_session=True,
             )
         finally:
             log.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -57,6 +58,8 @@ async def _print_live(url: MqttUrl, stop: threading.Event) -> None:
 
 def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
     """Run the demo until Ctrl-C or ``duration_s``; returns the exit code."""
+    # SIGTERM ends the demo like Ctrl-C, so its servers are stopped rather than left running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="votebox-demo-") as tmp:
         root = Path(tmp)
         with (
