@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 
-from processor.logs import RejectionLog
+from processor.logs import JsonFormatter, LogfmtFormatter, RejectionLog
 
 
 def test_repeated_rejections_are_logged_once_per_interval_with_a_count(
@@ -34,3 +35,33 @@ def test_the_next_line_says_how_many_were_not_logged(caplog: pytest.LogCaptureFi
         log.rejected("malformed", None, "x")
     assert len(caplog.records) == 2
     assert caplog.records[-1].getMessage().endswith("(and 5 more since the last line)")
+
+
+def _record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
+    record = logging.getLogger("votebox.test").makeRecord(
+        "votebox.test", logging.WARNING, __file__, 1, msg, args, None, extra=extra
+    )
+    return record
+
+
+def test_logfmt_lines_carry_extra_fields_as_keys_and_quote_what_needs_it() -> None:
+    line = LogfmtFormatter().format(
+        _record("rejected %s from %s", "malformed", "k-1", event="rejected", reason="malformed")
+    )
+    assert "\n" not in line
+    assert 'level=warning logger=votebox.test msg="rejected malformed from k-1"' in line
+    assert line.endswith("event=rejected reason=malformed")
+    assert line.startswith("ts=20")
+
+
+def test_logfmt_keeps_a_multi_line_message_on_one_line() -> None:
+    line = LogfmtFormatter().format(_record('a "quoted"\nsecond line = x'))
+    assert "\n" not in line
+    assert 'msg="a \\"quoted\\"\\nsecond line = x"' in line
+
+
+def test_json_lines_parse_and_carry_extra_fields() -> None:
+    line = JsonFormatter().format(_record("stopped after %d", 5, event="stopped", accepted=5))
+    body = json.loads(line)
+    assert body["msg"] == "stopped after 5" and body["level"] == "warning"
+    assert body["event"] == "stopped" and body["accepted"] == 5
