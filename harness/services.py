@@ -360,14 +360,28 @@ def influxdb(
 
 
 def processor(data_dir: Path, *, env: Mapping[str, str], name: str = "processor") -> ManagedProcess:
-    """A `votebox processor` child process (not started); ready once it logs "ready:"."""
+    """A `votebox processor` child process (not started); ready once it logs "ready:".
+
+    Its metrics endpoint gets a free port unless ``env`` names one; ``url`` and ``port`` of the
+    result are the endpoint's.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"{name}.log"
     argv = [sys.executable, "-m", "processor.cli", "processor"]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VOTEBOX_")} | dict(env)
+    full_env.setdefault("VOTEBOX_METRICS_PORT", str(free_port()))
+    metrics_port = int(full_env["VOTEBOX_METRICS_PORT"])
 
     def ready() -> bool:
         return "ready: consuming" in process.log_text(since_start=True)
 
-    process = ManagedProcess(name, argv, ready=ready, log_path=log_path, env=full_env)
+    process = ManagedProcess(
+        name,
+        argv,
+        ready=ready,
+        log_path=log_path,
+        env=full_env,
+        port=metrics_port,
+        url=f"http://{HOST}:{metrics_port}",
+    )
     return process

@@ -49,6 +49,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_processor_flags(p)
 
+    p = sub.add_parser(
+        "status",
+        help="ask a running processor whether it is ready (exit 0 ready, 1 not ready, 2 no answer)",
+    )
+    p.add_argument(
+        "--url",
+        default=None,
+        help="its endpoint, default http://VOTEBOX_METRICS_HOST:VOTEBOX_METRICS_PORT "
+        "(127.0.0.1:9100)",
+    )
+
     p = sub.add_parser("broker", help="run the embedded amqtt broker")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=1883, help="port to listen on (default 1883)")
@@ -138,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = settings.with_overrides(
                 {name: getattr(args, name, None) for name in ("redis_url", "influx_url")}
             )
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         return _dispatch(args, settings)
     except VoteboxError as exc:
         print(f"votebox: {exc}", file=sys.stderr)
@@ -153,6 +164,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         asyncio.run(run(settings))
         return 0
+    if args.command == "status":
+        from processor.status import print_status
+
+        url = args.url or f"http://{settings.metrics_host}:{settings.metrics_port}"
+        return print_status(url)
     if args.command == "broker":
         from broker.embedded import serve
 

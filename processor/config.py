@@ -150,6 +150,16 @@ ENV_VARS: Final = (
     ("VOTEBOX_RESULTS_INTERVAL_S", "results_interval_s", "results publish interval, default 0.1"),
     ("VOTEBOX_BATCH_MAX", "batch_max", "votes per Redis round trip at most, default 500"),
     ("VOTEBOX_LOG_LEVEL", "log_level", "DEBUG, INFO (default), WARNING"),
+    ("VOTEBOX_LOG_FORMAT", "log_format", "logfmt (key=value, default) or json"),
+    (
+        "VOTEBOX_METRICS_HOST",
+        "metrics_host",
+        "address of /metrics /healthz /readyz, default 127.0.0.1",
+    ),
+    ("VOTEBOX_METRICS_PORT", "metrics_port", "port of /metrics /healthz /readyz, default 9100"),
+    ("VOTEBOX_STATS_INTERVAL_S", "stats_interval_s", "retained votebox/stats every, default 5"),
+    ("VOTEBOX_SILENT_AFTER_S", "silent_after_s", "a device is silent after, default 300"),
+    ("VOTEBOX_STALL_S", "stall_s", "not ready when votes wait this long uncommitted, default 30"),
 )
 
 
@@ -190,6 +200,13 @@ class Settings:
     batch_max: int = 500
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "logfmt"
+    # Loopback by default: metrics name polls, and /readyz probes Redis on every request.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9100
+    stats_interval_s: float = 5.0
+    silent_after_s: float = 300.0
+    stall_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.mqtt_protocol not in ("5", "3.1.1"):
@@ -211,6 +228,17 @@ class Settings:
             raise ConfigError("VOTEBOX_MQTT_SHARE_GROUP needs VOTEBOX_MQTT_PROTOCOL=5")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("VOTEBOX_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if self.log_format not in ("logfmt", "json"):
+            raise ConfigError(
+                f"VOTEBOX_LOG_FORMAT must be logfmt or json (got {self.log_format!r})"
+            )
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("VOTEBOX_METRICS_PORT must be 0 (any free port) to 65535")
+        if min(self.stats_interval_s, self.silent_after_s, self.stall_s) <= 0:
+            raise ConfigError(
+                "VOTEBOX_STATS_INTERVAL_S, VOTEBOX_SILENT_AFTER_S and VOTEBOX_STALL_S "
+                "must be above 0"
+            )
         if self.influx_api not in (None, "v1", "v2"):
             raise ConfigError(f"VOTEBOX_INFLUX_API must be v1 or v2 (got {self.influx_api!r})")
         if self.influx_queue_max < 1 or self.influx_batch_max < 1:
@@ -282,11 +310,11 @@ _VAR_OF: Final = {field: var for var, field, _ in ENV_VARS} | {
     f.name: f.name for f in dataclasses.fields(Settings) if f.name not in {x[1] for x in ENV_VARS}
 }
 _INT_FIELDS: Final = frozenset(
-    {"influx_queue_max", "influx_batch_max", "clock_skew_s"}
+    {"influx_queue_max", "influx_batch_max", "clock_skew_s", "metrics_port"}
     | {"mqtt_receive_max", "batch_max", "mqtt_keepalive_s", "mqtt_session_expiry_s"}
 )
 _FLOAT_FIELDS: Final = frozenset(
-    {"influx_flush_s"}
+    {"influx_flush_s", "stats_interval_s", "silent_after_s", "stall_s"}
     | {
         "results_interval_s",
         "redis_timeout_s",

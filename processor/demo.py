@@ -89,6 +89,11 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
                     f"retained topic polls/{_POLL.id}/results. Ctrl-C stops."
                 )
                 print(
+                    f"Operators: Prometheus metrics on {proc.url}/metrics, readiness on "
+                    f"{proc.url}/readyz (or: votebox status --url {proc.url}); a retained "
+                    "summary on the topic votebox/stats (docs/operations.md)."
+                )
+                print(
                     "Every vote is also a point in InfluxDB (docs/analytics.md). While the demo "
                     f"runs, try:\n  curl -sG {influx.url}/query --data-urlencode db=votebox "
                     f'--data-urlencode "q={query}"\n'

@@ -28,6 +28,7 @@ from processor.backoff import backoff_delays
 from processor.config import InfluxTarget
 from processor.errors import InfluxRejected, InfluxUnavailable, StoreUnavailable
 from processor.keys import PollKeys
+from processor.metrics import Metrics
 from processor.polls import list_polls, load_poll
 from processor.tally import redis_errors
 
@@ -253,6 +254,7 @@ class InfluxDrainer:
         batch_max: points per write at most.
         flush_interval_s: a point waits at most about this long when votes trickle in.
         redis_timeout_s: deadline of one Redis call.
+        metrics: counts points written and refused, and failed writes, when given.
     """
 
     def __init__(
@@ -263,7 +265,9 @@ class InfluxDrainer:
         batch_max: int,
         flush_interval_s: float,
         redis_timeout_s: float,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._redis = redis
         self._writer = writer
         self._batch_max = batch_max
@@ -358,6 +362,8 @@ class InfluxDrainer:
                     pipe.xdel(keys.points, *[p.stream_id for p in points])
                     await pipe.execute()
         self.set_aside += len(refused)
+        if self._metrics is not None:
+            self._metrics.influx_points_refused.inc(len(refused))
         if refused:
             log.error(
                 "InfluxDB refused %d points of poll %s; set aside in %s: %s",
@@ -379,6 +385,8 @@ class InfluxDrainer:
         while True:
             try:
                 await asyncio.to_thread(self._writer.write, lines)
+                if self._metrics is not None:
+                    self._metrics.influx_points_written.inc(len(lines))
                 return len(lines), []
             except InfluxRejected as exc:
                 if exc.status == 413 and len(lines) > 1:
@@ -407,6 +415,8 @@ class InfluxDrainer:
 
     async def _log_failure(self, why: str, delay: float) -> None:
         self.failures += 1
+        if self._metrics is not None:
+            self._metrics.influx_write_failures.inc()
         try:
             depth: int | str = await self.queue_depth()
         except StoreUnavailable:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["POLLS_INDEX", "SET_ASIDE", "UNATTRIBUTED_FATES", "PollKeys"]
+__all__ = ["DEVICES_SEEN", "POLLS_INDEX", "SET_ASIDE", "UNATTRIBUTED_FATES", "PollKeys"]
 
 # The set of all poll ids. Global, outside any poll's slot: only the CLI and the results
 # publisher read it, never the tally script.
@@ -18,6 +18,9 @@ UNATTRIBUTED_FATES: Final = "votebox:fates"
 # A stream of votes the tally script could not process, with the error, for an operator to
 # inspect and replay (docs/protocol.md, store_error). Capped; see SET_ASIDE_MAXLEN in tally.py.
 SET_ASIDE: Final = "votebox:set_aside"
+# device -> when a message of it last reached a processor (ms): who is silent. Only devices
+# whose topic parsed, so a flood of garbage topics cannot grow it.
+DEVICES_SEEN: Final = "votebox:devices:last_seen"
 
 
 class PollKeys:

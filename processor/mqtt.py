@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
@@ -46,6 +47,8 @@ class Delivery:
     # Which connection it came on: a packet id means nothing on a later connection, where the
     # broker resends the message itself.
     generation: int
+    # Loop time when its bytes arrived (one clock read per read from the socket, not per message).
+    received_s: float = 0.0
 
 
 class _Protocol(asyncio.Protocol):
@@ -73,8 +76,10 @@ class _Protocol(asyncio.Protocol):
             log.error("closing the connection: %s", exc)
             self.close()
             return
-        for packet in incoming:
-            self._intake._handle(packet, self._generation)
+        if incoming:
+            now = asyncio.get_running_loop().time()
+            for packet in incoming:
+                self._intake._handle(packet, self._generation, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
@@ -108,9 +113,17 @@ class MqttIntake:
     Args:
         settings: broker URL, client id, protocol, receive maximum, keepalive.
         topic_filter: what to subscribe to, at QoS 1.
+        on_connect: called with the number of connections so far after each one (1: the first).
     """
 
-    def __init__(self, *, settings: Settings, topic_filter: str) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        topic_filter: str,
+        on_connect: Callable[[int], object] | None = None,
+    ) -> None:
+        self._on_connect = on_connect
         self._settings = settings
         self._filter = topic_filter
         self._v5 = settings.mqtt_protocol == "5"
@@ -138,6 +151,8 @@ class MqttIntake:
         self._tasks: list[asyncio.Task[None]] = []
         self._stack = contextlib.AsyncExitStack()
         self._interrupted = False
+        # Successful connections so far; more than one means reconnects (a metric).
+        self.connections = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -321,6 +336,9 @@ class MqttIntake:
         self._pingresp_due = None
         self._disconnected.clear()
         self._connected.set()
+        self.connections += 1
+        if self._on_connect is not None:
+            self._on_connect(self.connections)
         # MQTT-4.4.0-1: on a resumed session, resend un-acked QoS 1 publishes with DUP set.
         for mid, (topic, payload, retain) in list(self._unacked_out.items()):
             protocol.send(
@@ -371,7 +389,7 @@ class MqttIntake:
 
     # -- packets ---------------------------------------------------------------------------
 
-    def _handle(self, packet: packets.Incoming, generation: int) -> None:
+    def _handle(self, packet: packets.Incoming, generation: int, now: float) -> None:
         if generation != self._generation:
             return
         kind = packet.kind
@@ -381,7 +399,7 @@ class MqttIntake:
             except UnicodeDecodeError:
                 topic = ""  # MQTT-1.5.3-1 forbids it; parse_vote_topic rejects it as bad_topic
             self._pending.append(
-                Delivery(topic, packet.payload, packet.mid, packet.qos, generation)
+                Delivery(topic, packet.payload, packet.mid, packet.qos, generation, now)
             )
             self._held += 1
             self._has_pending.set()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from redis.asyncio import Redis
 
 from processor.errors import StoreUnavailable
+from processor.metrics import Metrics
 from processor.polls import list_polls, read_results
 from processor.tally import redis_errors
 from processor.topics import results_topic
@@ -33,6 +34,7 @@ class ResultsPublisher:
         interval_s: the coalescing interval.
         rescan_s: how often every poll is checked, to catch polls created or changed elsewhere.
         timeout_s: deadline of one Redis read.
+        metrics: counts the publishes by poll, when given.
     """
 
     def __init__(
@@ -43,7 +45,9 @@ class ResultsPublisher:
         interval_s: float,
         rescan_s: float,
         timeout_s: float,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._redis = redis
         self._publish = publish
         self._interval_s = interval_s
@@ -115,3 +119,5 @@ class ResultsPublisher:
                 continue
             self._publish(results_topic(poll), results.to_json())
             self._published[poll] = results.version
+            if self._metrics is not None:
+                self._metrics.results_published.labels(poll).inc()

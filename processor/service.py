@@ -11,42 +11,30 @@ import logging
 import signal
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
 
 from redis.asyncio import Redis
 
 from processor.backoff import backoff_delays
 from processor.codec import AckEntry, Vote, decode_message, encode_ack
 from processor.config import Settings
+from processor.endpoint import serve_endpoint
 from processor.errors import StoreUnavailable, VoteRejected
+from processor.health import Health
 from processor.influx import InfluxDrainer, make_writer
 from processor.logs import RejectionLog
+from processor.metrics import Metrics
 from processor.mqtt import Delivery, MqttIntake
 from processor.reasons import Fate, Reason
 from processor.results import ResultsPublisher
+from processor.stats import StatsPublisher
 from processor.tally import Tally
 from processor.topics import VOTES_FILTER, acks_topic, device_from_topic, parse_vote_topic, shared
 
-__all__ = ["BatchProcessor", "Counters", "run"]
+__all__ = ["BatchProcessor", "run"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Counters:
-    """What this process has done since it started (exact per-poll numbers live in Redis)."""
-
-    batches: int = 0
-    messages: int = 0
-    # Fate or Reason codes (docs/protocol.md, Codes); named only when reported.
-    codes: Counter[int] = field(default_factory=Counter)
-
-    def fates(self) -> dict[str, int]:
-        """The counts by fate or reason name."""
-        return {
-            (Fate(code).name if code < 16 else Reason(code).name).lower(): n
-            for code, n in self.codes.items()
-        }
 
 
 class BatchProcessor:
@@ -57,6 +45,8 @@ class BatchProcessor:
         intake: acknowledges deliveries and publishes acks.
         results: told which polls changed.
         stop: set when the service should stop; an outage retry gives up then.
+        metrics: counted once per batch.
+        health: told when a batch is done, so that /readyz can tell a stalled intake.
         drainer: told how many points were queued for InfluxDB, when it is on.
     """
 
@@ -67,15 +57,18 @@ class BatchProcessor:
         intake: MqttIntake,
         results: ResultsPublisher,
         stop: asyncio.Event,
+        metrics: Metrics,
+        health: Health | None = None,
         drainer: InfluxDrainer | None = None,
     ) -> None:
         self._drainer = drainer
+        self._metrics = metrics
+        self._health = health
         self._tally = tally
         self._intake = intake
         self._results = results
         self._stop = stop
         self._rejections = RejectionLog(log)
-        self.counters = Counters()
 
     async def process(self, batch: list[Delivery]) -> None:
         """Commit, ack to devices, settle with the broker, mark results. Retries Redis outages.
@@ -88,6 +81,7 @@ class BatchProcessor:
         acks: defaultdict[str, list[AckEntry]] = defaultdict(list)
         slots: list[tuple[str, int]] = []
         unattributed: Counter[Reason] = Counter()
+        seen: set[str] = set()
 
         def reject(device: str | None, error: VoteRejected) -> None:
             unattributed[error.reason] += 1
@@ -101,6 +95,7 @@ class BatchProcessor:
             except VoteRejected as error:
                 reject(device_from_topic(delivery.topic), error)
                 continue
+            seen.add(device)
             try:
                 items = decode_message(delivery.payload, poll=poll, device=device)
             except VoteRejected as error:
@@ -114,10 +109,12 @@ class BatchProcessor:
                     acks[device].append(AckEntry(item.epoch, item.seq, -1))
                     votes.append(item)
 
-        result = await self._commit_until_done(votes, unattributed)
+        started = time.monotonic()
+        result = await self._commit_until_done(votes, unattributed, seen)
         if result is None:
             return
         codes, versions = result
+        committed_s, now_s = time.monotonic(), time.time()
         for (device, slot), vote, code in zip(slots, votes, codes, strict=True):
             acks[device][slot] = AckEntry(vote.epoch, vote.seq, code)
             if code >= 16:
@@ -132,24 +129,37 @@ class BatchProcessor:
         if self._drainer is not None:
             self._drainer.notify(codes.count(int(Fate.ACCEPTED)))
 
-        self.counters.batches += 1
-        self.counters.messages += len(batch)
-        for entries in acks.values():
-            self.counters.codes.update(entry.code for entry in entries)
+        m = self._metrics
+        m.messages.inc(len(batch))
+        m.batch_size.observe(len(batch))
+        m.acks.inc(len(acks))
+        fates = Counter(codes)
+        fates.update({int(reason): n for reason, n in unattributed.items()})
+        m.count_codes(fates)
+        if votes:
+            m.commit_seconds.observe(committed_s - started)
+        # Loop time and time.monotonic() are the same clock (asyncio's default loop).
+        m.receive_to_commit_seconds.observe(max(0.0, committed_s - batch[0].received_s))
+        for vote in votes:
+            if vote.ts_s is not None:
+                m.publish_to_commit_seconds.observe(max(0.0, now_s - vote.ts_s))
+        if self._health is not None:
+            self._health.progressed()
 
     async def _commit_until_done(
-        self, votes: list[Vote], unattributed: Counter[Reason]
+        self, votes: list[Vote], unattributed: Counter[Reason], seen: set[str]
     ) -> tuple[list[int], dict[str, int]] | None:
-        if not votes and not unattributed:
+        if not votes and not unattributed and not seen:
             return [], {}
         delays = backoff_delays(base_s=0.1, cap_s=5.0)
         while True:
             try:
                 result = await self._tally.commit(
-                    votes, now_ms=int(time.time() * 1000), unattributed=unattributed
+                    votes, now_ms=int(time.time() * 1000), unattributed=unattributed, seen=seen
                 )
                 return result.codes, result.versions
             except StoreUnavailable as exc:
+                self._metrics.commit_failures.inc()
                 if self._stop.is_set():
                     log.warning("stopping in a Redis outage: %d votes left un-acked", len(votes))
                     return None
@@ -242,6 +252,7 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
 
     Raises:
         BrokerUnavailable: the first connection to the broker failed.
+        ConfigError: the metrics port cannot be bound.
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -257,6 +268,31 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         socket_connect_timeout=settings.redis_timeout_s,
     )
     writer = make_writer(target) if target else None
+    metrics = Metrics()
+    started = loop.time()
+    # Set once connected; the endpoint answers (not ready) before that.
+    live: list[MqttIntake] = []
+
+    def about_me() -> dict[str, Any]:
+        intake = live[0] if live else None
+        return {
+            "client_id": settings.mqtt_client_id,
+            "uptime_s": round(loop.time() - started, 1),
+            "held": intake.held if intake else 0,
+            "connected": bool(intake and intake.connected),
+        }
+
+    health = Health(
+        connected=lambda: bool(live and live[0].connected),
+        held=lambda: live[0].held if live else 0,
+        ping_redis=redis.ping,
+        stall_s=settings.stall_s,
+        facts=lambda: {**about_me(), "votes": metrics.fates()},
+        clock=loop.time,
+    )
+    metrics.watch(metrics.intake_held, lambda: live[0].held if live else 0)
+    metrics.watch(metrics.mqtt_connected, lambda: float(bool(live and live[0].connected)))
+    metrics.watch(metrics.up_seconds, lambda: loop.time() - started)
     try:
         tally = Tally(
             redis,
@@ -271,57 +307,101 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
                 batch_max=settings.influx_batch_max,
                 flush_interval_s=settings.influx_flush_s,
                 redis_timeout_s=settings.redis_timeout_s,
+                metrics=metrics,
             )
             if writer
             else None
         )
-        if not await _wait_for_redis(tally, stop):
-            return
-        topic_filter = shared(VOTES_FILTER, settings.mqtt_share_group)
-        async with MqttIntake(settings=settings, topic_filter=topic_filter) as intake:
-            results = ResultsPublisher(
-                redis=redis,
-                publish=lambda topic, payload: intake.publish(topic, payload, qos=1, retain=True),
-                interval_s=settings.results_interval_s,
-                rescan_s=settings.polls_rescan_s,
-                timeout_s=settings.redis_timeout_s,
-            )
-            processor = BatchProcessor(
-                tally=tally, intake=intake, results=results, stop=stop, drainer=drainer
-            )
-            log.info("ready: consuming %s", topic_filter)
-            async with asyncio.TaskGroup() as tg:
-                publisher = tg.create_task(results.run(), name="votebox.results")
-                if drainer is not None:
-                    log.info("writing every vote to %r", target)
-                    influx_task = tg.create_task(drainer.run(), name="votebox.influx")
-                await consume_votes(intake, processor, stop, batch_max=settings.batch_max)
-                log.info("stopping: draining what the broker has sent")
-                await drain_votes(
-                    intake,
-                    processor,
-                    batch_max=settings.batch_max,
-                    quiet_s=0.25,
-                    deadline_s=settings.shutdown_timeout_s / 2,
-                )
-                publisher.cancel()
-                if drainer is not None:
-                    # Points still queued stay in Redis and are written by the next start.
-                    influx_task.cancel()
-            # Shutdown gets its own deadline: the final results and the acks already queued.
-            try:
-                async with asyncio.timeout(settings.shutdown_timeout_s / 2):
-                    await results.flush()
-                    await intake.drain()
-            except (TimeoutError, StoreUnavailable) as exc:
-                log.warning("shutdown flush incomplete: %r", exc)
-            log.info(
-                "stopped after %d batches, %d messages: %s",
-                processor.counters.batches,
-                processor.counters.messages,
-                processor.counters.fates(),
-            )
+        async with serve_endpoint(
+            host=settings.metrics_host, port=settings.metrics_port, metrics=metrics, health=health
+        ):
+            if not await _wait_for_redis(tally, stop):
+                return
+            topic_filter = shared(VOTES_FILTER, settings.mqtt_share_group)
+            async with MqttIntake(
+                settings=settings,
+                topic_filter=topic_filter,
+                on_connect=lambda n: metrics.mqtt_reconnects.inc() if n > 1 else None,
+            ) as intake:
+                live.append(intake)
+                await _serve(settings, intake, tally, drainer, metrics, health, stop, about_me)
     finally:
         if writer is not None:
             writer.close()
         await redis.aclose()
+
+
+async def _serve(
+    settings: Settings,
+    intake: MqttIntake,
+    tally: Tally,
+    drainer: InfluxDrainer | None,
+    metrics: Metrics,
+    health: Health,
+    stop: asyncio.Event,
+    about_me: Callable[[], dict[str, Any]],
+) -> None:
+    def publish_retained(topic: str, payload: bytes) -> None:
+        intake.publish(topic, payload, qos=1, retain=True)
+
+    results = ResultsPublisher(
+        redis=tally.redis,
+        publish=publish_retained,
+        interval_s=settings.results_interval_s,
+        rescan_s=settings.polls_rescan_s,
+        timeout_s=settings.redis_timeout_s,
+        metrics=metrics,
+    )
+    stats = StatsPublisher(
+        redis=tally.redis,
+        publish=publish_retained,
+        metrics=metrics,
+        interval_s=settings.stats_interval_s,
+        silent_after_s=settings.silent_after_s,
+        timeout_s=settings.redis_timeout_s,
+        about_me=about_me,
+    )
+    processor = BatchProcessor(
+        tally=tally,
+        intake=intake,
+        results=results,
+        stop=stop,
+        metrics=metrics,
+        health=health,
+        drainer=drainer,
+    )
+    topic_filter = shared(VOTES_FILTER, settings.mqtt_share_group)
+    log.info("ready: consuming %s", topic_filter)
+    async with asyncio.TaskGroup() as tg:
+        background = [
+            tg.create_task(results.run(), name="votebox.results"),
+            tg.create_task(stats.run(), name="votebox.stats"),
+        ]
+        if drainer is not None:
+            log.info("writing every vote to %r", settings.influx_target())
+            # Points still queued at a stop stay in Redis and are written by the next start.
+            background.append(tg.create_task(drainer.run(), name="votebox.influx"))
+        await consume_votes(intake, processor, stop, batch_max=settings.batch_max)
+        log.info("stopping: draining what the broker has sent")
+        await drain_votes(
+            intake,
+            processor,
+            batch_max=settings.batch_max,
+            quiet_s=0.25,
+            deadline_s=settings.shutdown_timeout_s / 2,
+        )
+        for task in background:
+            task.cancel()
+    # Shutdown gets its own deadline: the final results and the acks already queued.
+    try:
+        async with asyncio.timeout(settings.shutdown_timeout_s / 2):
+            await results.flush()
+            await stats.publish_once()
+            await intake.drain()
+    except (TimeoutError, StoreUnavailable) as exc:
+        log.warning("shutdown flush incomplete: %r", exc)
+    log.info(
+        "stopped after %d messages: %s",
+        int(metrics.value("votebox_messages_total")),
+        metrics.fates(),
+    )

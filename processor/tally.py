@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Final
@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from processor.codec import Vote
 from processor.errors import StoreUnavailable
-from processor.keys import SET_ASIDE, UNATTRIBUTED_FATES, PollKeys
+from processor.keys import DEVICES_SEEN, SET_ASIDE, UNATTRIBUTED_FATES, PollKeys
 from processor.reasons import Reason
 
 __all__ = ["DEDUP_WINDOW", "CommitResult", "Tally", "redis_errors"]
@@ -80,6 +80,11 @@ class Tally:
         self._points_max = points_max
         self._clock_skew_s = clock_skew_s
 
+    @property
+    def redis(self) -> Redis:
+        """The client it commits with (shared by the results and stats readers)."""
+        return self._redis
+
     async def load(self) -> None:
         """Load the script, so the first batch need not; also a readiness probe of Redis."""
         with redis_errors():
@@ -87,7 +92,12 @@ class Tally:
                 await self._redis.script_load(_SCRIPT)
 
     async def commit(
-        self, votes: Sequence[Vote], *, now_ms: int, unattributed: Counter[Reason] | None = None
+        self,
+        votes: Sequence[Vote],
+        *,
+        now_ms: int,
+        unattributed: Counter[Reason] | None = None,
+        seen: Iterable[str] = (),
     ) -> CommitResult:
         """De-duplicate and count ``votes`` atomically per poll, in one round trip.
 
@@ -96,6 +106,7 @@ class Tally:
                 nothing but which copy of a repeat is "accepted").
             now_ms: the processor's clock, stored as the tally's update time.
             unattributed: rejections of messages that name no poll, counted in the same trip.
+            seen: devices heard from in this batch; their last-seen time becomes ``now_ms``.
 
         Returns:
             One `Fate`/`Reason` code per vote, and each changed poll's new version.
@@ -125,7 +136,8 @@ class Tally:
                 )
             calls.append((list(keys.all_keys()), args))
 
-        replies = await self._run(calls, unattributed)
+        extra = _Extra(unattributed or Counter(), {device: now_ms for device in seen})
+        replies = await self._run(calls, extra)
         codes = [0] * len(votes)
         versions: dict[str, int] = {}
         set_aside: list[tuple[Vote, str]] = []
@@ -171,13 +183,11 @@ class Tally:
                     await pipe.execute()
 
     async def _run(
-        self,
-        calls: list[tuple[list[str], list[str | int]]],
-        unattributed: Counter[Reason] | None,
+        self, calls: list[tuple[list[str], list[str | int]]], extra: _Extra | None
     ) -> list[object]:
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):
-                replies = await self._pipeline(calls, unattributed)
+                replies = await self._pipeline(calls, extra)
                 missing = [i for i, r in enumerate(replies) if _is_noscript(r)]
                 if missing:
                     # Redis restarted or flushed its script cache: load and rerun only those.
@@ -188,16 +198,27 @@ class Tally:
         return replies[: len(calls)]
 
     async def _pipeline(
-        self,
-        calls: list[tuple[list[str], list[str | int]]],
-        unattributed: Counter[Reason] | None,
+        self, calls: list[tuple[list[str], list[str | int]]], extra: _Extra | None
     ) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
                 pipe.evalsha(_SCRIPT_SHA, len(keys), *keys, *args)
-            for reason, n in (unattributed or {}).items():
-                pipe.hincrby(UNATTRIBUTED_FATES, reason.code, n)
+            if extra is not None:
+                for reason, n in extra.unattributed.items():
+                    pipe.hincrby(UNATTRIBUTED_FATES, reason.code, n)
+                if extra.seen:
+                    # Outside the scripts: it spans polls, and a lost update costs nothing
+                    # but a device looking silent until its next message.
+                    pipe.hset(DEVICES_SEEN, mapping=extra.seen)  # type: ignore[arg-type]
             return list(await pipe.execute(raise_on_error=False))
+
+
+@dataclass(frozen=True, slots=True)
+class _Extra:
+    """The batch's writes beside the scripts, sent once (not again with a NOSCRIPT rerun)."""
+
+    unattributed: Counter[Reason]
+    seen: dict[str, int]
 
 
 def _is_noscript(reply: object) -> bool:

@@ -9,6 +9,7 @@ from processor.errors import VoteRejected
 from processor.reasons import Reason
 
 __all__ = [
+    "STATS_TOPIC",
     "VOTES_FILTER",
     "acks_topic",
     "device_from_topic",
@@ -25,6 +26,8 @@ _ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # The processor subscribes wider than the contract so that a vote on a wrong topic is rejected
 # and counted instead of vanishing unseen.
 VOTES_FILTER: Final = "votes/#"
+# Retained summary of all polls, for dashboards that speak only MQTT (docs/operations.md).
+STATS_TOPIC: Final = "votebox/stats"
 
 
 def is_valid_id(value: str) -> bool:

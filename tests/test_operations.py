@@ -1,0 +1,211 @@
+"""What an operator sees: metrics, readiness, ``votebox status`` and the ``votebox/stats`` topic,
+from a real processor on real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from harness.services import HOST, ManagedProcess, free_port
+from processor.polls import Poll
+from processor.topics import STATS_TOPIC
+from tests.conftest import eventually
+from tests.fleet import Fleet
+
+pytestmark = pytest.mark.e2e
+
+
+def scrape(proc: ManagedProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the processor's /metrics, keyed by name and sorted labels."""
+    with urllib.request.urlopen(f"{proc.url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def readyz(proc: ManagedProcess) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{proc.url}/readyz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def healthz(proc: ManagedProcess) -> int:
+    with urllib.request.urlopen(f"{proc.url}/healthz", timeout=5) as response:
+        return int(response.status)
+
+
+def votebox_status(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "processor.cli", "status", "--url", url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def fate(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), -1.0)
+
+
+async def test_metrics_report_exactly_the_accepted_duplicate_and_rejected_votes_sent(
+    broker: ManagedProcess, processor_proc: ManagedProcess, poll: Poll
+) -> None:
+    with Fleet(broker, poll.id, 3) as fleet:
+
+        def send() -> None:
+            for kiosk in fleet.kiosks:
+                for _ in range(20):
+                    kiosk.vote(poll.id, 1)  # 60 accepted
+                for seq in (1, 2, 3, 4):
+                    kiosk.vote(poll.id, 1, seq=seq)  # 12 duplicates
+                kiosk.vote(poll.id, 7)  # 3 unknown_option
+                kiosk.publish_raw(poll.id, b"\xff\x00")  # 3 malformed
+            for kiosk in fleet.kiosks:
+                kiosk.wait_published(30)
+
+        await asyncio.to_thread(send)
+        async with aiomqtt.Client(
+            "127.0.0.1", broker.port, identifier="bad-topic", username="bad-topic"
+        ) as c:
+            await c.publish(f"votes/{poll.id}", b"\x00", qos=1)  # 1 bad_topic, no device
+        await eventually(lambda: sum(fleet.codes().values()) == 60 + 12 + 3 + 3)
+
+        def counted() -> bool:
+            return fate(scrape(processor_proc), "votebox_messages_total") == 79
+
+        await eventually(counted)
+        samples = scrape(processor_proc)
+    assert fate(samples, "votebox_votes_total", fate="accepted") == 60
+    assert fate(samples, "votebox_votes_total", fate="duplicate") == 12
+    assert fate(samples, "votebox_votes_total", fate="rejected") == 7
+    assert fate(samples, "votebox_votes_rejected_total", reason="unknown_option") == 3
+    assert fate(samples, "votebox_votes_rejected_total", reason="malformed") == 3
+    assert fate(samples, "votebox_votes_rejected_total", reason="bad_topic") == 1
+    assert fate(samples, "votebox_votes_rejected_total", reason="seq_too_old") == 0
+    assert fate(samples, "votebox_mqtt_connected") == 1
+    assert fate(samples, "votebox_intake_held_messages") == 0
+    assert fate(samples, "votebox_acks_published_total") >= 3
+    batches = fate(samples, "votebox_batch_messages_count")
+    assert 1 <= batches <= 79
+    assert fate(samples, "votebox_batch_messages_sum") == 79
+    # Every vote the kiosks sent carries a timestamp (the 3 malformed ones are not votes).
+    assert fate(samples, "votebox_publish_to_commit_seconds_count") == 60 + 12 + 3
+    assert fate(samples, "votebox_receive_to_commit_seconds_count") == batches
+    assert fate(samples, "votebox_results_published_total", poll=poll.id) >= 1
+
+
+async def test_readiness_turns_false_while_redis_is_stopped_and_true_after_it_restarts(
+    mosquitto_proc: ManagedProcess,
+    redis_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+) -> None:
+    proc = spawn_processor(mosquitto_proc)
+    status, body = readyz(proc)
+    assert status == 200 and body["ready"] is True, body
+    assert body["checks"] == {"mqtt": "ok", "redis": "ok", "intake": "ok"}
+    shown = votebox_status(proc.url)
+    assert shown.returncode == 0 and "READY" in shown.stdout, shown
+    assert healthz(proc) == 200
+
+    redis_proc.stop()
+    try:
+        status, body = readyz(proc)
+        assert status == 503 and body["ready"] is False
+        assert body["checks"]["redis"] != "ok" and body["checks"]["mqtt"] == "ok"
+        shown = votebox_status(proc.url)
+        assert shown.returncode == 1 and "NOT READY" in shown.stdout, shown
+        assert "redis" in shown.stdout
+        assert healthz(proc) == 200  # alive: a restart would not bring Redis back
+    finally:
+        redis_proc.start()
+
+    def ready_again() -> bool:
+        return readyz(proc)[0] == 200
+
+    await eventually(ready_again, timeout_s=30)
+    assert votebox_status(proc.url).returncode == 0
+
+
+def test_votebox_status_exits_2_and_says_where_it_looked_when_nothing_answers() -> None:
+    url = f"http://{HOST}:{free_port()}"
+    shown = votebox_status(url)
+    assert shown.returncode == 2
+    assert f"{url}/readyz" in shown.stderr and "VOTEBOX_METRICS_PORT" in shown.stderr
+
+
+async def _retained_stats(broker: ManagedProcess, client: str) -> tuple[bool, dict[str, Any]]:
+    """A fresh subscriber's first ``votebox/stats`` message: (its retain flag, its body)."""
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier=client, username=client) as sub:
+        await sub.subscribe(STATS_TOPIC, qos=1)
+        async with asyncio.timeout(10):
+            async for message in sub.messages:
+                assert isinstance(message.payload, bytes)
+                return message.retain, json.loads(message.payload)
+    raise AssertionError("unreachable")
+
+
+async def test_stats_topic_is_retained_and_current(
+    broker: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    poll: Poll,
+    redis: Redis,
+) -> None:
+    spawn_processor(broker, VOTEBOX_STATS_INTERVAL_S="0.2", VOTEBOX_SILENT_AFTER_S="1.5")
+    with Fleet(broker, poll.id, 2) as fleet:
+
+        def send() -> None:
+            for kiosk in fleet.kiosks:
+                for _ in range(5):
+                    kiosk.vote(poll.id, 0)
+                kiosk.vote(poll.id, 0, seq=1)
+                kiosk.vote(poll.id, 9)
+                kiosk.wait_published(30)
+
+        await asyncio.to_thread(send)
+        await eventually(lambda: sum(fleet.codes().values()) == 14)
+
+    async def current() -> bool:
+        retained, body = await _retained_stats(broker, f"{poll.id}-stats")
+        return retained and body["polls"].get(poll.id, {}).get("accepted") == 10
+
+    await eventually(current, timeout_s=20)
+    retained, body = await _retained_stats(broker, f"{poll.id}-stats2")
+    assert retained
+    assert body["polls"][poll.id] == {
+        "accepted": 10,
+        "duplicate": 2,
+        "rejected": 2,
+        "devices": 2,
+    }
+    assert body["rejected"]["unknown_option"] >= 2  # other tests' polls count too
+    assert abs(body["ts_ms"] / 1000 - time.time()) < 5
+    assert body["processor"]["connected"] is True
+
+    # Both kiosks went quiet: after VOTEBOX_SILENT_AFTER_S they are listed as silent.
+    kiosks = {kiosk.device for kiosk in fleet.kiosks}
+
+    async def silent() -> bool:
+        _, later = await _retained_stats(broker, f"{poll.id}-stats3")
+        recent = [entry["device"] for entry in later["devices"]["silent_recent"]]
+        return set(recent[:2]) == kiosks  # nobody else voted since: they went silent last
+
+    await eventually(silent, timeout_s=20)
