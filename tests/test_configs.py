@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import getpass
+import json
 import re
+import shutil
+import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import yaml
 
 from harness.services import (
     HOST,
@@ -12,8 +23,8 @@ from harness.services import (
     MOSQUITTO_MAX_QUEUED_MESSAGES,
     ManagedProcess,
     free_port,
-    mqtt_ready,
 )
+from processor.metrics import Metrics
 from tests.conftest import REPO
 
 CONF = (REPO / "mosquitto.conf").read_text()
@@ -32,24 +43,99 @@ def test_mosquitto_conf_sizes_the_queue_for_an_away_processor() -> None:
     assert int(_setting("max_packet_size")) > 4096  # over-size votes reach the processor
 
 
-def test_production_mosquitto_conf_is_accepted_by_mosquitto(tmp_path: Path) -> None:
+@pytest.fixture
+def production_mosquitto(tmp_path: Path) -> Iterator[ManagedProcess]:
+    """The production mosquitto.conf and broker/mosquitto.acl on real Mosquitto, on loopback,
+    with a password file made the way docs/operations.md says."""
     mqtt_port, ws_port = free_port(), free_port()
     conf = CONF.replace("listener 1883", f"listener {mqtt_port} {HOST}")
     conf = conf.replace("listener 9001", f"listener {ws_port} {HOST}")
     conf = conf.replace("/mosquitto/data/", f"{tmp_path}/")
-    assert conf.count(HOST) == 2
+    conf = conf.replace("/mosquitto/config/", f"{tmp_path}/")
+    assert conf.count(HOST) == 2 and "/mosquitto/" not in conf
+    # Started as root, Mosquitto drops to user "mosquitto", who cannot read pytest's folders.
+    conf += f"\nuser {getpass.getuser()}\n"
     (tmp_path / "mosquitto.conf").write_text(conf)
+    shutil.copy(REPO / "broker" / "mosquitto.acl", tmp_path / "mosquitto.acl")
+    passwd = tmp_path / "mosquitto.passwd"
+    for i, user in enumerate(["processor", "dashboard", "kiosk-a", "kiosk-b"]):
+        create = ["-c"] if i == 0 else []
+        subprocess.run(
+            ["mosquitto_passwd", *create, "-b", str(passwd), user, f"pw-{user}"], check=True
+        )
     proc = ManagedProcess(
         "mosquitto",
         ["mosquitto", "-c", str(tmp_path / "mosquitto.conf")],
-        ready=lambda: mqtt_ready(mqtt_port),
+        ready=lambda: _port_open(mqtt_port),
         log_path=tmp_path / "mosquitto.log",
+        port=mqtt_port,
     )
     proc.start()
     try:
-        assert "Error" not in proc.log_text()
+        yield proc
     finally:
         assert proc.stop() == 0
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _client(broker: ManagedProcess, user: str | None, password: str | None = None) -> Any:
+    return aiomqtt.Client(
+        HOST,
+        broker.port,
+        identifier=f"acl-test-{user}",
+        username=user,
+        password=password if password is not None else f"pw-{user}",
+        protocol=aiomqtt.ProtocolVersion.V5,
+    )
+
+
+async def test_production_mosquitto_refuses_anonymous_and_wrong_passwords(
+    production_mosquitto: ManagedProcess,
+) -> None:
+    assert "Error" not in production_mosquitto.log_text()
+    for user, password in ((None, ""), ("processor", "wrong")):
+        with pytest.raises(aiomqtt.MqttError):
+            async with _client(production_mosquitto, user, password):
+                pass
+
+
+async def test_production_acl_lets_a_device_vote_only_under_its_own_name(
+    production_mosquitto: ManagedProcess,
+) -> None:
+    async with (
+        _client(production_mosquitto, "processor") as processor,
+        _client(production_mosquitto, "kiosk-a") as kiosk,
+        _client(production_mosquitto, "dashboard") as dashboard,
+    ):
+        await processor.subscribe("votes/#", qos=1)
+        await dashboard.subscribe("votes/#", qos=1)  # granted nothing: sees no vote
+        await kiosk.subscribe("acks/#", qos=1)  # only its own acks reach it
+        await dashboard.subscribe("polls/+/results", qos=1)
+        await kiosk.publish("votes/p/kiosk-b", b"forged", qos=1)
+        await kiosk.publish("votes/p/kiosk-a", b"mine", qos=1)
+        await processor.publish("acks/kiosk-b", b"not yours", qos=1)
+        await processor.publish("acks/kiosk-a", b"yours", qos=1)
+        await processor.publish("polls/p/results", b"{}", qos=1, retain=True)
+        await dashboard.publish("polls/p/results", b"forged", qos=1, retain=True)
+        async with asyncio.timeout(10):
+            received = await anext(aiter(processor.messages))
+            assert (str(received.topic), received.payload) == ("votes/p/kiosk-a", b"mine")
+            received = await anext(aiter(kiosk.messages))
+            assert (str(received.topic), received.payload) == ("acks/kiosk-a", b"yours")
+            received = await anext(aiter(dashboard.messages))
+            assert (str(received.topic), received.payload) == ("polls/p/results", b"{}")
+        # The forgeries were published before what arrived; Mosquitto keeps order per client,
+        # so had they passed, they would have arrived first. Nothing else is waiting either.
+        await asyncio.sleep(0.3)
+        for client in (processor, kiosk, dashboard):
+            assert len(client.messages) == 0
 
 
 def test_docker_compose_file_validates() -> None:
@@ -65,3 +151,61 @@ def test_docker_compose_file_validates() -> None:
     assert "VOTEBOX_INFLUX_URL: http://influxdb:8086" in result.stdout
     assert "DOCKER_INFLUXDB_INIT_BUCKET: votes" in result.stdout
     assert "./mosquitto.conf" in (REPO / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(result.stdout)
+    services = compose["services"]
+    assert {"mosquitto", "redis", "influxdb", "processor", "prometheus", "grafana"} <= set(services)
+    mounts = " ".join(str(v) for v in services["mosquitto"]["volumes"])
+    assert "mosquitto.acl" in mounts and "mosquitto.passwd" in mounts
+    assert services["redis"]["command"][1:3] == ["--appendonly", "yes"]
+    processor_env = services["processor"]["environment"]
+    assert processor_env["VOTEBOX_MQTT_URL"].startswith("mqtt://processor:")
+    # Prometheus scrapes the port the processor serves on, by its compose name.
+    prometheus = yaml.safe_load((REPO / "ops/prometheus/prometheus.yml").read_text())
+    targets = [
+        t
+        for job in prometheus["scrape_configs"]
+        for c in job["static_configs"]
+        for t in c["targets"]
+    ]
+    assert targets == [f"processor:{processor_env['VOTEBOX_METRICS_PORT']}"]
+    assert processor_env["VOTEBOX_METRICS_HOST"] == "0.0.0.0"
+
+
+GRAFANA = REPO / "ops" / "grafana"
+
+
+def _dashboard_queries() -> list[dict[str, Any]]:
+    dashboard = json.loads((GRAFANA / "dashboards" / "votebox.json").read_text())
+    return [target for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_grafana_dashboard_uses_only_metrics_the_processor_exports() -> None:
+    exported = Metrics().names()
+    used = {
+        name
+        for target in _dashboard_queries()
+        for name in re.findall(r"\bvotebox_[a-z_]+", target.get("expr", ""))
+    }
+    assert len(used) >= 10
+    assert used <= exported, used - exported
+    other = {
+        name
+        for target in _dashboard_queries()
+        for name in re.findall(r"\b([a-z_]+)\{", target.get("expr", ""))
+    }
+    assert other <= {"up"}  # Prometheus's own series
+
+
+def test_grafana_data_sources_are_provisioned_for_every_panel() -> None:
+    provisioned = yaml.safe_load((GRAFANA / "provisioning/datasources/votebox.yml").read_text())
+    uids = {source["uid"] for source in provisioned["datasources"]}
+    used = {target["datasource"]["uid"] for target in _dashboard_queries()}
+    assert used == uids
+    compose = (REPO / "docker-compose.yml").read_text()
+    influx_queries = [t["query"] for t in _dashboard_queries() if "query" in t]
+    # The bucket and measurement the processor writes (docs/analytics.md).
+    assert "DOCKER_INFLUXDB_INIT_BUCKET: votes" in compose
+    assert influx_queries and all('from(bucket: "votes")' in q for q in influx_queries)
+    assert all('r._measurement == "vote"' in q for q in influx_queries)
+    providers = yaml.safe_load((GRAFANA / "provisioning/dashboards/votebox.yml").read_text())
+    assert providers["providers"][0]["options"]["path"] in compose
