@@ -209,3 +209,16 @@ def test_grafana_data_sources_are_provisioned_for_every_panel() -> None:
     assert all('r._measurement == "vote"' in q for q in influx_queries)
     providers = yaml.safe_load((GRAFANA / "provisioning/dashboards/votebox.yml").read_text())
     assert providers["providers"][0]["options"]["path"] in compose
+
+
+def test_operations_doc_lists_exactly_the_metrics_the_processor_exports() -> None:
+    doc = (REPO / "docs" / "operations.md").read_text()
+    table = doc.split("### Metrics", 1)[1].split("What to alert on", 1)[0]
+    documented = set(re.findall(r"^\| `(votebox_[a-z_]+)", table, re.M))
+    families = {
+        f"{family.name}_total" if family.type == "counter" else family.name
+        for family in Metrics().registry.collect()
+    }
+    assert documented == families
+    alerts = doc.split("What to alert on", 1)[1].split("## Scale", 1)[0]
+    assert set(re.findall(r"\bvotebox_[a-z_]+", alerts)) <= Metrics().names()

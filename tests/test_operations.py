@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from harness.services import HOST, ManagedProcess, free_port
-from processor.polls import Poll
+from processor.polls import Poll, read_fates, read_results
 from processor.topics import STATS_TOPIC
 from tests.conftest import eventually
 from tests.fleet import Fleet
@@ -209,3 +209,34 @@ async def test_stats_topic_is_retained_and_current(
         return set(recent[:2]) == kiosks  # nobody else voted since: they went silent last
 
     await eventually(silent, timeout_s=20)
+
+
+async def test_two_processors_share_the_votes_and_count_them_exactly(
+    mosquitto_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    poll: Poll,
+    redis: Redis,
+) -> None:
+    group = f"{poll.id[:40]}-g"
+    procs = [spawn_processor(mosquitto_proc, VOTEBOX_MQTT_SHARE_GROUP=group) for _ in range(2)]
+    with Fleet(mosquitto_proc, poll.id, 10) as fleet:
+
+        def send() -> None:
+            for i in range(2700):
+                fleet.kiosks[i % 10].vote(poll.id, i % 3)
+                if i % 9 == 8:
+                    kiosk = fleet.kiosks[i % 10]
+                    kiosk.vote(poll.id, 0, seq=kiosk.seq)  # a re-send: counted once
+            for kiosk in fleet.kiosks:
+                kiosk.wait_published(60)
+
+        await asyncio.to_thread(send)
+        await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
+    stored = (await read_results(redis, [poll.id]))[poll.id]
+    assert stored.total == 2700
+    fates, _ = await read_fates(redis, poll.id)
+    assert (fates["accepted"], fates["duplicate"]) == (2700, 300)
+    # Each processor took a share (Mosquitto round-robins a share group), and together
+    # they saw every message once.
+    shares = [fate(scrape(proc), "votebox_messages_total") for proc in procs]
+    assert all(share > 0 for share in shares) and sum(shares) == 3000, shares
