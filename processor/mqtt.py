@@ -70,8 +70,16 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
+        self.take_packets()
+
+    def take_packets(self) -> None:
+        """Hand over the complete packets buffered, as many as the intake has room for; the
+        rest wait in the buffer (and reading pauses) until `MqttIntake.settle` makes room."""
+        room = self._intake._room()
+        if room == 0:
+            return
         try:
-            incoming = packets.parse_packets(self._buffer, v5=self._v5)
+            incoming = packets.parse_packets(self._buffer, v5=self._v5, limit=room)
         except packets.PacketError as exc:
             log.error("closing the connection: %s", exc)
             self.close()
@@ -229,6 +237,7 @@ class MqttIntake:
             protocol.paused = False
             assert protocol.transport is not None
             protocol.transport.resume_reading()
+            protocol.take_packets()  # what one read brought beyond the bound is still buffered
 
     @property
     def held(self) -> int:
@@ -417,6 +426,12 @@ class MqttIntake:
             self._resolve_suback(packet)
         elif kind == packets.DISCONNECT:
             log.warning("the broker disconnected us (reason %d)", packet.code)
+
+    def _room(self) -> int | None:
+        """How many more packets to take now; None while handshaking (never held back)."""
+        if self._handshaking:
+            return None
+        return max(0, self._max_held - self._held)
 
     def _pause_if_full(self, protocol: _Protocol) -> None:
         if self._held >= self._max_held and not self._handshaking and not protocol.paused:

@@ -170,15 +170,16 @@ def _decode(first: int, body: bytes, v5: bool) -> Incoming | None:
     return None  # PUBREC & co.: never asked for (we use QoS 1 at most)
 
 
-def parse_packets(buffer: bytearray, *, v5: bool) -> list[Incoming]:
-    """Take every complete packet off the front of ``buffer`` (which keeps the rest).
+def parse_packets(buffer: bytearray, *, v5: bool, limit: int | None = None) -> list[Incoming]:
+    """Take every complete packet (at most ``limit``) off the front of ``buffer``, which keeps
+    the rest.
 
     Raises:
         PacketError: the bytes cannot be MQTT.
     """
     out: list[Incoming] = []
     at, end = 0, len(buffer)
-    while end - at >= 2:
+    while end - at >= 2 and (limit is None or len(out) < limit):
         first = buffer[at]
         length, shift, pos, complete = 0, 0, at + 1, False
         while pos < end:

@@ -76,3 +76,12 @@ def test_connack_and_suback() -> None:
 def test_garbage_raises_packet_error() -> None:
     with pytest.raises(p.PacketError):
         p.parse_packets(bytearray(b"\x30\xff\xff\xff\xff\x01"), v5=False)
+
+
+def test_parse_takes_at_most_limit_packets_and_leaves_the_rest_buffered() -> None:
+    one = p.publish("votes/p/k", b"\x01", qos=1, retain=False, mid=3, v5=False)
+    buffer = bytearray(one * 5)
+    assert len(p.parse_packets(buffer, v5=False, limit=2)) == 2
+    assert buffer == one * 3
+    assert len(p.parse_packets(buffer, v5=False, limit=0)) == 0 and buffer == one * 3
+    assert len(p.parse_packets(buffer, v5=False)) == 3 and not buffer
