@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -66,25 +65,76 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "poll",
-        help="create and show polls",
+        help="create, open, close, list, show, delete polls; apply a TOML file of polls",
         epilog=_ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     poll_sub = p.add_subparsers(dest="poll_command", required=True, metavar="ACTION")
-    c = poll_sub.add_parser("create", help="create a single-choice poll, open for votes")
+    c = poll_sub.add_parser(
+        "create",
+        help="create a poll (open for votes now, unless --opens-at is later)",
+        description="Types: single (one option), multiple (up to --max-choices options), "
+        "rating (a value of --scale, such as 1-5), nps (a rating 0-10 with its Net Promoter "
+        "Score). Times are ISO 8601 with a UTC offset, e.g. 2026-12-01T18:00:00Z.",
+    )
     c.add_argument("poll", help="poll id: 1-64 chars of A-Z a-z 0-9 _ -")
     c.add_argument(
         "--option",
         action="append",
-        required=True,
+        default=[],
         metavar="LABEL",
-        help="an option label; repeat for each option, in order (index 0 first)",
+        help="an option label; repeat for each option, in order (index 0 first); not for "
+        "rating and nps polls",
     )
     c.add_argument("--title", default="", help="the question shown on kiosks")
-    c.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
-    s = poll_sub.add_parser("show", help="print a poll and its tally from Redis")
-    s.add_argument("poll")
-    s.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
+    c.add_argument("--type", default="single", choices=["single", "multiple", "rating", "nps"])
+    c.add_argument("--max-choices", type=int, default=None, help="multiple: options per vote")
+    c.add_argument("--scale", default=None, metavar="MIN-MAX", help="rating: e.g. 1-5")
+    c.add_argument("--opens-at", default=None, metavar="TIME", help="opens then, not now")
+    c.add_argument("--closes-at", default=None, metavar="TIME", help="closes by itself then")
+    c.add_argument(
+        "--grace-s",
+        type=int,
+        default=None,
+        help="after the close, votes cast while open still count if they arrive within this "
+        "(default 300)",
+    )
+    c.add_argument(
+        "--one-per-voter",
+        action="store_true",
+        help="votes carry a voter token; each voter's latest vote counts",
+    )
+    c.add_argument(
+        "--cooldown-s",
+        type=int,
+        default=None,
+        help="presses of one device this close together count once (the rest: suppressed)",
+    )
+    c.add_argument(
+        "--hide-results-until-close",
+        action="store_true",
+        help="retained results carry totals only while the poll is open",
+    )
+    for name, text in (
+        ("open", "open a poll now (reopens a closed one)"),
+        ("close", "close a poll now; it publishes its final result at once"),
+        ("show", "print a poll, its tally and the fates of its votes"),
+    ):
+        a = poll_sub.add_parser(name, help=text)
+        a.add_argument("poll")
+    poll_sub.add_parser("list", help="every poll, a line each")
+    d = poll_sub.add_parser(
+        "delete", help="delete a poll and its tally; its retained topics are cleared"
+    )
+    d.add_argument("poll")
+    d.add_argument("--yes", action="store_true", help="yes, delete its votes too")
+    f = poll_sub.add_parser(
+        "apply",
+        help="create or update the polls a TOML file declares (docs/polls.md); all or nothing",
+    )
+    f.add_argument("file")
+    for action in poll_sub.choices.values():
+        action.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
 
     p = sub.add_parser(
         "recount",
@@ -198,43 +248,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 async def _poll_command(args: argparse.Namespace, settings: Settings) -> int:
     from redis.asyncio import Redis
 
-    from processor.keys import PollKeys
-    from processor.polls import Poll, create_poll, load_poll, read_fates, read_results
-    from processor.tally import redis_errors
+    from processor import manage
 
     redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
     try:
-        with redis_errors():
-            if args.poll_command == "create":
-                poll = Poll(id=args.poll, labels=tuple(args.option), title=args.title)
-                await create_poll(redis, poll)
-                print(
-                    f"created poll {poll.id}: "
-                    + ", ".join(f"{i}={label}" for i, label in enumerate(poll.labels))
-                )
-                return 0
-            poll_def = await load_poll(redis, args.poll)
-            if poll_def is None:
-                print(
-                    f"votebox: no poll {args.poll!r}; create it with votebox poll create",
-                    file=sys.stderr,
-                )
-                return 1
-            from processor.watch import format_results
-
-            results = (await read_results(redis, [args.poll]))[args.poll]
-            fates, unattributed = await read_fates(redis, args.poll)
-            keys = PollKeys(args.poll)
-            queued, refused = await redis.xlen(keys.points), await redis.xlen(keys.points_rejected)
-            print(format_results(json.loads(results.to_json())))
-            print("  fates:", ", ".join(f"{k}={n}" for k, n in sorted(fates.items())) or "none")
-            print(f"  points for InfluxDB: {queued} queued, {refused} refused and set aside")
-            if unattributed:
-                print(
-                    "  rejected before reaching any poll:",
-                    ", ".join(f"{k}={n}" for k, n in sorted(unattributed.items())),
-                )
-            return 0
+        return await manage.run_poll_command(redis, args.poll_command, vars(args))
     finally:
         await redis.aclose()
 

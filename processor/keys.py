@@ -8,11 +8,24 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["DEVICES_SEEN", "POLLS_INDEX", "SET_ASIDE", "UNATTRIBUTED_FATES", "PollKeys"]
+__all__ = [
+    "DEVICES_SEEN",
+    "POLLS_CHANGED",
+    "POLLS_DELETED",
+    "POLLS_INDEX",
+    "SET_ASIDE",
+    "UNATTRIBUTED_FATES",
+    "PollKeys",
+]
 
 # The set of all poll ids. Global, outside any poll's slot: only the CLI and the results
 # publisher read it, never the tally script.
 POLLS_INDEX: Final = "votebox:polls"
+# Deleted poll ids: processors clear their retained topics (a processor that was down when the
+# poll was deleted must still learn of it). Removed when a poll of that id is created again.
+POLLS_DELETED: Final = "votebox:polls:deleted"
+# Pub/sub channel: a poll id is published on it whenever its definition or state changes.
+POLLS_CHANGED: Final = "votebox:polls:changed"
 # Fates of messages that name no valid poll (bad topic, unreadable payload).
 UNATTRIBUTED_FATES: Final = "votebox:fates"
 # A stream of votes the tally script could not process, with the error, for an operator to
@@ -33,7 +46,10 @@ class PollKeys:
         "points",
         "poll",
         "points_rejected",
+        "presses",
+        "suppressed",
         "tally",
+        "voters",
         "window_prefix",
     )
 
@@ -48,7 +64,25 @@ class PollKeys:
         # Accepted votes waiting for InfluxDB, and points InfluxDB refused (with the reason).
         self.points = f"{tag}:points"
         self.points_rejected = f"{tag}:points_rejected"
+        # One vote per voter: voter (hex) -> the vote that counts. Cooldown: device -> the time
+        # of its last counted press. Presses inside a cooldown, recorded (capped), not counted.
+        self.voters = f"{tag}:voters"
+        self.presses = f"{tag}:presses"
+        self.suppressed = f"{tag}:suppressed"
 
-    def all_keys(self) -> tuple[str, str, str, str, str]:
+    def all_keys(self) -> tuple[str, ...]:
         """The fixed keys, in the order tally.lua expects them as KEYS."""
-        return (self.definition, self.tally, self.fates, self.devices, self.points)
+        return (
+            self.definition,
+            self.tally,
+            self.fates,
+            self.devices,
+            self.points,
+            self.voters,
+            self.presses,
+            self.suppressed,
+        )
+
+    def every_key(self) -> tuple[str, ...]:
+        """Every fixed key of the poll (the windows, one per device, share `window_prefix`)."""
+        return (*self.all_keys(), self.points_rejected)

@@ -16,6 +16,11 @@ class Fate(enum.IntEnum):
     ACCEPTED = 0
     DUPLICATE = 1
     REJECTED = 2
+    # One vote per voter: this voter has a later vote (by device time, then seq); this one is
+    # recorded and never counted.
+    SUPERSEDED = 3
+    # Inside the poll's cooldown after the device's last counted press: recorded, not counted.
+    SUPPRESSED = 4
 
 
 class Reason(enum.IntEnum):
@@ -38,6 +43,9 @@ class Reason(enum.IntEnum):
     STALE_EPOCH = 27
     TOO_MANY_CHOICES = 28
     STORE_ERROR = 29
+    POLL_NOT_OPEN = 30
+    POLL_CLOSED = 31
+    MISSING_VOTER = 32
 
     @property
     def code(self) -> str:

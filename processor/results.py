@@ -1,4 +1,8 @@
-"""Retained live results. Rule: one publish per poll per interval at most, and always the last.
+"""Retained poll topics: ``polls/{poll}/results`` and ``polls/{poll}/config``.
+
+Rule: one results publish per poll per interval at most, and always the last; a config or
+state change (announced by the CLI on Redis pub/sub, or reached by the clock) is published at
+once; a deleted poll's retained topics are cleared.
 
 Each publish re-reads the poll from Redis, so whichever processor publishes last publishes the
 newest state, and a restarted processor republishes every poll (its version never goes back).
@@ -7,16 +11,21 @@ newest state, and a restarted processor republishes every poll (its version neve
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 
+import redis.exceptions
 from redis.asyncio import Redis
 
+from processor.backoff import backoff_delays
 from processor.errors import StoreUnavailable
+from processor.keys import POLLS_CHANGED
 from processor.metrics import Metrics
-from processor.polls import list_polls, read_results
+from processor.polls import Snapshot, list_deleted, list_polls, note_states, read_snapshots
 from processor.tally import redis_errors
-from processor.topics import results_topic
+from processor.topics import config_topic, results_topic
 
 __all__ = ["ResultsPublisher"]
 
@@ -26,13 +35,13 @@ Publish = Callable[[str, bytes], None]
 
 
 class ResultsPublisher:
-    """Publishes ``polls/{poll}/results`` (retained) for polls marked as changed.
+    """Publishes the retained results and config of polls marked as changed.
 
     Args:
         redis: where the tallies are.
         publish: sends one retained QoS 1 message, given topic and payload.
-        interval_s: the coalescing interval.
-        rescan_s: how often every poll is checked, to catch polls created or changed elsewhere.
+        interval_s: the coalescing interval of results.
+        rescan_s: how often every poll is checked, to catch changes nobody announced.
         timeout_s: deadline of one Redis read.
         metrics: counts the publishes by poll, when given.
     """
@@ -54,7 +63,12 @@ class ResultsPublisher:
         self._rescan_s = rescan_s
         self._timeout_s = timeout_s
         self._dirty: set[str] = set()
+        self._urgent: set[str] = set()
         self._published: dict[str, int] = {}
+        self._config_sent: dict[str, bytes] = {}
+        self._cleared: set[str] = set()
+        self._next_change_ms: int | None = None
+        self._force_rescan = False
         self._wake = asyncio.Event()
 
     def mark(self, versions: dict[str, int]) -> None:
@@ -65,28 +79,50 @@ class ResultsPublisher:
         if self._dirty:
             self._wake.set()
 
+    def changed(self, poll: str) -> None:
+        """A poll's definition or state changed (or it was deleted): publish it now."""
+        self._urgent.add(poll)
+        self._wake.set()
+
     async def run(self) -> None:
-        """Publish changed polls, coalesced, until cancelled; rescan every poll now and then."""
+        """Publish until cancelled: changed polls coalesced, announced changes at once, every
+        poll at each rescan and at each scheduled open or close."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._listen(), name="votebox.results.listen")
+            await self._publish_loop()
+
+    async def _publish_loop(self) -> None:
         loop = asyncio.get_running_loop()
         next_rescan = 0.0
         while True:
             if loop.time() >= next_rescan:
                 try:
                     await self._rescan()
-                    next_rescan = loop.time() + self._rescan_s
                 except StoreUnavailable as exc:
                     log.warning("results rescan skipped: %s", exc)
-                    next_rescan = loop.time() + self._rescan_s
+                next_rescan = loop.time() + self._rescan_s
+            wait_s = next_rescan - loop.time()
+            if self._next_change_ms is not None:
+                wait_s = min(wait_s, self._next_change_ms / 1000 - time.time() + 0.001)
             try:
-                async with asyncio.timeout(max(0.0, next_rescan - loop.time())):
+                async with asyncio.timeout(max(0.0, wait_s)):
                     await self._wake.wait()
             except TimeoutError:
+                if self._next_change_ms is not None and time.time() * 1000 >= self._next_change_ms:
+                    next_rescan = 0.0  # a poll opens or closes now: publish its new state
                 continue
             self._wake.clear()
             try:
+                if self._urgent:
+                    urgent, self._urgent = self._urgent, set()
+                    await self._publish_polls(urgent, deleted_too=True)
                 await self.flush()
             except StoreUnavailable as exc:
                 log.warning("results publish postponed: %s", exc)
+                continue
+            if self._force_rescan:
+                self._force_rescan = False
+                next_rescan = 0.0
             await asyncio.sleep(self._interval_s)
 
     async def flush(self) -> None:
@@ -104,20 +140,81 @@ class ResultsPublisher:
             self._dirty |= polls
             raise
 
+    async def _listen(self) -> None:
+        """Hear the CLI's announcements; reconnect with backoff, rescanning after a gap."""
+        delays = backoff_delays(base_s=0.5, cap_s=10.0)
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with pubsub:
+                    await pubsub.subscribe(POLLS_CHANGED)
+                    delays = backoff_delays(base_s=0.5, cap_s=10.0)
+                    # Anything announced while we were not listening: rescan everything.
+                    self._force_rescan = True
+                    self._wake.set()
+                    while True:
+                        message = await pubsub.get_message(timeout=None)
+                        if message is not None:
+                            data = message["data"]
+                            self.changed(data.decode() if isinstance(data, bytes) else str(data))
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+                delay = next(delays)
+                log.warning("poll change announcements unavailable (%s); retry in %.1fs", e, delay)
+                await asyncio.sleep(delay)
+
     async def _rescan(self) -> None:
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):
                 polls = await list_polls(self._redis)
-        await self._publish_polls(polls)
+        await self._publish_polls(polls, deleted_too=True, every=True)
 
-    async def _publish_polls(self, polls: Iterable[str]) -> None:
+    async def _publish_polls(
+        self, polls: Iterable[str], *, deleted_too: bool = False, every: bool = False
+    ) -> None:
+        wanted = {poll for poll in polls if poll}
+        now_ms = int(time.time() * 1000)
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):
-                snapshots = await read_results(self._redis, polls)
-        for poll, results in snapshots.items():
-            if self._published.get(poll) == results.version:
-                continue
-            self._publish(results_topic(poll), results.to_json())
-            self._published[poll] = results.version
+                deleted = await list_deleted(self._redis) if deleted_too else []
+                snapshots = await read_snapshots(self._redis, wanted, now_ms=now_ms)
+                moved = {
+                    poll: snap.results.state
+                    for poll, snap in snapshots.items()
+                    if snap.state_seen != snap.results.state
+                }
+                if moved:
+                    await note_states(self._redis, moved, now_ms=now_ms)
+                    snapshots |= await read_snapshots(self._redis, moved, now_ms=now_ms)
+        for poll in deleted:
+            if poll not in self._cleared and poll not in snapshots:
+                self._clear(poll)
+        for poll, snap in snapshots.items():
+            self._cleared.discard(poll)
+            self._publish_one(poll, snap, now_ms)
+        if every:
+            changes = [t for snap in snapshots.values() if (t := snap.poll.next_change_ms(now_ms))]
+            self._next_change_ms = min(changes) if changes else None
+
+    def _publish_one(self, poll: str, snap: Snapshot, now_ms: int) -> None:
+        config = _json(snap.poll.config(now_ms))
+        if self._config_sent.get(poll) != config:
+            self._publish(config_topic(poll), config)
+            self._config_sent[poll] = config
+        if self._published.get(poll) != snap.results.version:
+            self._publish(results_topic(poll), snap.results.to_json())
+            self._published[poll] = snap.results.version
             if self._metrics is not None:
                 self._metrics.results_published.labels(poll).inc()
+
+    def _clear(self, poll: str) -> None:
+        # MQTT-3.3.1-10: a retained message with an empty payload removes the retained one.
+        self._publish(results_topic(poll), b"")
+        self._publish(config_topic(poll), b"")
+        self._cleared.add(poll)
+        self._published.pop(poll, None)
+        self._config_sent.pop(poll, None)
+        log.info("poll %s was deleted: its retained topics are cleared", poll)
+
+
+def _json(body: dict[str, object]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()

@@ -8,23 +8,39 @@
 -- KEYS[3] votebox:{poll}:fates    hash  accepted, duplicate and rejection counts by reason code
 -- KEYS[4] votebox:{poll}:devices  hash  device -> "epoch:max_seq"
 -- KEYS[5] votebox:{poll}:points   stream of accepted votes waiting for InfluxDB
+-- KEYS[6] votebox:{poll}:voters  hash  voter (hex) -> "ts\tseq\tdevice\toptions" of the vote that counts
+-- KEYS[7] votebox:{poll}:presses hash  device -> time (s) of its last counted press (cooldown)
+-- KEYS[8] votebox:{poll}:suppressed  stream of presses inside the cooldown (capped)
 -- ARGV[1] now_ms    ARGV[2] window bits W    ARGV[3] window key prefix votebox:{poll}:win:
 -- ARGV[4] points queue bound (0: InfluxDB is off, queue nothing)   ARGV[5] clock skew, s
--- ARGV[6..] one per vote, tab-separated: device, epoch, seq, choice ("3", or "1,4"), device
---          ts in s or "". One packed argument instead of five: packing arguments was 16% of
---          the processor's CPU (docs/benchmarks.md).
+-- ARGV[6..] one per vote, tab-separated: device, epoch, seq, choice ("3", or "1,4": values as
+--          the device sent them), device ts in s or "", voter in hex or "". One packed
+--          argument instead of six: packing arguments was 16% of the processor's CPU
+--          (docs/benchmarks.md).
+--
+-- The rules, in order (docs/protocol.md, Polls): the choice must fit the poll's type; then
+-- epoch and de-duplication; then the poll's window (not open yet, or closed unless the device
+-- cast it while open and it arrives within the grace period); then a voter for a
+-- one-vote-per-voter poll; from here the seq is spent. Then the cooldown (suppressed), then the
+-- voter's latest vote (by time, then seq, then device id) wins: an older one is superseded, a
+-- newer one moves the voter's count.
 --
 -- The de-duplication window of a device is a ring of W bits (key prefix .. device): bit
 -- seq % W is set when seq was counted. It is exact for seqs above max_seq - W; older ones are
 -- SEQ_TOO_OLD (never counted twice). Memory per device and poll: W/8 bytes.
 --
 -- Returns {version, code_1, ..., code_n}: version of the tally after the batch, then a Fate
--- (0 accepted, 1 duplicate) or Reason (16 up) per vote; processor/reasons.py names them.
+-- (0 accepted, 1 duplicate, 3 superseded, 4 suppressed) or Reason (16 up) per vote;
+-- processor/reasons.py names them.
 
-local ACCEPTED, DUPLICATE = 0, 1
+local ACCEPTED, DUPLICATE, SUPERSEDED, SUPPRESSED = 0, 1, 3, 4
 local UNKNOWN_POLL, UNKNOWN_OPTION, SEQ_TOO_OLD, STALE_EPOCH, TOO_MANY_CHOICES = 24, 25, 26, 27, 28
-local NAMES = {[0] = 'accepted', [1] = 'duplicate', [24] = 'unknown_poll',
-  [25] = 'unknown_option', [26] = 'seq_too_old', [27] = 'stale_epoch', [28] = 'too_many_choices'}
+local POLL_NOT_OPEN, POLL_CLOSED, MISSING_VOTER = 30, 31, 32
+local NAMES = {[0] = 'accepted', [1] = 'duplicate', [3] = 'superseded', [4] = 'suppressed',
+  [24] = 'unknown_poll', [25] = 'unknown_option', [26] = 'seq_too_old', [27] = 'stale_epoch',
+  [28] = 'too_many_choices', [30] = 'poll_not_open', [31] = 'poll_closed',
+  [32] = 'missing_voter'}
+local SUPPRESSED_MAXLEN = 100000
 
 local now_ms = ARGV[1]
 local W = tonumber(ARGV[2])
@@ -34,10 +50,20 @@ local skew_s = tonumber(ARGV[5])
 local FIRST = 6
 local n_votes = #ARGV - FIRST + 1
 
-local poll_fields = redis.call('HMGET', KEYS[1], 'n_options', 'created_ms')
-local n_options = tonumber(poll_fields[1] or '')
-local created_s = math.floor(tonumber(poll_fields[2] or '0') / 1000)
-local now_s = math.floor(tonumber(now_ms) / 1000)
+local def = redis.call('HMGET', KEYS[1], 'n_options', 'created_ms', 'type', 'max_choices',
+  'scale_min', 'opens_ms', 'closes_ms', 'grace_s', 'one_per_voter', 'cooldown_s')
+local n_options = tonumber(def[1] or '')
+local created_s = math.floor(tonumber(def[2] or '0') / 1000)
+local multiple = def[3] == 'multiple'
+local max_choices = tonumber(def[4] or '1') or 1
+local scale_min = tonumber(def[5] or '0') or 0
+local opens_ms = tonumber(def[6] or '0') or 0
+local closes_ms = tonumber(def[7] or '0') or 0
+local grace_ms = (tonumber(def[8] or '0') or 0) * 1000
+local per_voter = def[9] == '1'
+local cooldown_s = tonumber(def[10] or '0') or 0
+local now = tonumber(now_ms)
+local now_s = math.floor(now / 1000)
 -- codes[1] is the version, filled in last; unpack() of a long list would overflow Lua's stack.
 local codes = {0}
 local fates = {}
@@ -54,19 +80,58 @@ if not n_options then
   return codes
 end
 
+-- The option indexes of a choice, or nil and the reason it does not fit the poll.
+local function options_of(choice_s)
+  local opts = {}
+  for part in string.gmatch(choice_s, '[^,]+') do
+    local index = tonumber(part) - scale_min
+    if index < 0 or index >= n_options then return nil, UNKNOWN_OPTION end
+    opts[#opts + 1] = index
+  end
+  if #opts > (multiple and max_choices or 1) then return nil, TOO_MANY_CHOICES end
+  return opts
+end
+
+-- Whether the poll's window takes a vote arriving now, cast at device time dev_ts (s, or nil
+-- when the device gave none or its clock is not plausible).
+local function window_refuses(dev_ts)
+  if opens_ms > 0 and now < opens_ms then return POLL_NOT_OPEN end
+  if closes_ms > 0 and now >= closes_ms then
+    -- docs/protocol.md, Windows: an offline kiosk's vote, cast while the poll was open.
+    local cast_ms = dev_ts and dev_ts * 1000
+    if cast_ms and cast_ms < closes_ms and cast_ms >= opens_ms and now <= closes_ms + grace_ms
+    then
+      return nil
+    end
+    return POLL_CLOSED
+  end
+  return nil
+end
+
+-- Is vote a (ts, seq, device) later than vote b?
+local function later(ts_a, seq_a, dev_a, ts_b, seq_b, dev_b)
+  if ts_a ~= ts_b then return ts_a > ts_b end
+  if seq_a ~= seq_b then return seq_a > seq_b end
+  return dev_a > dev_b
+end
+
 -- Phase 1: decide every vote against the stored state plus what this batch already decided.
 -- device -> {e, m0, m, reset, seen = {seq = true}, bits = {seq ...}}. Seqs go back to Redis as
 -- the strings they came in (es, ms): Lua prints numbers above 1e14 in exponent form.
 local devs = {}
-local counted = {}    -- option -> votes to add
-local points = {}     -- {device, epoch, seq, option, ts_s, ts_source} per counted vote
-local n_counted = 0
+local counted = {}    -- option -> votes to add (negative when a voter's vote moved away)
+local points = {}     -- {device, epoch, seq, option, ts_s, ts_source, voter} per counted option
+local suppressed = {} -- {device, epoch, seq, choice, ts_s}
+local presses = {}    -- device -> last counted press (s), loaded or decided
+local voters = {}     -- voter -> {ts, seq, device, seq_s, opts_s}, loaded or decided
+local voters_changed = {}
+local presses_changed = {}
+local n_counted, changed = 0, false
 
 for i = 0, n_votes - 1 do
-  local device, epoch_s, seq_s, choice_s, ts_arg =
-    string.match(ARGV[FIRST + i], '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)$')
+  local device, epoch_s, seq_s, choice_s, ts_arg, voter = string.match(ARGV[FIRST + i],
+    '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)$')
   local epoch, seq = tonumber(epoch_s), tonumber(seq_s)
-  local choice = tonumber(choice_s)
 
   local d = devs[device]
   if not d then
@@ -81,37 +146,99 @@ for i = 0, n_votes - 1 do
     devs[device] = d
   end
 
-  if not choice then
-    note(TOO_MANY_CHOICES)
-  elseif choice >= n_options then
-    note(UNKNOWN_OPTION)
+  -- docs/analytics.md, Timestamps: the device's clock when plausible, else ours.
+  local dev_ts = tonumber(ts_arg)
+  if dev_ts and (dev_ts < created_s - skew_s or dev_ts > now_s + skew_s) then dev_ts = nil end
+  local ts, src = dev_ts or now_s, dev_ts and 'device' or 'server'
+
+  local opts, refused = options_of(choice_s)
+  if not opts then
+    note(refused)
   elseif d.e >= 0 and epoch < d.e then
     note(STALE_EPOCH)
   else
-    if epoch > d.e then
-      -- A new epoch: the device lost its seq store; its old window means nothing now.
-      d.reset = d.e >= 0 or d.m0 >= 0
-      d.e, d.es, d.m0, d.m, d.ms, d.seen, d.bits = epoch, epoch_s, -1, -1, '-1', {}, {}
-    end
-    if d.m >= 0 and seq <= d.m - W then
+    -- A new epoch: the device lost its seq store; its old window means nothing now. It is
+    -- adopted only by a vote that spends its seq below, never by a refused one.
+    local fresh = epoch > d.e
+    local shut = window_refuses(dev_ts)
+    if not fresh and d.m >= 0 and seq <= d.m - W then
       note(SEQ_TOO_OLD)
-    elseif d.seen[seq] then
+    elseif not fresh and d.seen[seq] then
       note(DUPLICATE)
-    elseif seq <= d.m0 and redis.call('GETBIT', win_prefix .. device, seq % W) == 1 then
+    elseif not fresh and seq <= d.m0
+      and redis.call('GETBIT', win_prefix .. device, seq % W) == 1 then
       -- seq <= m0 and inside the window: the stored bit is still valid, since advances made
       -- by this batch clear only positions of seqs at or below d.m - W.
       note(DUPLICATE)
+    elseif shut then
+      note(shut)
+    elseif per_voter and voter == '' then
+      note(MISSING_VOTER)
     else
-      note(ACCEPTED)
+      if fresh then
+        d.reset = d.reset or d.e >= 0 or d.m0 >= 0
+        d.e, d.es, d.m0, d.m, d.ms, d.seen, d.bits = epoch, epoch_s, -1, -1, '-1', {}, {}
+      end
+      -- From here the seq is spent: a re-send of this vote is a duplicate, whatever its fate.
       d.seen[seq] = true
       d.bits[#d.bits + 1] = seq
-      -- docs/analytics.md, Timestamps: the device's clock when plausible, else ours.
-      local ts, src = tonumber(ts_arg), 'device'
-      if not ts or ts < created_s - skew_s or ts > now_s + skew_s then ts, src = now_s, 'server' end
-      points[#points + 1] = {device, epoch_s, seq_s, choice, ts, src}
       if seq > d.m then d.m, d.ms = seq, seq_s end
-      counted[choice] = (counted[choice] or 0) + 1
-      n_counted = n_counted + 1
+      local last = nil
+      if cooldown_s > 0 then
+        last = presses[device]
+        if last == nil then
+          last = tonumber(redis.call('HGET', KEYS[7], device) or '') or false
+          presses[device] = last
+        end
+      end
+      if last and math.abs(ts - last) < cooldown_s then
+        note(SUPPRESSED)
+        suppressed[#suppressed + 1] = {device, epoch_s, seq_s, choice_s, ts}
+      else
+        local prior = nil
+        if per_voter then
+          prior = voters[voter]
+          if prior == nil then
+            local stored = redis.call('HGET', KEYS[6], voter)
+            prior = false
+            if stored then
+              local pts, pseq, pdev, popts = string.match(stored,
+                '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)$')
+              prior = {ts = tonumber(pts), seq = tonumber(pseq), device = pdev, seq_s = pseq,
+                       opts_s = popts}
+            end
+            voters[voter] = prior
+          end
+        end
+        if prior and not later(ts, seq, device, prior.ts, prior.seq, prior.device) then
+          note(SUPERSEDED)
+        else
+          note(ACCEPTED)
+          changed = true
+          if cooldown_s > 0 then
+            presses[device] = last and math.max(last, ts) or ts
+            presses_changed[device] = true
+          end
+          if prior then
+            -- The voter changed their vote: move it, atomically with the rest of the batch.
+            for part in string.gmatch(prior.opts_s, '[^,]+') do
+              local o = tonumber(part)
+              counted[o] = (counted[o] or 0) - 1
+            end
+          else
+            n_counted = n_counted + 1
+          end
+          local opts_s = table.concat(opts, ',')
+          if per_voter then
+            voters[voter] = {ts = ts, seq = seq, device = device, seq_s = seq_s, opts_s = opts_s}
+            voters_changed[voter] = true
+          end
+          for _, o in ipairs(opts) do
+            counted[o] = (counted[o] or 0) + 1
+            points[#points + 1] = {device, epoch_s, seq_s, o, ts, src, voter}
+          end
+        end
+      end
     end
   end
 end
@@ -156,16 +283,33 @@ if queue_max > 0 and #points > 0 then
       redis.call('HINCRBY', KEYS[3], 'point_dropped', #points - room)
       break
     end
-    redis.call('XADD', KEYS[5], '*', 'd', p[1], 'e', p[2], 's', p[3], 'o', p[4], 't', p[5],
-      'src', p[6])
+    if p[7] ~= '' then
+      redis.call('XADD', KEYS[5], '*', 'd', p[1], 'e', p[2], 's', p[3], 'o', p[4], 't', p[5],
+        'src', p[6], 'v', p[7])
+    else
+      redis.call('XADD', KEYS[5], '*', 'd', p[1], 'e', p[2], 's', p[3], 'o', p[4], 't', p[5],
+        'src', p[6])
+    end
   end
+end
+
+for _, p in ipairs(suppressed) do
+  redis.call('XADD', KEYS[8], 'MAXLEN', '~', SUPPRESSED_MAXLEN, '*', 'd', p[1], 'e', p[2],
+    's', p[3], 'c', p[4], 't', p[5], 'reason', 'cooldown')
+end
+for device in pairs(presses_changed) do redis.call('HSET', KEYS[7], device, presses[device]) end
+for voter in pairs(voters_changed) do
+  local v = voters[voter]
+  redis.call('HSET', KEYS[6], voter, v.ts .. '\t' .. v.seq_s .. '\t' .. v.device .. '\t' .. v.opts_s)
 end
 
 for code, n in pairs(fates) do redis.call('HINCRBY', KEYS[3], NAMES[code], n) end
 
-if n_counted > 0 then
-  for option, n in pairs(counted) do redis.call('HINCRBY', KEYS[2], 'c:' .. option, n) end
-  redis.call('HINCRBY', KEYS[2], 'total', n_counted)
+if changed then
+  for option, n in pairs(counted) do
+    if n ~= 0 then redis.call('HINCRBY', KEYS[2], 'c:' .. option, n) end
+  end
+  if n_counted > 0 then redis.call('HINCRBY', KEYS[2], 'total', n_counted) end
   redis.call('HSET', KEYS[2], 'updated_ms', now_ms)
   codes[1] = redis.call('HINCRBY', KEYS[2], 'version', 1)
 else

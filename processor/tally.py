@@ -131,8 +131,10 @@ class Tally:
             for index in by_poll[poll]:
                 vote = votes[index]
                 ts = "" if vote.ts_s is None else vote.ts_s
+                voter = "" if vote.voter is None else vote.voter.hex()
                 args.append(
                     f"{vote.device}\t{vote.epoch}\t{vote.seq}\t{_choice_arg(vote.choice)}\t{ts}"
+                    f"\t{voter}"
                 )
             calls.append((list(keys.all_keys()), args))
 

@@ -12,6 +12,7 @@ __all__ = [
     "STATS_TOPIC",
     "VOTES_FILTER",
     "acks_topic",
+    "config_topic",
     "device_from_topic",
     "is_valid_id",
     "parse_vote_topic",
@@ -79,3 +80,8 @@ def results_topic(poll: str) -> str:
 def shared(topic_filter: str, group: str | None) -> str:
     """Prefix ``$share/{group}/`` (an MQTT 5 shared subscription) when a group is set."""
     return f"$share/{group}/{topic_filter}" if group else topic_filter
+
+
+def config_topic(poll: str) -> str:
+    """``polls/{poll}/config``: the poll's definition and state, retained, for kiosks."""
+    return f"polls/{poll}/config"

@@ -63,6 +63,9 @@ def format_results(document: dict[str, Any], *, width: int = 30) -> str:
         f"{document.get('title') or document['poll']}  [{document['state']}]  "
         f"total {total}  v{document['version']}  {document['updated_at']}"
     ]
+    if document.get("counts") is None:
+        lines.append("  results hidden until the poll closes")
+        return "\n".join(lines)
     label_width = max((len(label) for label in document["labels"]), default=0)
     for label, count in zip(document["labels"], document["counts"], strict=True):
         share = count / total if total else 0.0

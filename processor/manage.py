@@ -1,0 +1,207 @@
+"""``votebox poll ...``: poll management for operators. Rule: every action validates all it is
+given before it writes anything, and says what it did in one line per poll.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from processor.errors import ConfigError
+from processor.keys import PollKeys
+from processor.polls import (
+    Poll,
+    close_poll,
+    create_poll,
+    delete_poll,
+    list_polls,
+    load_poll,
+    open_poll,
+    read_fates,
+    read_results,
+    read_snapshots,
+    update_poll,
+)
+from processor.tally import redis_errors
+from processor.watch import format_results
+
+__all__ = ["load_poll_file", "run_poll_command"]
+
+
+def load_poll_file(path: Path) -> list[Poll]:
+    """The polls a TOML file declares, as ``[polls.<id>]`` tables (docs/polls.md).
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a definition is invalid; the
+            message names the file and the poll.
+    """
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    tables = document.get("polls")
+    if not isinstance(tables, dict) or not tables or set(document) != {"polls"}:
+        raise ConfigError(f"{path}: declare polls as [polls.<id>] tables, and nothing else")
+    polls = []
+    for poll_id, spec in tables.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{path}: polls.{poll_id} must be a table")
+        try:
+            polls.append(Poll.from_mapping(poll_id, spec))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return polls
+
+
+def _poll_from_flags(args: Mapping[str, Any]) -> Poll:
+    spec: dict[str, Any] = {"title": args["title"], "type": args["type"]}
+    if args["option"]:
+        spec["options"] = args["option"]
+    for flag, key in (
+        ("max_choices", "max_choices"),
+        ("scale", "scale"),
+        ("opens_at", "opens_at"),
+        ("closes_at", "closes_at"),
+        ("grace_s", "grace_s"),
+        ("cooldown_s", "cooldown_s"),
+    ):
+        if args.get(flag) is not None:
+            spec[key] = args[flag]
+    spec["one_per_voter"] = bool(args["one_per_voter"])
+    spec["hide_results_until_close"] = bool(args["hide_results_until_close"])
+    return Poll.from_mapping(args["poll"], spec)
+
+
+def _describe(poll: Poll) -> str:
+    rules = []
+    if poll.type == "multiple":
+        rules.append(f"up to {poll.max_choices} choices")
+    if poll.one_per_voter:
+        rules.append("one vote per voter")
+    if poll.cooldown_s:
+        rules.append(f"cooldown {poll.cooldown_s} s")
+    if poll.hide_results_until_close:
+        rules.append("results hidden until close")
+    config = poll.config(0)
+    times = ", ".join(
+        f"{word} {config[key]}"
+        for word, key in (("opens", "opens_at"), ("closes", "closes_at"))
+        if config[key]
+    )
+    options = ", ".join(f"{i}={label}" for i, label in enumerate(poll.labels))
+    extra = "; ".join(x for x in (times, ", ".join(rules)) if x)
+    return f"{poll.type}: {options}" + (f" ({extra})" if extra else "")
+
+
+async def run_poll_command(redis: Redis, action: str, args: Mapping[str, Any]) -> int:
+    """Run one ``votebox poll`` action; returns the exit code.
+
+    Raises:
+        ConfigError: invalid input, or a poll that does not exist (the CLI prints it, exit 2).
+        StoreUnavailable: Redis is unreachable.
+    """
+    with redis_errors():
+        if action == "create":
+            poll = _poll_from_flags(args)
+            await create_poll(redis, poll)
+            print(f"created poll {poll.id}, {_describe(poll)}")
+            return 0
+        if action == "apply":
+            return await _apply(redis, Path(args["file"]))
+        if action == "list":
+            return await _list(redis)
+        if action == "open":
+            poll = await open_poll(redis, args["poll"])
+            print(f"poll {poll.id} is open")
+            return 0
+        if action == "close":
+            poll = await close_poll(redis, args["poll"])
+            print(f"poll {poll.id} is closed (votes cast before now count for {poll.grace_s} s)")
+            return 0
+        if action == "delete":
+            return await _delete(redis, args["poll"], yes=bool(args.get("yes")))
+        if action == "show":
+            return await _show(redis, args["poll"])
+    raise AssertionError(action)  # pragma: no cover
+
+
+async def _apply(redis: Redis, path: Path) -> int:
+    polls = load_poll_file(path)  # every definition valid before anything is written
+    existing = {poll.id: await load_poll(redis, poll.id) for poll in polls}
+    for poll in polls:
+        if existing[poll.id] is None:
+            await create_poll(redis, poll)
+            print(f"created poll {poll.id}, {_describe(poll)}")
+        else:
+            changed = await update_poll(redis, poll)
+            print(
+                f"updated poll {poll.id}: {', '.join(changed)}"
+                if changed
+                else f"poll {poll.id} unchanged"
+            )
+    return 0
+
+
+async def _list(redis: Redis) -> int:
+    ids = await list_polls(redis)
+    snapshots = await read_snapshots(redis, ids)
+    if not snapshots:
+        print("no polls yet; create one with votebox poll create")
+        return 0
+    width = max(len(poll_id) for poll_id in snapshots)
+    for poll_id, snap in snapshots.items():
+        print(
+            f"{poll_id:<{width}}  {snap.results.state:<9}  {snap.results.total:>8} votes  "
+            f"{_describe(snap.poll)}"
+        )
+    return 0
+
+
+async def _delete(redis: Redis, poll_id: str, *, yes: bool) -> int:
+    results = (await read_results(redis, [poll_id])).get(poll_id)
+    if results is None:
+        raise ConfigError(f"no poll {poll_id!r}; votebox poll list shows the polls there are")
+    if not yes:
+        raise ConfigError(
+            f"this deletes poll {poll_id} and its {results.total} counted votes; add --yes to do it"
+        )
+    dropped = await delete_poll(redis, poll_id)
+    print(
+        f"deleted poll {poll_id} ({results.total} votes); its retained topics are cleared"
+        + (f"; {dropped} points still queued for InfluxDB were dropped" if dropped else "")
+    )
+    return 0
+
+
+async def _show(redis: Redis, poll_id: str) -> int:
+    snap = (await read_snapshots(redis, [poll_id])).get(poll_id)
+    if snap is None:
+        print(f"votebox: no poll {poll_id!r}; create it with votebox poll create", file=sys.stderr)
+        return 1
+    fates, unattributed = await read_fates(redis, poll_id)
+    keys = PollKeys(poll_id)
+    queued, refused = await redis.xlen(keys.points), await redis.xlen(keys.points_rejected)
+    document = json.loads(snap.results.to_json())
+    if document.get("counts") is None:  # hidden until close: the operator still sees them
+        document["counts"] = list(snap.results.counts)
+    print(format_results(document))
+    print(f"  {_describe(snap.poll)}")
+    for key in ("mean", "nps"):
+        if document.get(key) is not None:
+            print(f"  {key}: {document[key]}")
+    print("  fates:", ", ".join(f"{k}={n}" for k, n in sorted(fates.items())) or "none")
+    print(f"  points for InfluxDB: {queued} queued, {refused} refused and set aside")
+    if unattributed:
+        print(
+            "  rejected before reaching any poll:",
+            ", ".join(f"{k}={n}" for k, n in sorted(unattributed.items())),
+        )
+    return 0
