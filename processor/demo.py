@@ -79,7 +79,7 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
             proc = processor(root / "processor", env=env)
             proc.start()
             try:
-                query = f"SELECT count(value) FROM vote WHERE poll='{_POLL.id}' GROUP BY label"
+                query = f"SELECT sum(value) FROM vote WHERE poll='{_POLL.id}' GROUP BY label"
                 print(
                     f"votebox demo: amqtt broker on mqtt://127.0.0.1:{broker.port}, Redis on "
                     f"{redis.url}, InfluxDB on {influx.url}, data in {root}"

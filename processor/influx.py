@@ -61,6 +61,8 @@ class QueuedPoint:
     option: int
     ts_s: int
     source: str
+    # A voter changed their vote: this point takes the old one back (value -1).
+    withdrawn: bool = False
 
     @classmethod
     def from_stream(
@@ -75,6 +77,7 @@ class QueuedPoint:
             option=int(fields[b"o"]),
             ts_s=int(fields[b"t"]),
             source=fields[b"src"].decode(),
+            withdrawn=fields.get(b"w") == b"1",
         )
 
 
@@ -89,7 +92,11 @@ def line_for(point: QueuedPoint, label: str) -> bytes:
         f"device={point.device},label={_escape_tag(label) or '-'},option={point.option},"
         f"poll={point.poll}"
     )
-    fields = f'value=1i,seq={point.seq}i,epoch={point.epoch}i,ts_source="{point.source}"'
+    value = 1
+    if point.withdrawn:
+        # Its own series (tag withdrawn=1), so it never overwrites a vote's point.
+        tags, value = tags + ",withdrawn=1", -1
+    fields = f'value={value}i,seq={point.seq}i,epoch={point.epoch}i,ts_source="{point.source}"'
     timestamp = point.ts_s * _NS + point.seq % _NS
     return f"{MEASUREMENT},{tags} {fields} {timestamp}".encode()
 
@@ -101,7 +108,8 @@ class PointWriter(Protocol):
         """Raises InfluxRejected (4xx, 5xx with a status) or InfluxUnavailable (no answer)."""
 
     def query_counts(self, poll: str) -> dict[int, int]:
-        """Points of ``poll`` per option index."""
+        """The sum of ``poll``'s point values per option index: its votes, changed votes
+        taken back."""
 
     def close(self) -> None: ...
 
@@ -164,8 +172,7 @@ class V1Writer:
 
     def query_counts(self, poll: str) -> dict[int, int]:
         query = (
-            f'SELECT count("value") FROM "{MEASUREMENT}" WHERE "poll" = \'{poll}\' '
-            'GROUP BY "option"'
+            f'SELECT sum("value") FROM "{MEASUREMENT}" WHERE "poll" = \'{poll}\' GROUP BY "option"'
         )
         reply = self._request("GET", "/query", {"db": self._target.database, "q": query})
         if reply.status != 200:
@@ -218,7 +225,7 @@ class V2Writer:
         flux = (
             f'from(bucket: "{self._target.bucket}") |> range(start: 0) '
             f'|> filter(fn: (r) => r._measurement == "{MEASUREMENT}" and r.poll == "{poll}" '
-            'and r._field == "value") |> group(columns: ["option"]) |> count()'
+            'and r._field == "value") |> group(columns: ["option"]) |> sum()'
         )
         tables = self._client.query_api().query(flux, org=self._org)
         return {

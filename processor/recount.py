@@ -71,7 +71,8 @@ async def _queued_per_option(redis: Redis, poll: str) -> Counter[int]:
         # redis-py types stream replies loosely; without decode_responses they are bytes.
         entries = cast(_Entries, await redis.xrange(key, min=start, count=_CHUNK))
         for _, fields in entries:
-            counts[int(fields[b"o"])] += 1
+            # A withdrawn point (a voter's changed vote) takes one back.
+            counts[int(fields[b"o"])] += -1 if fields.get(b"w") == b"1" else 1
         if len(entries) < _CHUNK:
             return counts
         start = "(" + entries[-1][0].decode()

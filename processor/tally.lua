@@ -8,7 +8,8 @@
 -- KEYS[3] votebox:{poll}:fates    hash  accepted, duplicate and rejection counts by reason code
 -- KEYS[4] votebox:{poll}:devices  hash  device -> "epoch:max_seq"
 -- KEYS[5] votebox:{poll}:points   stream of accepted votes waiting for InfluxDB
--- KEYS[6] votebox:{poll}:voters  hash  voter (hex) -> "ts\tseq\tdevice\toptions" of the vote that counts
+-- KEYS[6] votebox:{poll}:voters  hash  voter (hex) -> "ts\tseq\tdevice\toptions\tepoch" of the
+--                                      vote that counts
 -- KEYS[7] votebox:{poll}:presses hash  device -> time (s) of its last counted press (cooldown)
 -- KEYS[8] votebox:{poll}:suppressed  stream of presses inside the cooldown (capped)
 -- ARGV[1] now_ms    ARGV[2] window bits W    ARGV[3] window key prefix votebox:{poll}:win:
@@ -120,7 +121,9 @@ end
 -- the strings they came in (es, ms): Lua prints numbers above 1e14 in exponent form.
 local devs = {}
 local counted = {}    -- option -> votes to add (negative when a voter's vote moved away)
-local points = {}     -- {device, epoch, seq, option, ts_s, ts_source, voter} per counted option
+-- {device, epoch, seq, option, ts_s, ts_source, withdrawn ('1' or '')} per counted option, and
+-- per option a voter's changed vote no longer counts for.
+local points = {}
 local suppressed = {} -- {device, epoch, seq, choice, ts_s}
 local presses = {}    -- device -> last counted press (s), loaded or decided
 local voters = {}     -- voter -> {ts, seq, device, seq_s, opts_s}, loaded or decided
@@ -202,10 +205,10 @@ for i = 0, n_votes - 1 do
             local stored = redis.call('HGET', KEYS[6], voter)
             prior = false
             if stored then
-              local pts, pseq, pdev, popts = string.match(stored,
-                '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)$')
+              local pts, pseq, pdev, popts, pepoch = string.match(stored,
+                '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)$')
               prior = {ts = tonumber(pts), seq = tonumber(pseq), device = pdev, seq_s = pseq,
-                       opts_s = popts}
+                       opts_s = popts, epoch_s = pepoch}
             end
             voters[voter] = prior
           end
@@ -220,22 +223,25 @@ for i = 0, n_votes - 1 do
             presses_changed[device] = true
           end
           if prior then
-            -- The voter changed their vote: move it, atomically with the rest of the batch.
+            -- The voter changed their vote: move it, atomically with the rest of the batch,
+            -- and tell InfluxDB with a point of value -1 (docs/analytics.md, Changed votes).
             for part in string.gmatch(prior.opts_s, '[^,]+') do
               local o = tonumber(part)
               counted[o] = (counted[o] or 0) - 1
+              points[#points + 1] = {prior.device, prior.epoch_s, prior.seq_s, o, ts, src, '1'}
             end
           else
             n_counted = n_counted + 1
           end
           local opts_s = table.concat(opts, ',')
           if per_voter then
-            voters[voter] = {ts = ts, seq = seq, device = device, seq_s = seq_s, opts_s = opts_s}
+            voters[voter] = {ts = ts, seq = seq, device = device, seq_s = seq_s, opts_s = opts_s,
+                             epoch_s = epoch_s}
             voters_changed[voter] = true
           end
           for _, o in ipairs(opts) do
             counted[o] = (counted[o] or 0) + 1
-            points[#points + 1] = {device, epoch_s, seq_s, o, ts, src, voter}
+            points[#points + 1] = {device, epoch_s, seq_s, o, ts, src, ''}
           end
         end
       end
@@ -285,7 +291,7 @@ if queue_max > 0 and #points > 0 then
     end
     if p[7] ~= '' then
       redis.call('XADD', KEYS[5], '*', 'd', p[1], 'e', p[2], 's', p[3], 'o', p[4], 't', p[5],
-        'src', p[6], 'v', p[7])
+        'src', p[6], 'w', '1')
     else
       redis.call('XADD', KEYS[5], '*', 'd', p[1], 'e', p[2], 's', p[3], 'o', p[4], 't', p[5],
         'src', p[6])
@@ -300,7 +306,8 @@ end
 for device in pairs(presses_changed) do redis.call('HSET', KEYS[7], device, presses[device]) end
 for voter in pairs(voters_changed) do
   local v = voters[voter]
-  redis.call('HSET', KEYS[6], voter, v.ts .. '\t' .. v.seq_s .. '\t' .. v.device .. '\t' .. v.opts_s)
+  redis.call('HSET', KEYS[6], voter,
+    v.ts .. '\t' .. v.seq_s .. '\t' .. v.device .. '\t' .. v.opts_s .. '\t' .. v.epoch_s)
 end
 
 for code, n in pairs(fates) do redis.call('HINCRBY', KEYS[3], NAMES[code], n) end

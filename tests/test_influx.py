@@ -26,7 +26,7 @@ from processor.codec import Vote
 from processor.config import InfluxTarget
 from processor.influx import InfluxDrainer, PointWriter, QueuedPoint, line_for, make_writer
 from processor.keys import PollKeys
-from processor.polls import Poll
+from processor.polls import Poll, PollType, create_poll
 from processor.recount import recount
 from processor.tally import Tally
 from tests.conftest import eventually, unique_id
@@ -377,3 +377,44 @@ async def test_the_documented_influxql_examples_run_on_real_data(
     running = [v[1] for v in turnout[0]["values"]]
     assert running == sorted(running) and running[-1] == 30
     assert undated == []  # every vote here carried a plausible device time
+
+
+async def test_changed_votes_and_multiple_choices_sum_to_the_tally_in_influxdb(
+    redis: Redis, influx_proc: ManagedProcess, request: pytest.FixtureRequest
+) -> None:
+    database = unique_id(request)
+    now = int(time.time())
+    voters = Poll(id=unique_id(request, "-v"), labels=("a", "b", "c"), one_per_voter=True)
+    multi = Poll(
+        id=unique_id(request, "-m"), labels=("a", "b", "c"), type=PollType.MULTIPLE, max_choices=3
+    )
+    for poll in (voters, multi):
+        await create_poll(redis, poll)
+    tally = Tally(redis, timeout_s=5, points_max=100)
+    await tally.commit(
+        [
+            Vote(voters.id, "k1", 0, 1, ts_s=now - 30, voter=b"ann"),
+            Vote(voters.id, "k1", 1, 2, ts_s=now - 30, voter=b"bob"),
+            Vote(voters.id, "k2", 2, 1, ts_s=now - 10, voter=b"ann"),  # ann: a -> c
+            Vote(multi.id, "k1", (0, 2), 1, ts_s=now - 5),
+            Vote(multi.id, "k2", (0, 1, 2), 1, ts_s=now - 5),
+        ],
+        now_ms=now * 1000,
+    )
+    await tally.commit(  # ann again, later, on k1: c -> b
+        [Vote(voters.id, "k1", 1, 3, ts_s=now - 1, voter=b"ann")], now_ms=now * 1000
+    )
+    with _drainer(redis, v1_target(influx_proc, database)) as drainer:
+        assert await drainer.drain_once([voters.id, multi.id]) == 4 + 2 + 5
+    withdrawn = influx_query(
+        influx_proc, database, "SELECT value, device, option FROM vote WHERE withdrawn='1'"
+    )
+    assert sorted((v[2], v[3], v[1]) for v in withdrawn[0]["values"]) == [
+        ("k1", "0", -1),  # ann's first vote, from k1
+        ("k2", "2", -1),  # ann's second, from k2
+    ]
+    with _writer(v1_target(influx_proc, database)) as writer:
+        for poll, tallied in ((voters, (0, 2, 0)), (multi, (2, 1, 2))):
+            result = await recount(redis, writer, poll.id)
+            assert result.matches, result.report()
+            assert result.redis == result.influx == tallied
