@@ -121,12 +121,24 @@ class Kiosk:
         """Publish any payload to this kiosk's vote topic (tests use it for malformed input)."""
         self._infos.append(self._client.publish(f"votes/{poll}/{self.device}", payload, qos=1))
 
-    def vote(self, poll: str, choice: int, *, seq: int | None = None) -> int:
-        """Cast a vote with the next seq (or a given one, to repeat a vote); returns the seq."""
+    def vote(
+        self,
+        poll: str,
+        choice: int | list[int],
+        *,
+        seq: int | None = None,
+        ts: int | None = None,
+        voter: bytes | None = None,
+    ) -> int:
+        """Cast a vote with the next seq (or a given one, to repeat a vote); returns the seq.
+
+        ``choice`` is an option index, a list of them (multiple choice) or a rating's value;
+        ``ts`` defaults to now; ``voter`` is the voter token of a one-vote-per-voter poll.
+        """
         if seq is None:
             self.seq += 1
             seq = self.seq
-        payload = encode_vote(choice, seq, ts=int(time.time()))
+        payload = encode_vote(choice, seq, ts=int(time.time()) if ts is None else ts, voter=voter)
         with self._lock:
             self.outbox[(0, seq)] = (poll, payload)
         self.publish_raw(poll, payload)

@@ -23,6 +23,7 @@ from processor.polls import (
     list_polls,
     load_poll,
     open_poll,
+    plan_update,
     read_fates,
     read_results,
     read_snapshots,
@@ -136,12 +137,15 @@ async def run_poll_command(redis: Redis, action: str, args: Mapping[str, Any]) -
 async def _apply(redis: Redis, path: Path) -> int:
     polls = load_poll_file(path)  # every definition valid before anything is written
     existing = {poll.id: await load_poll(redis, poll.id) for poll in polls}
+    plans = {  # and every update allowed: a refusal writes nothing at all
+        poll.id: await plan_update(redis, poll) for poll in polls if existing[poll.id]
+    }
     for poll in polls:
         if existing[poll.id] is None:
             await create_poll(redis, poll)
             print(f"created poll {poll.id}, {_describe(poll)}")
         else:
-            changed = await update_poll(redis, poll)
+            changed = await update_poll(redis, poll) if plans[poll.id] else []
             print(
                 f"updated poll {poll.id}: {', '.join(changed)}"
                 if changed

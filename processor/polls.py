@@ -43,6 +43,7 @@ __all__ = [
     "Snapshot",
     "note_states",
     "parse_time_ms",
+    "plan_update",
     "update_poll",
 ]
 
@@ -423,14 +424,13 @@ async def create_poll(redis: Redis, poll: Poll, *, now_ms: int | None = None) ->
 _FIXED_ONCE_VOTED: Final = ("labels", "type", "scale", "one_per_voter")
 
 
-async def update_poll(redis: Redis, poll: Poll, *, now_ms: int | None = None) -> list[str]:
-    """Change an existing poll's definition; returns the names of the fields that changed.
+async def plan_update(redis: Redis, poll: Poll) -> list[str]:
+    """The names of the fields an update to ``poll`` would change; writes nothing.
 
     Raises:
         ConfigError: there is no such poll, or it has votes and the change would alter what
             they mean (options, type, scale, one vote per voter).
     """
-    now_ms = now_ms if now_ms is not None else _now_ms()
     old = await load_poll(redis, poll.id)
     if old is None:
         raise ConfigError(f"no poll {poll.id!r}; create it first")
@@ -444,7 +444,18 @@ async def update_poll(redis: Redis, poll: Poll, *, now_ms: int | None = None) ->
             f"poll {poll.id} has {total} votes: its {', '.join(frozen)} cannot change "
             "(make a new poll instead)"
         )
-    await _store(redis, poll, now_ms)
+    return changed
+
+
+async def update_poll(redis: Redis, poll: Poll, *, now_ms: int | None = None) -> list[str]:
+    """Change an existing poll's definition; returns the names of the fields that changed.
+
+    Raises:
+        ConfigError: as `plan_update`; then nothing is written.
+    """
+    changed = await plan_update(redis, poll)
+    if changed:
+        await _store(redis, poll, now_ms if now_ms is not None else _now_ms())
     return changed
 
 

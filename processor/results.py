@@ -191,9 +191,10 @@ class ResultsPublisher:
         for poll, snap in snapshots.items():
             self._cleared.discard(poll)
             self._publish_one(poll, snap, now_ms)
-        if every:
-            changes = [t for snap in snapshots.values() if (t := snap.poll.next_change_ms(now_ms))]
-            self._next_change_ms = min(changes) if changes else None
+        changes = [t for snap in snapshots.values() if (t := snap.poll.next_change_ms(now_ms))]
+        if not every and self._next_change_ms is not None and self._next_change_ms > now_ms:
+            changes.append(self._next_change_ms)  # a partial publish keeps the others' times
+        self._next_change_ms = min(changes) if changes else None
 
     def _publish_one(self, poll: str, snap: Snapshot, now_ms: int) -> None:
         config = _json(snap.poll.config(now_ms))

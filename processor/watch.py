@@ -29,10 +29,13 @@ async def results_stream(url: MqttUrl, poll: str) -> AsyncIterator[dict[str, Any
         identifier=f"votebox-watch-{uuid.uuid4().hex[:8]}",
         protocol=aiomqtt.ProtocolVersion.V311,
     ) as client:
-        await client.subscribe(results_topic(poll), qos=1)
+        topic = results_topic(poll)
+        await client.subscribe(topic, qos=1)
         async for message in client.messages:
+            if message.topic.value != topic:
+                continue  # amqtt 0.12.1 may hand us another client's retained message
             payload = message.payload
-            if isinstance(payload, bytes | bytearray):
+            if isinstance(payload, bytes | bytearray) and payload:  # empty: a deleted poll
                 yield json.loads(payload)
 
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
 from harness.services import ManagedProcess
+from processor.codec import Vote
 from processor.config import ENV_VARS
 from processor.polls import load_poll
-from tests.conftest import unique_id
+from processor.tally import Tally
+from tests.conftest import REPO, unique_id
 
 
 def votebox(
@@ -113,3 +117,87 @@ def test_demo_runs_end_to_end_and_prints_the_tally() -> None:
     assert (
         f"recount of demo: MATCH (redis total {sent}, influxdb {sent}, queued 0)" in result.stdout
     )
+
+
+def test_poll_create_refuses_what_the_type_does_not_allow(redis_proc: ManagedProcess) -> None:
+    cases = [
+        (["--type", "rating"], "needs a scale"),
+        (["--type", "rating", "--scale", "5-1"], "0 <= min < max"),
+        (["--type", "multiple", "--option", "a", "--option", "b", "--max-choices", "3"],
+         "max_choices 1 to 2"),
+        (["--option", "a", "--option", "b", "--max-choices", "2"], "only multiple-choice"),
+        (["--option", "a", "--option", "b", "--opens-at", "2026-12-01T18:00:00"], "UTC offset"),
+        (["--option", "a", "--option", "b", "--opens-at", "2026-12-02T00:00:00Z",
+          "--closes-at", "2026-12-01T00:00:00Z"], "close after it opens"),
+    ]  # fmt: skip
+    for flags, message in cases:
+        result = votebox("poll", "create", "bad-poll", *flags, "--redis-url", redis_proc.url)
+        assert result.returncode == 2 and message in result.stderr, (flags, result.stderr)
+
+
+async def test_poll_apply_creates_then_updates_and_refuses_changes_that_would_alter_votes(
+    redis_proc: ManagedProcess, redis: Redis, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    prefix = unique_id(request)[:40]
+    doc = (REPO / "docs" / "polls.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    example = example.replace("[polls.", f"[polls.{prefix}-")
+    path = tmp_path / "polls.toml"
+    path.write_text(example)
+    first = votebox("poll", "apply", str(path), "--redis-url", redis_proc.url)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("created poll") == 4
+    snacks = await load_poll(redis, f"{prefix}-snacks")
+    assert snacks is not None and snacks.type == "multiple" and snacks.max_choices == 2
+    service = await load_poll(redis, f"{prefix}-service")
+    assert service is not None and service.labels[-1] == "10" and service.cooldown_s == 10
+    final = await load_poll(redis, f"{prefix}-final")
+    assert final is not None and final.closes_ms == 1_796_148_000_000 and final.grace_s == 600
+
+    again = votebox("poll", "apply", str(path), "--redis-url", redis_proc.url)
+    assert again.returncode == 0 and again.stdout.count("unchanged") == 4
+
+    await Tally(redis, timeout_s=5).commit([Vote(f"{prefix}-board", "k", 0, 1, voter=b"x")],
+                                           now_ms=int(time.time() * 1000))  # fmt: skip
+    path.write_text(
+        example.replace('title = "Elect the board chair"', 'title = "Elect the chair"').replace(
+            'options = ["Kim", "Lee"]', 'options = ["Kim", "Lee", "Max"]'
+        )
+    )
+    path.write_text(path.read_text().replace("grace_s = 600", "grace_s = 900"))
+    refused = votebox("poll", "apply", str(path), "--redis-url", redis_proc.url)
+    assert refused.returncode == 2 and "labels cannot change" in refused.stderr
+    board = await load_poll(redis, f"{prefix}-board")
+    assert board is not None and board.labels == ("Kim", "Lee")
+    final = await load_poll(redis, f"{prefix}-final")  # earlier in the file: not written either
+    assert final is not None and final.grace_s == 600
+
+    path.write_text(example.replace("[polls.", "[polls.x").replace("grace_s = 600", "grace = 1"))
+    invalid = votebox("poll", "apply", str(path), "--redis-url", redis_proc.url)
+    assert invalid.returncode == 2 and "unknown key(s) ['grace']" in invalid.stderr
+    assert await load_poll(redis, f"x{prefix}-snacks") is None  # nothing written
+
+
+async def test_poll_list_open_close_and_delete(
+    redis_proc: ManagedProcess, redis: Redis, request: pytest.FixtureRequest
+) -> None:
+    poll_id = unique_id(request)
+    url = ["--redis-url", redis_proc.url]
+    assert (
+        votebox("poll", "create", poll_id, "--option", "a", "--option", "b", *url).returncode == 0
+    )
+    listed = votebox("poll", "list", *url)
+    line = next(x for x in listed.stdout.splitlines() if x.startswith(poll_id + " "))
+    assert "open" in line and "single: 0=a, 1=b" in line
+    assert votebox("poll", "close", poll_id, *url).returncode == 0
+    listed = votebox("poll", "list", *url)
+    assert "closed" in next(x for x in listed.stdout.splitlines() if x.startswith(poll_id + " "))
+    assert votebox("poll", "open", poll_id, *url).returncode == 0
+    poll = await load_poll(redis, poll_id)
+    assert poll is not None and poll.state_at(int(time.time() * 1000)) == "open"
+    deleted = votebox("poll", "delete", poll_id, "--yes", *url)
+    assert deleted.returncode == 0 and "deleted poll" in deleted.stdout
+    assert await load_poll(redis, poll_id) is None
+    assert await redis.sismember("votebox:polls:deleted", poll_id)
+    missing = votebox("poll", "close", poll_id, *url)
+    assert missing.returncode == 2 and "no poll" in missing.stderr
