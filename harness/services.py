@@ -30,6 +30,7 @@ __all__ = [
     "influxdb",
     "mosquitto",
     "mqtt_ready",
+    "port_open",
     "processor",
     "redis_server",
     "require_binaries",
@@ -99,10 +100,13 @@ class ManagedProcess:
         timeout_s: float = 20.0,
         port: int = 0,
         url: str = "",
+        ws_url: str = "",
     ) -> None:
         self.name = name
         self.port = port
         self.url = url
+        # A broker's WebSockets listener, for browser dashboards.
+        self.ws_url = ws_url
         self.log_offset = 0
         self.argv = argv
         self.log_path = log_path
@@ -186,6 +190,15 @@ def _redis_ping(port: int) -> bool:
         return sock.recv(16).startswith(b"+PONG")
 
 
+def port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        socket.create_connection((HOST, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 def mqtt_ready(port: int, *, host: str = HOST) -> bool:
     """Whether an MQTT 3.1.1 CONNECT (user "probe") gets an accepting CONNACK."""
     client_id = f"probe-{os.getpid()}".encode()
@@ -254,11 +267,13 @@ def redis_server(data_dir: Path, *, port: int | None = None) -> Iterator[Managed
         yield process
 
 
-def mosquitto_config(*, port: int, data_dir: Path) -> str:
+def mosquitto_config(*, port: int, data_dir: Path, ws_port: int | None = None) -> str:
     """A mosquitto.conf for a local test or demo broker, with production's queue limits."""
+    websockets = [f"listener {ws_port} {HOST}", "protocol websockets"] if ws_port else []
     return "\n".join(
         [
             "per_listener_settings false",
+            *websockets,
             f"listener {port} {HOST}",
             # Foundation: anonymous access on; the security issue provisions accounts and ACLs.
             "allow_anonymous true",
@@ -285,9 +300,10 @@ def mosquitto(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedPro
     """mosquitto on 127.0.0.1 with persistence in ``data_dir``; ``.port`` is set on it."""
     require_binaries("mosquitto")
     port = port or free_port()
+    ws_port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     conf = data_dir / "mosquitto.conf"
-    conf.write_text(mosquitto_config(port=port, data_dir=data_dir))
+    conf.write_text(mosquitto_config(port=port, data_dir=data_dir, ws_port=ws_port))
     process = ManagedProcess(
         "mosquitto",
         ["mosquitto", "-c", str(conf)],
@@ -295,6 +311,7 @@ def mosquitto(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedPro
         log_path=data_dir / "stdout.log",
         port=port,
         url=f"mqtt://{HOST}:{port}",
+        ws_url=f"ws://{HOST}:{ws_port}",
     )
     with _running(process):
         yield process
@@ -308,15 +325,18 @@ def amqtt_broker(data_dir: Path, *, port: int | None = None) -> Iterator[Managed
     restart it the way they do mosquitto.
     """
     port = port or free_port()
+    ws_port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "processor.cli", "broker", "--host", HOST, "--port", str(port)]
+    argv += ["--ws-port", str(ws_port)]
     process = ManagedProcess(
         "amqtt",
         argv,
-        ready=lambda: mqtt_ready(port),
+        ready=lambda: mqtt_ready(port) and port_open(ws_port),
         log_path=data_dir / "amqtt.log",
         port=port,
         url=f"mqtt://{HOST}:{port}",
+        ws_url=f"ws://{HOST}:{ws_port}",
     )
     with _running(process):
         yield process

@@ -62,6 +62,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("broker", help="run the embedded amqtt broker")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=1883, help="port to listen on (default 1883)")
+    p.add_argument(
+        "--ws-port",
+        type=int,
+        default=9001,
+        help="WebSockets port for browser dashboards (default 9001; 0: none)",
+    )
 
     p = sub.add_parser(
         "poll",
@@ -160,6 +166,33 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="seconds to vote (default 10)")
 
     p = sub.add_parser(
+        "dashboard",
+        help="serve the live results web page (it reads the broker's WebSockets listener)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
+    p.add_argument(
+        "--ws-url",
+        default="ws://127.0.0.1:9001",
+        help="the broker's WebSockets listener as browsers reach it (default ws://127.0.0.1:9001)",
+    )
+    p.add_argument("--username", default="dashboard", help="MQTT account of the page")
+    p.add_argument(
+        "--password",
+        default=os.environ.get("VOTEBOX_DASHBOARD_PASSWORD"),
+        help="its password (env VOTEBOX_DASHBOARD_PASSWORD); every browser gets it, so give "
+        "the account read access only",
+    )
+
+    p = sub.add_parser("watch", help="live results in the terminal, updated in place")
+    p.add_argument("poll", nargs="?", default=None, help="one poll (default: every poll)")
+    p.add_argument(
+        "--mqtt-url",
+        default=os.environ.get("VOTEBOX_MQTT_URL", DEFAULT_MQTT_URL),
+        help="broker URL (env VOTEBOX_MQTT_URL); the user name defaults to watcher",
+    )
+
+    p = sub.add_parser(
         "bench", help="benchmark votebox against the broker's own limit (docs/benchmarks.md)"
     )
     p.add_argument("--smoke", action="store_true", help="a few seconds, to check it works")
@@ -222,7 +255,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "broker":
         from broker.embedded import serve
 
-        asyncio.run(serve(host=args.host, port=args.port))
+        asyncio.run(serve(host=args.host, port=args.port, ws_port=args.ws_port or None))
         return 0
     if args.command == "poll":
         return asyncio.run(_poll_command(args, settings))
@@ -230,6 +263,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _simulate(args)
     if args.command == "recount":
         return asyncio.run(_recount(args.poll, settings))
+    if args.command == "dashboard":
+        return _dashboard(args)
+    if args.command == "watch":
+        from processor.watch import watch_polls
+
+        url = MqttUrl.parse(args.mqtt_url)
+        asyncio.run(watch_polls(url, args.poll, out=sys.stdout, in_place=sys.stdout.isatty()))
+        return 0
     if args.command == "bench":
         from pathlib import Path
 
@@ -275,6 +316,21 @@ async def _recount(poll: str, settings: Settings) -> int:
         await redis.aclose()
     print(result.report())
     return 0 if result.matches else 1
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from processor.dashboard import serve_dashboard
+
+    with serve_dashboard(
+        host=args.host,
+        port=args.port,
+        ws_url=args.ws_url,
+        username=args.username,
+        password=args.password,
+    ) as url:
+        print(f"votebox dashboard on {url} (broker {args.ws_url}); Ctrl-C stops", flush=True)
+        threading.Event().wait()
+    return 0  # pragma: no cover (Ctrl-C ends it)
 
 
 def _simulate(args: argparse.Namespace) -> int:

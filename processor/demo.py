@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -19,11 +20,12 @@ from redis.asyncio import Redis
 from devices.simulator import SimulationSummary, simulate
 from harness.services import amqtt_broker, influxdb, processor, redis_server
 from processor.config import MqttUrl, Settings
+from processor.dashboard import serve_dashboard
 from processor.errors import ConfigError, VoteboxError
 from processor.influx import make_writer
 from processor.polls import Poll, create_poll
 from processor.recount import recount
-from processor.watch import format_results, results_stream
+from processor.watch import watch_polls
 
 __all__ = ["run_demo"]
 
@@ -44,16 +46,8 @@ async def _create_poll(redis_url: str) -> None:
 
 
 async def _print_live(url: MqttUrl, stop: threading.Event) -> None:
-    is_tty = os.isatty(1)
-    drawn = 0
-    async for document in results_stream(url, _POLL.id):
-        text = format_results(document)
-        if is_tty and drawn:
-            print(f"\x1b[{drawn}F\x1b[J", end="")  # redraw in place
-        print(text, flush=True)
-        drawn = text.count("\n") + 1
-        if stop.is_set():
-            return
+    # The same view as `votebox watch demo`.
+    await watch_polls(url, _POLL.id, out=sys.stdout, in_place=os.isatty(1), stop=stop.is_set)
 
 
 def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
@@ -78,7 +72,14 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
             }
             proc = processor(root / "processor", env=env)
             proc.start()
-            try:
+            with contextlib.ExitStack() as stack:
+                stack.callback(proc.stop)  # runs last: after the dashboard has stopped
+                try:
+                    dashboard_url = stack.enter_context(
+                        serve_dashboard(port=0, ws_url=broker.ws_url)
+                    )
+                except ConfigError as exc:  # npm's part of scripts/setup not done
+                    dashboard_url = f"(not available: {exc})"
                 query = f"SELECT sum(value) FROM vote WHERE poll='{_POLL.id}' GROUP BY label"
                 print(
                     f"votebox demo: amqtt broker on mqtt://127.0.0.1:{broker.port}, Redis on "
@@ -88,6 +89,7 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
                     f"{devices} kiosks vote {rate:g} times a second; results are read from the "
                     f"retained topic polls/{_POLL.id}/results. Ctrl-C stops."
                 )
+                print(f"Live results in a browser: {dashboard_url}")
                 print(
                     f"Operators: Prometheus metrics on {proc.url}/metrics, readiness on "
                     f"{proc.url}/readyz (or: votebox status --url {proc.url}); a retained "
@@ -101,8 +103,7 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
                 code = _vote_and_watch(broker.port, duration_s, devices, rate)
                 print(_recount(redis.url, env))
                 return code
-            finally:
-                proc.stop()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _recount(redis_url: str, env: dict[str, str]) -> str:

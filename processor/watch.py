@@ -9,18 +9,21 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TextIO
 
 import aiomqtt
 
 from processor.config import MqttUrl
 from processor.topics import results_topic
 
-__all__ = ["format_results", "results_stream", "wait_for_results"]
+__all__ = ["format_results", "results_stream", "results_updates", "wait_for_results", "watch_polls"]
 
 
-async def results_stream(url: MqttUrl, poll: str) -> AsyncIterator[dict[str, Any]]:
-    """Yield each results document published for ``poll``, starting with the retained one."""
+async def results_updates(
+    url: MqttUrl, poll: str | None = None
+) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+    """Yield ``(poll, document)`` for each results message of ``poll`` (or of every poll),
+    starting with the retained ones; the document is None when a poll was deleted."""
     async with aiomqtt.Client(
         url.host,
         url.port,
@@ -29,14 +32,50 @@ async def results_stream(url: MqttUrl, poll: str) -> AsyncIterator[dict[str, Any
         identifier=f"votebox-watch-{uuid.uuid4().hex[:8]}",
         protocol=aiomqtt.ProtocolVersion.V311,
     ) as client:
-        topic = results_topic(poll)
-        await client.subscribe(topic, qos=1)
+        await client.subscribe(results_topic(poll or "+"), qos=1)
         async for message in client.messages:
-            if message.topic.value != topic:
+            parts = message.topic.value.split("/")
+            if len(parts) != 3 or parts[2] != "results" or (poll and parts[1] != poll):
                 continue  # amqtt 0.12.1 may hand us another client's retained message
             payload = message.payload
-            if isinstance(payload, bytes | bytearray) and payload:  # empty: a deleted poll
-                yield json.loads(payload)
+            if isinstance(payload, bytes | bytearray):
+                yield parts[1], json.loads(payload) if payload else None
+
+
+async def results_stream(url: MqttUrl, poll: str) -> AsyncIterator[dict[str, Any]]:
+    """Yield each results document published for ``poll``, starting with the retained one."""
+    async for _, document in results_updates(url, poll):
+        if document is not None:
+            yield document
+
+
+async def watch_polls(
+    url: MqttUrl,
+    poll: str | None = None,
+    *,
+    out: TextIO,
+    in_place: bool,
+    stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Draw the live results of ``poll`` (or of every poll) until ``stop()`` says so after an
+    update: in place on a terminal, one block per update otherwise (a log, a pipe)."""
+    documents: dict[str, dict[str, Any]] = {}
+    drawn = 0
+    async for poll_id, document in results_updates(url, poll):
+        if document is None:
+            documents.pop(poll_id, None)
+        elif document.get("version", 0) >= documents.get(poll_id, {}).get("version", -1):
+            documents[poll_id] = document
+        screen = "\n".join(format_results(documents[p]) for p in sorted(documents)) or (
+            "no polls yet"
+        )
+        if in_place and drawn:
+            out.write(f"\x1b[{drawn}F\x1b[J")  # up to where the last screen began; clear
+        out.write(screen + "\n")
+        out.flush()
+        drawn = screen.count("\n") + 1
+        if stop():
+            return
 
 
 async def wait_for_results(
@@ -63,14 +102,16 @@ def format_results(document: dict[str, Any], *, width: int = 30) -> str:
     """A few lines of text bars for one results document."""
     total = document.get("total", 0)
     lines = [
-        f"{document.get('title') or document['poll']}  [{document['state']}]  "
-        f"total {total}  v{document['version']}  {document['updated_at']}"
+        f"{document.get('title') or document.get('poll', '?')}  [{document.get('state', '?')}]  "
+        f"total {total}  v{document.get('version', 0)}  {document.get('updated_at', '')}"
     ]
     if document.get("counts") is None:
         lines.append("  results hidden until the poll closes")
         return "\n".join(lines)
-    label_width = max((len(label) for label in document["labels"]), default=0)
-    for label, count in zip(document["labels"], document["counts"], strict=True):
+    labels = document.get("labels") or []
+    label_width = max((len(label) for label in labels), default=0)
+    # A document from another publisher may be short of counts: draw what there is.
+    for label, count in zip(labels, document["counts"], strict=False):
         share = count / total if total else 0.0
         bar = "#" * round(share * width)
         lines.append(f"  {label:<{label_width}} {bar:<{width}} {count:>7} {share:6.1%}")

@@ -108,6 +108,7 @@ def test_demo_runs_end_to_end_and_prints_the_tally() -> None:
     result = votebox("demo", "--duration", "4", "--devices", "4", "--rate", "25", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Which snack should the stadium sell?" in result.stdout
+    assert "Live results in a browser: http://127.0.0.1:" in result.stdout
     summary = next(line for line in result.stdout.splitlines() if line.startswith("sent "))
     assert "rejected 0" in summary
     sent = int(summary.split()[1])

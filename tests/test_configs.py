@@ -7,7 +7,6 @@ import getpass
 import json
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from harness.services import (
     MOSQUITTO_MAX_QUEUED_MESSAGES,
     ManagedProcess,
     free_port,
+    port_open,
 )
 from processor.metrics import Metrics
 from tests.conftest import REPO
@@ -66,7 +66,7 @@ def production_mosquitto(tmp_path: Path) -> Iterator[ManagedProcess]:
     proc = ManagedProcess(
         "mosquitto",
         ["mosquitto", "-c", str(tmp_path / "mosquitto.conf")],
-        ready=lambda: _port_open(mqtt_port),
+        ready=lambda: port_open(mqtt_port),
         log_path=tmp_path / "mosquitto.log",
         port=mqtt_port,
     )
@@ -75,14 +75,6 @@ def production_mosquitto(tmp_path: Path) -> Iterator[ManagedProcess]:
         yield proc
     finally:
         assert proc.stop() == 0
-
-
-def _port_open(port: int) -> bool:
-    try:
-        socket.create_connection((HOST, port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 def _client(broker: ManagedProcess, user: str | None, password: str | None = None) -> Any:

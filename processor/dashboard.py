@@ -1,0 +1,107 @@
+"""``votebox dashboard``: serves the live results page (dashboard/) to browsers.
+
+Rule: the page talks to the broker, not to us: we serve four static files and a config.json
+saying where the broker's WebSockets listener is. No vote or result passes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Final
+
+from processor.errors import ConfigError
+
+__all__ = ["DASHBOARD_DIR", "MQTT_BROWSER_BUILD", "serve_dashboard"]
+
+log = logging.getLogger(__name__)
+
+DASHBOARD_DIR: Final = Path(__file__).resolve().parents[1] / "dashboard"
+# Installed by scripts/setup (npm ci in dashboard/), never copied into the repository.
+MQTT_BROWSER_BUILD: Final = DASHBOARD_DIR / "node_modules" / "mqtt" / "dist" / "mqtt.min.js"
+
+_FILES: Final = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+
+
+def _handler(config: bytes) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/config.json":
+                self._send(200, "application/json", config)
+            elif path == "/vendor/mqtt.min.js":
+                self._send(200, "text/javascript", MQTT_BROWSER_BUILD.read_bytes())
+            elif path in _FILES:
+                name, ctype = _FILES[path]
+                self._send(200, ctype, (DASHBOARD_DIR / name).read_bytes())
+            else:
+                self._send(404, "text/plain", b"not found\n")
+
+        def _send(self, status: int, ctype: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            log.debug("dashboard: %s", format % args)
+
+    return Handler
+
+
+@contextlib.contextmanager
+def serve_dashboard(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    ws_url: str,
+    username: str = "dashboard",
+    password: str | None = None,
+) -> Iterator[str]:
+    """Serve the dashboard in a thread for the duration of the block; yields its URL.
+
+    Args:
+        host: address to listen on.
+        port: port to listen on; 0 picks a free one.
+        ws_url: the broker's WebSockets listener as the browser reaches it, ws:// or wss://.
+        username: the MQTT account the page logs in with (read-only by broker/mosquitto.acl).
+        password: its password; it is handed to every browser that loads the page, so give
+            this account nothing but read access.
+
+    Raises:
+        ConfigError: the mqtt browser build is not installed, the URL is not ws(s)://, or the
+            port cannot be bound.
+    """
+    if not MQTT_BROWSER_BUILD.is_file():
+        raise ConfigError(
+            f"{MQTT_BROWSER_BUILD} is missing: run scripts/setup (it runs npm ci in dashboard/)"
+        )
+    if not ws_url.startswith(("ws://", "wss://")):
+        raise ConfigError(f"--ws-url must start with ws:// or wss:// (got {ws_url!r})")
+    config = json.dumps({"ws_url": ws_url, "username": username, "password": password}).encode()
+    try:
+        server = ThreadingHTTPServer((host, port), _handler(config))
+    except OSError as exc:
+        raise ConfigError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror}") from None
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="votebox.dashboard", daemon=True)
+    thread.start()
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        yield f"http://{shown}:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
