@@ -7,6 +7,7 @@ in its own process; every votebox run also checks that the count is exact.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,7 +16,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +110,67 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+class _CpuMeter:
+    """CPU seconds of running processes over a measurement, from /proc: who used the cores."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self._pids = pids
+        self._before = {name: sum(map(_cpu_s, p)) for name, p in pids.items()}
+
+    def cores(self, elapsed_s: float, **finished_cpu_s: float) -> dict[str, float]:
+        """Cores used by each process group (and by finished ones, given their CPU seconds)."""
+        used = {
+            name: (sum(map(_cpu_s, pids)) - self._before[name]) / elapsed_s
+            for name, pids in self._pids.items()
+        }
+        used |= {name: cpu / elapsed_s for name, cpu in finished_cpu_s.items()}
+        used["all"] = sum(used.values())
+        return {name: round(value, 3) for name, value in used.items()}
+
+
+class _CpuSampler:
+    """Every 100 ms, each process group's CPU seconds so far: to see who was busy when the
+    slowest votes waited (a latency profile across processes, not a guess)."""
+
+    def __init__(self, pids: dict[str, list[int]], every_s: float = 0.1) -> None:
+        self._pids = pids
+        self._every_s = every_s
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench.cpu_sampler", daemon=True)
+
+    def __enter__(self) -> _CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.time()
+            with contextlib.suppress(OSError):
+                reading = {name: sum(map(_cpu_s, pids)) for name, pids in self._pids.items()}
+                self.samples.append((now, reading))
+            self._stop.wait(self._every_s)
+
+    def cores_between(self, start: float, end: float) -> dict[str, float]:
+        """Cores each group used from ``start`` to ``end`` (the samples around them)."""
+        before = [s for s in self.samples if s[0] <= start] or self.samples[:1]
+        after = [s for s in self.samples if s[0] >= end] or self.samples[-1:]
+        (t0, c0), (t1, c1) = before[-1], after[0]
+        span = max(t1 - t0, 1e-3)
+        return {name: (c1[name] - c0[name]) / span for name in c0}
+
+
+def _wait_rusage_cpu_s(proc: subprocess.Popen[Any]) -> float:
+    """Reap ``proc`` and return the CPU seconds it used (gone from /proc once reaped)."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Bench:
     """The servers of one benchmark run, and the measurements on them."""
 
@@ -182,12 +246,28 @@ class Bench:
             stdout=subprocess.DEVNULL,
         )
         time.sleep(0.5)  # subscribed
+        meter = self._meter(broker)
         gen = _loadgen(broker.port, poll=poll, messages=messages, devices=self.config.devices)
         out, _ = gen.communicate()
-        sub.wait(timeout=300)
+        sub_cpu = _wait_rusage_cpu_s(sub)
         done = time.time()
         load = json.loads(out)
-        return {"messages": messages, "rate": messages / (done - load["started"])}
+        elapsed = done - load["started"]
+        return {
+            "messages": messages,
+            "rate": messages / elapsed,
+            "cores": meter.cores(elapsed, loadgen=load["cpu_s"], subscriber=sub_cpu),
+        }
+
+    def _meter(self, broker: ManagedProcess, procs: Sequence[ManagedProcess] = ()) -> _CpuMeter:
+        return _CpuMeter(
+            {
+                "broker": [broker.pid],
+                "redis": [self.redis.pid],
+                "influxdb": [self.influx.pid],
+                "processor": [p.pid for p in procs],
+            }
+        )
 
     def throughput(
         self, broker: ManagedProcess, *, messages: int, devices: int, n_processors: int = 1
@@ -196,6 +276,7 @@ class Bench:
         poll = self._poll("tput")
         procs = self.processors(broker, n_processors, share=n_processors > 1)
         cpu_before = [_cpu_s(p.pid) for p in procs]
+        meter = self._meter(broker, procs)
         gen = _loadgen(
             broker.port,
             poll=poll,
@@ -206,6 +287,7 @@ class Bench:
         )
         load, done, total = asyncio.run(self._wait_total(gen, poll))
         cpu = sum(_cpu_s(p.pid) - b for p, b in zip(procs, cpu_before, strict=True))
+        cores = meter.cores(done - load["started"], loadgen=load["cpu_s"])
         rss = max(_peak_rss_mb(p.pid) for p in procs)
         memory = asyncio.run(self._dedup_bytes_per_device(poll, devices))
         # Let InfluxDB catch up before the next run, so that its writes do not compete with it.
@@ -224,6 +306,7 @@ class Bench:
             "rate": messages / elapsed,
             "votes_rate": load["votes"] / elapsed,
             "processor_cpu_s": cpu,
+            "cores": cores,
             "processor_cpu_share": cpu / elapsed,
             "processor_peak_rss_mb": rss,
             "redis_dedup_bytes_per_device": memory,
@@ -280,6 +363,14 @@ class Bench:
         procs = self.processors(broker)
         messages = max(50, int(rate * self.config.latency_seconds))
         seen: list[tuple[float, int]] = []
+        sampler = _CpuSampler(
+            {
+                "broker": [broker.pid],
+                "redis": [self.redis.pid],
+                "influxdb": [self.influx.pid],
+                "processor": [p.pid for p in procs],
+            }
+        )
 
         async def watch_and_send() -> dict[str, Any]:
             url = MqttUrl.parse(f"mqtt://bench-watch@127.0.0.1:{broker.port}")
@@ -307,22 +398,32 @@ class Bench:
                     await watcher
             return dict(json.loads(out))
 
-        load = asyncio.run(watch_and_send())
+        with sampler:
+            load = asyncio.run(watch_and_send())
         for proc in procs:
             proc.stop()
-        latencies = []
+        latencies: list[tuple[float, float, float]] = []  # (ms, sent at, seen at)
         index = 0
         for sent_at, sent_so_far in load["send_log"]:
             while seen[index][1] < sent_so_far:
                 index += 1
-            latencies.append((seen[index][0] - sent_at) * 1000)
-        q = statistics.quantiles(latencies, n=100)
+            latencies.append(((seen[index][0] - sent_at) * 1000, sent_at, seen[index][0]))
+        q = statistics.quantiles([ms for ms, _, _ in latencies], n=100)
+        # Who was busy while the slowest 1% waited, against the whole run.
+        slow = [(s, e) for ms, s, e in latencies if ms >= q[98]]
+        whole = sampler.cores_between(latencies[0][1], latencies[-1][2])
+        during: dict[str, float] = {}
+        for start, end in slow:
+            for name, cores in sampler.cores_between(start, end).items():
+                during[name] = during.get(name, 0.0) + cores / len(slow)
         return {
             "rate": rate,
             "messages": messages,
             "p50_ms": q[49],
             "p95_ms": q[94],
             "p99_ms": q[98],
+            "cores_whole_run": {k: round(v, 3) for k, v in whole.items()},
+            "cores_while_slowest_1pct_waited": {k: round(v, 3) for k, v in during.items()},
         }
 
 
@@ -438,14 +539,36 @@ def table(result: dict[str, Any]) -> str:
         ("mosquitto_sub baseline (amqtt)", ab, ab),
         ("votebox on amqtt", result["votebox_amqtt"]["rate"], ab),
     ]
-    lines = ["| run | messages/s | votebox / baseline |", "|---|---:|---:|"]
-    lines += [f"| {name} | {rate:,.0f} | {rate / base:.0%} |" for name, rate, base in rows]
+    runs = [
+        result["mosquitto_baseline"],
+        result["votebox"],
+        result["votebox_10_devices"],
+        result["votebox_two_processors"],
+        result["amqtt_baseline"],
+        result["votebox_amqtt"],
+    ]
+    groups = ("broker", "processor", "subscriber", "loadgen", "redis", "influxdb", "all")
+    lines = [
+        "| run | messages/s | votebox / baseline | cores: " + " / ".join(groups) + " |",
+        "|---|---:|---:|---|",
+    ]
+    for (name, rate, base), run in zip(rows, runs, strict=True):
+        cores = run.get("cores", {})
+        shown = " / ".join(f"{cores[g]:.2f}" if g in cores else "-" for g in groups)
+        lines.append(f"| {name} | {rate:,.0f} | {rate / base:.0%} | {shown} |")
     lat, v = result["latency"], result["votebox"]
     lines += [
         "",
         f"Latency publish -> retained result at {lat['rate']:,.0f} msg/s: "
         f"p50 {lat['p50_ms']:.0f} ms, "
         f"p95 {lat['p95_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms.",
+        "Cores used, whole latency run / while the slowest 1% of votes waited: "
+        + ", ".join(
+            f"{name} {lat['cores_whole_run'][name]:.2f} / "
+            f"{lat['cores_while_slowest_1pct_waited'].get(name, 0):.2f}"
+            for name in lat["cores_whole_run"]
+        )
+        + ".",
         f"Processor: {v['processor_cpu_share']:.0%} of a core, peak RSS "
         f"{v['processor_peak_rss_mb']:.0f} MB; Redis de-duplication state "
         f"{v['redis_dedup_bytes_per_device']:.0f} bytes per device and poll.",

@@ -262,6 +262,17 @@ class MqttIntake:
                 packets.publish(topic, payload, qos=qos, retain=retain, mid=mid, v5=self._v5)
             )
 
+    async def wait_unacked_below(self, limit: int, *, timeout_s: float) -> None:
+        """Wait until fewer than ``limit`` of our QoS 1 publishes await the broker's PUBACK
+        (or ``timeout_s`` passes): a burst of publishes goes at the broker's pace."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while len(self._unacked_out) >= limit and self.connected:
+                    self._drained.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.05):
+                            await self._drained.wait()
+
     async def drain(self) -> None:
         """Wait until every QoS 1 publish so far was acknowledged (or the connection is gone)."""
         while self._unacked_out and self.connected:

@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import redis.exceptions
 from redis.asyncio import Redis
@@ -44,6 +44,9 @@ class ResultsPublisher:
         rescan_s: how often every poll is checked, to catch changes nobody announced.
         timeout_s: deadline of one Redis read.
         metrics: counts the publishes by poll, when given.
+        pace: awaited between polls of a burst (every poll at a start or rescan), so that the
+            broker takes them at its pace: amqtt reads our PUBACKs for votes only after it has
+            handled what we sent before them, and gives up on a delivery after 5 s.
     """
 
     def __init__(
@@ -55,8 +58,10 @@ class ResultsPublisher:
         rescan_s: float,
         timeout_s: float,
         metrics: Metrics | None = None,
+        pace: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._metrics = metrics
+        self._pace = pace
         self._redis = redis
         self._publish = publish
         self._interval_s = interval_s
@@ -191,6 +196,8 @@ class ResultsPublisher:
         for poll, snap in snapshots.items():
             self._cleared.discard(poll)
             self._publish_one(poll, snap, now_ms)
+            if self._pace is not None:
+                await self._pace()
         changes = [t for snap in snapshots.values() if (t := snap.poll.next_change_ms(now_ms))]
         if not every and self._next_change_ms is not None and self._next_change_ms > now_ms:
             changes.append(self._next_change_ms)  # a partial publish keeps the others' times

@@ -351,6 +351,7 @@ async def _serve(
         rescan_s=settings.polls_rescan_s,
         timeout_s=settings.redis_timeout_s,
         metrics=metrics,
+        pace=lambda: intake.wait_unacked_below(100, timeout_s=5.0),
     )
     stats = StatsPublisher(
         redis=tally.redis,

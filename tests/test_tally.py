@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from harness.services import free_port
 from processor.codec import MAX_UINT, Vote
 from processor.errors import StoreUnavailable
-from processor.keys import SET_ASIDE, PollKeys
+from processor.keys import POLLS_INDEX, SET_ASIDE, PollKeys
 from processor.polls import Poll, create_poll, read_results
 from processor.reasons import Fate, Reason
 from processor.tally import DEDUP_WINDOW, Tally
@@ -209,3 +209,5 @@ async def test_tally_equals_the_reference_rules(
     assert got == expected
     total = (await read_results(redis, [poll.id]))[poll.id].total
     assert total == expected.count(A)
+    await redis.srem(POLLS_INDEX, poll.id)  # see tests/test_poll_rules.py: no poll left behind
+    await redis.delete(*keys.every_key())
