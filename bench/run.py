@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from redis.asyncio import Redis
 
 from harness.services import (
@@ -183,6 +185,7 @@ class Bench:
         self.amqtt = stack.enter_context(amqtt_broker(root / "amqtt"))
         self.influx = stack.enter_context(influxdb(root / "influxdb"))
         self._runs = 0
+        self._sessions: dict[ManagedProcess, tuple[ManagedProcess, str]] = {}
 
     def _poll(self, name: str) -> str:
         self._runs += 1
@@ -220,7 +223,22 @@ class Bench:
             self._stack.callback(proc.stop)  # stopped even when a measurement fails
             proc.start()
             procs.append(proc)
+            self._sessions[proc] = (broker, env["VOTEBOX_MQTT_CLIENT_ID"])
         return procs
+
+    def retire(self, procs: Sequence[ManagedProcess]) -> None:
+        """Stop processors and end their sessions: a stopped processor's persistent session
+        would otherwise make the broker queue every later run's votes for it (up to its
+        queue limit), and later runs would measure that work too."""
+        for proc in procs:
+            proc.stop()
+            broker, client_id = self._sessions.pop(proc)
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True
+            )
+            client.username_pw_set("bench")
+            client.connect("127.0.0.1", broker.port)
+            client.disconnect()
 
     def baseline(self, broker: ManagedProcess, messages: int) -> dict[str, Any]:
         """mosquitto_sub receiving the load from the same broker: the broker's own limit."""
@@ -292,8 +310,7 @@ class Bench:
         memory = asyncio.run(self._dedup_bytes_per_device(poll, devices))
         # Let InfluxDB catch up before the next run, so that its writes do not compete with it.
         drained = asyncio.run(self._wait_points_drained(poll))
-        for proc in procs:
-            proc.stop()
+        self.retire(procs)
         elapsed = done - load["started"]
         return {
             "messages": messages,
@@ -400,8 +417,7 @@ class Bench:
 
         with sampler:
             load = asyncio.run(watch_and_send())
-        for proc in procs:
-            proc.stop()
+        self.retire(procs)
         latencies: list[tuple[float, float, float]] = []  # (ms, sent at, seen at)
         index = 0
         for sent_at, sent_so_far in load["send_log"]:
