@@ -26,6 +26,7 @@ async def test_ten_thousand_votes_with_repeats_and_garbage_are_counted_exactly(
     rng = random.Random(7)
     expected = Counter[int]()
     repeats = garbage = 0
+    cast: dict[tuple[str, int], int] = {}  # (device, seq) -> choice
     with Fleet(broker, poll.id, 20) as fleet:
 
         def send() -> int:
@@ -34,14 +35,17 @@ async def test_ten_thousand_votes_with_repeats_and_garbage_are_counted_exactly(
                 kiosk = fleet.kiosks[i % 20]
                 roll = rng.random()
                 if roll < 0.1 and kiosk.seq > 0:
-                    kiosk.vote(poll.id, 0, seq=rng.randint(1, kiosk.seq))  # a repeat: same seq
+                    # A re-send, as a device makes it: the same vote again. (Whichever copy
+                    # arrives first counts: a broker may redeliver out of order.)
+                    seq = rng.randint(1, kiosk.seq)
+                    kiosk.vote(poll.id, cast[(kiosk.device, seq)], seq=seq)
                     repeats += 1
                 elif roll < 0.13:
                     kiosk.publish_raw(poll.id, rng.randbytes(rng.randint(1, 40)) + b"\xff")
                     garbage += 1
                 else:
                     choice = rng.choices([0, 1, 2], weights=[5, 3, 2])[0]
-                    kiosk.vote(poll.id, choice)
+                    cast[(kiosk.device, kiosk.vote(poll.id, choice))] = choice
                     expected[choice] += 1
             return sum(kiosk.wait_published(60) for kiosk in fleet.kiosks)
 
@@ -70,10 +74,13 @@ async def test_ten_thousand_votes_with_repeats_and_garbage_are_counted_exactly(
         codes = fleet.codes()
         assert fleet.unacked() == 0
         assert codes[0] == total
-        assert codes[1] == repeats
+        # amqtt may deliver a vote twice (docs/brokers.md: its 5 s PUBACK timeout); the second
+        # copy is answered "duplicate" and counted once. Mosquitto delivers each once.
+        redelivered = codes[1] - repeats
+        assert redelivered == 0 if broker.name == "mosquitto" else redelivered >= 0
         assert sum(n for code, n in codes.items() if code >= 16) == garbage
         fates, unattributed = await read_fates(redis, poll.id)
-        assert fates["accepted"] == total and fates["duplicate"] == repeats
+        assert fates["accepted"] == total and fates["duplicate"] == repeats + redelivered
         assert sum(unattributed.values()) >= garbage  # other tests add theirs
 
 
