@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from redis.asyncio import Redis
 
 from harness.services import (
     ManagedProcess,
     amqtt_broker,
+    end_session,
     influxdb,
     mosquitto,
     processor,
@@ -232,13 +231,7 @@ class Bench:
         queue limit), and later runs would measure that work too."""
         for proc in procs:
             proc.stop()
-            broker, client_id = self._sessions.pop(proc)
-            client = paho.Client(
-                CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True
-            )
-            client.username_pw_set("bench")
-            client.connect("127.0.0.1", broker.port)
-            client.disconnect()
+            end_session(*self._sessions.pop(proc))
 
     def baseline(self, broker: ManagedProcess, messages: int) -> dict[str, Any]:
         """mosquitto_sub receiving the load from the same broker: the broker's own limit."""

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +30,7 @@ __all__ = [
     "free_port",
     "influxdb",
     "mosquitto",
+    "end_session",
     "mqtt_ready",
     "port_open",
     "processor",
@@ -197,6 +199,29 @@ def port_open(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def end_session(broker: ManagedProcess, client_id: str) -> None:
+    """End a stopped client's persistent session on ``broker`` (connect with a clean session,
+    disconnect). A stopped processor's session subscribed to votes/# makes the broker queue
+    every later vote for it: on amqtt without bound, on Mosquitto up to its queue limit."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    connected = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    client.username_pw_set("cleanup")  # amqtt here refuses anonymous clients
+    client.on_connect = lambda *_: connected.set()
+    try:
+        client.connect(HOST, broker.port)
+    except OSError:
+        return  # the broker is down: nothing queues for the session meanwhile either
+    client.loop_start()
+    try:
+        connected.wait(5)  # the CONNACK: the broker has dropped the old session
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def mqtt_ready(port: int, *, host: str = HOST) -> bool:

@@ -14,7 +14,10 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any, Final
 
+from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from processor.backoff import backoff_delays
 from processor.codec import AckEntry, Vote, decode_message, encode_ack
@@ -287,6 +290,11 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
+        # After a Redis restart each pooled connection fails once before it is replaced: try
+        # again at once on a new one. (A commit retried this way is safe: a batch committed
+        # twice is answered "duplicate" the second time and counted once.)
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis_exceptions.ConnectionError],
     )
     writer = make_writer(target) if target else None
     metrics = Metrics()

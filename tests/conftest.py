@@ -21,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from harness.services import (
     ManagedProcess,
     amqtt_broker,
+    end_session,
     influxdb,
     mosquitto,
     processor,
@@ -114,12 +115,14 @@ def processor_proc(
     tmp_path: Path,
 ) -> Iterator[ManagedProcess]:
     """A running `votebox processor` subprocess with its own persistent session."""
-    proc = processor(tmp_path, env=processor_env(broker, redis_proc, unique_id(request, "-proc")))
+    client_id = unique_id(request, "-proc")
+    proc = processor(tmp_path, env=processor_env(broker, redis_proc, client_id))
     proc.start()
     try:
         yield proc
     finally:
         code = proc.stop()
+        end_session(broker, client_id)  # or the broker queues every later test's votes for it
         if code not in (0, None):
             print(proc.log_text()[-5000:])
 
@@ -130,21 +133,23 @@ def spawn_processor(
 ) -> Iterator[Callable[..., ManagedProcess]]:
     """Start processors on a given broker with extra ``VOTEBOX_*`` settings; all are stopped
     when the test ends, whatever happened to them meanwhile."""
-    started: list[ManagedProcess] = []
+    started: list[tuple[ManagedProcess, ManagedProcess, str]] = []
 
     def spawn(broker: ManagedProcess, **env: str) -> ManagedProcess:
         n = len(started)
+        client_id = unique_id(request, f"-{n}")
         proc = processor(
             tmp_path / f"processor-{n}",
-            env=processor_env(broker, redis_proc, unique_id(request, f"-{n}")) | env,
+            env=processor_env(broker, redis_proc, client_id) | env,
         )
-        started.append(proc)
+        started.append((proc, broker, client_id))
         proc.start()
         return proc
 
     yield spawn
-    for proc in started:
+    for proc, broker, client_id in started:
         proc.stop()
+        end_session(broker, client_id)
 
 
 async def eventually(check: object, *, timeout_s: float = 30.0, every_s: float = 0.05) -> None:
