@@ -144,10 +144,11 @@ class Kiosk:
         self.publish_raw(poll, payload)
         return seq
 
-    def resend_outbox(self) -> int:
-        """Publish every unanswered vote again with its own seq; returns how many."""
+    def resend_outbox(self, limit: int | None = None) -> int:
+        """Publish every unanswered vote (or the oldest ``limit``) again with its own seq;
+        returns how many."""
         with self._lock:
-            pending = list(self.outbox.values())
+            pending = list(self.outbox.values())[:limit]
         for poll, payload in pending:
             self.publish_raw(poll, payload)
         return len(pending)

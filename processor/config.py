@@ -149,6 +149,12 @@ ENV_VARS: Final = (
     ("VOTEBOX_CLOCK_SKEW_S", "clock_skew_s", "device clock error tolerated, default 300"),
     ("VOTEBOX_RESULTS_INTERVAL_S", "results_interval_s", "results publish interval, default 0.1"),
     ("VOTEBOX_BATCH_MAX", "batch_max", "votes per Redis round trip at most, default 500"),
+    (
+        "VOTEBOX_DEVICE_RATE",
+        "device_rate",
+        "messages/s per device, beyond: rate_limited; 0 (default) off",
+    ),
+    ("VOTEBOX_DEVICE_BURST", "device_burst", "messages a device may send at once, default 300"),
     ("VOTEBOX_LOG_LEVEL", "log_level", "DEBUG, INFO (default), WARNING"),
     ("VOTEBOX_LOG_FORMAT", "log_format", "logfmt (key=value, default) or json"),
     (
@@ -198,6 +204,9 @@ class Settings:
     results_interval_s: float = 0.1
     polls_rescan_s: float = 2.0
     batch_max: int = 500
+    # docs/security.md, Floods: off unless set, because tests and benchmarks flood on purpose.
+    device_rate: float = 0.0
+    device_burst: float = 300.0
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"
     log_format: str = "logfmt"
@@ -228,6 +237,8 @@ class Settings:
             raise ConfigError("VOTEBOX_MQTT_SHARE_GROUP needs VOTEBOX_MQTT_PROTOCOL=5")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("VOTEBOX_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if self.device_rate < 0 or self.device_burst < 1:
+            raise ConfigError("VOTEBOX_DEVICE_RATE must be >= 0 and VOTEBOX_DEVICE_BURST >= 1")
         if self.log_format not in ("logfmt", "json"):
             raise ConfigError(
                 f"VOTEBOX_LOG_FORMAT must be logfmt or json (got {self.log_format!r})"
@@ -314,7 +325,8 @@ _INT_FIELDS: Final = frozenset(
     | {"mqtt_receive_max", "batch_max", "mqtt_keepalive_s", "mqtt_session_expiry_s"}
 )
 _FLOAT_FIELDS: Final = frozenset(
-    {"influx_flush_s", "stats_interval_s", "silent_after_s", "stall_s"}
+    {"influx_flush_s", "stats_interval_s", "silent_after_s", "stall_s", "device_rate"}
+    | {"device_burst"}
     | {
         "results_interval_s",
         "redis_timeout_s",

@@ -46,6 +46,7 @@ class Reason(enum.IntEnum):
     POLL_NOT_OPEN = 30
     POLL_CLOSED = 31
     MISSING_VOTER = 32
+    RATE_LIMITED = 33
 
     @property
     def code(self) -> str:

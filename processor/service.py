@@ -29,6 +29,7 @@ from processor.influx import InfluxDrainer, make_writer
 from processor.logs import RejectionLog
 from processor.metrics import Metrics
 from processor.mqtt import Delivery, MqttIntake
+from processor.ratelimit import DeviceRateLimiter
 from processor.reasons import Fate, Reason
 from processor.results import ResultsPublisher
 from processor.stats import StatsPublisher
@@ -55,6 +56,7 @@ class BatchProcessor:
         metrics: counted once per batch.
         health: told when a batch is done, so that /readyz can tell a stalled intake.
         drainer: told how many points were queued for InfluxDB, when it is on.
+        limiter: refuses a device's messages beyond its rate, before decoding them.
     """
 
     def __init__(
@@ -67,7 +69,9 @@ class BatchProcessor:
         metrics: Metrics,
         health: Health | None = None,
         drainer: InfluxDrainer | None = None,
+        limiter: DeviceRateLimiter | None = None,
     ) -> None:
+        self._limiter = limiter
         self._drainer = drainer
         self._metrics = metrics
         self._health = health
@@ -104,6 +108,10 @@ class BatchProcessor:
                 reject(device_from_topic(delivery.topic), error)
                 continue
             seen.add(device)
+            if self._limiter is not None and not self._limiter.allow(device):
+                # Not read: the device keeps the votes in its outbox and sends them again.
+                reject(device, VoteRejected(Reason.RATE_LIMITED, "over VOTEBOX_DEVICE_RATE"))
+                continue
             try:
                 items = decode_message(delivery.payload, poll=poll, device=device)
             except VoteRejected as error:
@@ -399,6 +407,9 @@ async def _serve(
         metrics=metrics,
         health=health,
         drainer=drainer,
+        limiter=DeviceRateLimiter(
+            rate_per_s=settings.device_rate, burst=settings.device_burst, clock=time.monotonic
+        ),
     )
     topic_filter = shared(VOTES_FILTER, settings.mqtt_share_group)
     log.info("ready: consuming %s", topic_filter)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -115,3 +116,41 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+async def test_a_flooding_device_is_rate_limited_and_others_are_untouched(
+    mosquitto_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    poll: Poll,
+    redis: Redis,
+) -> None:
+    spawn_processor(mosquitto_proc, VOTEBOX_DEVICE_RATE="200", VOTEBOX_DEVICE_BURST="100")
+    with Fleet(mosquitto_proc, poll.id, 4) as fleet:
+        flood, others = fleet.kiosks[0], fleet.kiosks[1:]
+
+        def send() -> None:
+            for i in range(2000):
+                flood.vote(poll.id, 0)
+                if i % 40 == 0:
+                    for kiosk in others:
+                        kiosk.vote(poll.id, 1)  # 50 each, well inside the rate
+            for kiosk in fleet.kiosks:
+                kiosk.wait_published(60)
+
+        await asyncio.to_thread(send)
+        await eventually(lambda: sum(fleet.codes().values()) >= 2000 + 150, timeout_s=60)
+        codes = fleet.codes()
+        limited = codes[int(Reason.RATE_LIMITED)]
+        assert limited >= 1000  # most of the flood was refused unread ...
+        assert all(not kiosk.outbox for kiosk in others)  # ... and nobody else was
+        assert len(flood.outbox) == limited  # the refused votes wait in the flood's outbox
+
+        # Sent again at a pace the rate allows, every one counts, once.
+        def resend_slowly() -> None:
+            while flood.outbox:
+                flood.resend_outbox(limit=150)
+                time.sleep(1.0)
+
+        await asyncio.wait_for(asyncio.to_thread(resend_slowly), timeout=120)
+    results = (await read_results(redis, [poll.id]))[poll.id]
+    assert results.counts == (2000, 150, 0)
