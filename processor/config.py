@@ -125,6 +125,11 @@ ENV_VARS: Final = (
     ("VOTEBOX_MQTT_CLIENT_ID", "mqtt_client_id", "fixed client id of the persistent session"),
     ("VOTEBOX_MQTT_SHARE_GROUP", "mqtt_share_group", "MQTT 5 shared-subscription group"),
     ("VOTEBOX_MQTT_RECEIVE_MAX", "mqtt_receive_max", "un-acked votes in flight, default 1000"),
+    (
+        "VOTEBOX_MQTT_CA_FILE",
+        "mqtt_ca_file",
+        "CA certificate(s) for mqtts://, default the system's",
+    ),
     ("VOTEBOX_REDIS_URL", "redis_url", f"Redis URL, default {DEFAULT_REDIS_URL}"),
     ("VOTEBOX_INFLUX_URL", "influx_url", "InfluxDB URL, http://host:8086; unset: Redis only"),
     (
@@ -181,6 +186,7 @@ class Settings:
     # intake's memory and, divided by the commit time, its throughput.
     mqtt_receive_max: int = 1000
     mqtt_keepalive_s: int = 30
+    mqtt_ca_file: str | None = None
     # MQTT 5: 0 would end the session on disconnect, so votes sent while we are down would be lost.
     mqtt_session_expiry_s: int = 7 * 24 * 3600
     mqtt_connect_timeout_s: float = 10.0

@@ -306,7 +306,11 @@ class MqttIntake:
                     lambda: _Protocol(self, generation, self._v5),
                     s.mqtt_url.host,
                     s.mqtt_url.port,
-                    ssl=ssl.create_default_context() if s.mqtt_url.tls else None,
+                    # mqtts:// verifies the broker against the system's CAs, or against
+                    # VOTEBOX_MQTT_CA_FILE for a private CA.
+                    ssl=ssl.create_default_context(cafile=s.mqtt_ca_file)
+                    if s.mqtt_url.tls
+                    else None,
                 )
                 self._protocol = protocol
                 protocol.send(

@@ -7,15 +7,19 @@ import getpass
 import json
 import re
 import shutil
+import socket
+import ssl
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import pytest
 import yaml
+from redis.asyncio import Redis
 
+from devices.encoder import encode_vote
 from harness.services import (
     HOST,
     MOSQUITTO_MAX_INFLIGHT_MESSAGES,
@@ -24,7 +28,9 @@ from harness.services import (
     free_port,
     port_open,
 )
+from processor.codec import AckEntry, decode_ack
 from processor.metrics import Metrics
+from processor.polls import Poll, read_results
 from tests.conftest import REPO
 
 CONF = (REPO / "mosquitto.conf").read_text()
@@ -47,12 +53,14 @@ def test_mosquitto_conf_sizes_the_queue_for_an_away_processor() -> None:
 def production_mosquitto(tmp_path: Path) -> Iterator[ManagedProcess]:
     """The production mosquitto.conf and broker/mosquitto.acl on real Mosquitto, on loopback,
     with a password file made the way docs/operations.md says."""
-    mqtt_port, ws_port = free_port(), free_port()
+    mqtt_port, ws_port, tls_port = free_port(), free_port(), free_port()
     conf = CONF.replace("listener 1883", f"listener {mqtt_port} {HOST}")
     conf = conf.replace("listener 9001", f"listener {ws_port} {HOST}")
+    conf = conf.replace("listener 8883", f"listener {tls_port} {HOST}")
     conf = conf.replace("/mosquitto/data/", f"{tmp_path}/")
     conf = conf.replace("/mosquitto/config/", f"{tmp_path}/")
-    assert conf.count(HOST) == 2 and "/mosquitto/" not in conf
+    conf = conf.replace("/mosquitto/certs/", f"{_make_certs(tmp_path / 'certs')}/")
+    assert conf.count(HOST) == 3 and "/mosquitto/" not in conf
     # Started as root, Mosquitto drops to user "mosquitto", who cannot read pytest's folders.
     conf += f"\nuser {getpass.getuser()}\n"
     (tmp_path / "mosquitto.conf").write_text(conf)
@@ -69,12 +77,31 @@ def production_mosquitto(tmp_path: Path) -> Iterator[ManagedProcess]:
         ready=lambda: port_open(mqtt_port),
         log_path=tmp_path / "mosquitto.log",
         port=mqtt_port,
+        url=f"mqtts://{HOST}:{tls_port}",
     )
     proc.start()
     try:
         yield proc
     finally:
         assert proc.stop() == 0
+
+
+def _make_certs(folder: Path) -> Path:
+    """A test CA and a server certificate for 127.0.0.1 signed by it, made with openssl."""
+    folder.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+            "-out", "ca.crt", "-days", "2", "-subj", "/CN=votebox test CA")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+            "-out", "server.csr", "-subj", f"/CN={HOST}")  # fmt: skip
+    (folder / "san.ext").write_text(f"subjectAltName=IP:{HOST}\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.crt", "-days", "2",
+            "-extfile", "san.ext")  # fmt: skip
+    return folder
 
 
 def _client(broker: ManagedProcess, user: str | None, password: str | None = None) -> Any:
@@ -214,3 +241,35 @@ def test_operations_doc_lists_exactly_the_metrics_the_processor_exports() -> Non
     assert documented == families
     alerts = doc.split("What to alert on", 1)[1].split("## Scale", 1)[0]
     assert set(re.findall(r"\bvotebox_[a-z_]+", alerts)) <= Metrics().names()
+
+
+async def test_a_device_with_the_ca_votes_over_tls_and_the_processor_counts_it_over_tls(
+    production_mosquitto: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    poll: Poll,
+    redis: Redis,
+) -> None:
+    broker = production_mosquitto
+    ca = production_mosquitto.log_path.parent / "certs" / "ca.crt"
+    tls_port = int(broker.url.rsplit(":", 1)[1])
+    spawn_processor(
+        broker,
+        VOTEBOX_MQTT_URL=f"mqtts://processor:pw-processor@{HOST}:{tls_port}",
+        VOTEBOX_MQTT_CA_FILE=str(ca),
+    )
+    tls = ssl.create_default_context(cafile=str(ca))
+    async with aiomqtt.Client(
+        HOST, tls_port, identifier="tls-kiosk-a", username="kiosk-a", password="pw-kiosk-a",
+        tls_context=tls,
+    ) as kiosk:  # fmt: skip
+        await kiosk.subscribe("acks/kiosk-a", qos=1)
+        await kiosk.publish(f"votes/{poll.id}/kiosk-a", encode_vote(2, 1), qos=1)
+        async with asyncio.timeout(20):
+            message = await anext(aiter(kiosk.messages))
+        assert isinstance(message.payload, bytes)
+        assert decode_ack(message.payload) == [AckEntry(0, 1, 0)]  # accepted
+    assert (await read_results(redis, [poll.id]))[poll.id].counts == (0, 0, 1)
+    # Without the CA (the system's trust store), the broker's certificate is refused.
+    with socket.create_connection((HOST, tls_port), timeout=5) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            ssl.create_default_context().wrap_socket(raw, server_hostname=HOST)
