@@ -49,6 +49,34 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_processor_flags(p)
 
     p = sub.add_parser(
+        "device",
+        help="broker accounts: add, remove, list (writes the Mosquitto password file)",
+        description="The accounts file is the source of truth; the Mosquitto password file is "
+        "rewritten from it on every change (then: docker-compose kill -s HUP mosquitto). A "
+        "device's username is its device id; the processor and dashboards have accounts of "
+        "their own (--role).",
+    )
+    device_sub = p.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    a = device_sub.add_parser("add", help="add or replace an account; prints its password once")
+    a.add_argument("username")
+    a.add_argument("--role", default="device", choices=["device", "processor", "dashboard"])
+    a.add_argument(
+        "--password",
+        default=None,
+        help="the password (default: a random one, printed once)",
+    )
+    r = device_sub.add_parser("remove", help="remove an account")
+    r.add_argument("username")
+    device_sub.add_parser("list", help="every account and its role")
+    for action in device_sub.choices.values():
+        action.add_argument(
+            "--accounts", default="broker/accounts.json", help="the accounts file (JSON)"
+        )
+        action.add_argument(
+            "--passwd", default="broker/mosquitto.passwd", help="the Mosquitto password file"
+        )
+
+    p = sub.add_parser(
         "status",
         help="ask a running processor whether it is ready (exit 0 ready, 1 not ready, 2 no answer)",
     )
@@ -247,6 +275,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         asyncio.run(run(settings))
         return 0
+    if args.command == "device":
+        return _device(args)
     if args.command == "status":
         from processor.status import print_status
 
@@ -316,6 +346,28 @@ async def _recount(poll: str, settings: Settings) -> int:
         await redis.aclose()
     print(result.report())
     return 0 if result.matches else 1
+
+
+def _device(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from processor.accounts import AccountStore
+
+    store = AccountStore(Path(args.accounts), Path(args.passwd))
+    if args.device_command == "add":
+        password = store.add(args.username, args.role, args.password)
+        shown = "" if args.password else f" with password {password} (shown once: keep it)"
+        print(f"account {args.username} ({args.role}){shown}; {args.passwd} rewritten")
+    elif args.device_command == "remove":
+        store.remove(args.username)
+        print(f"removed {args.username}; {args.passwd} rewritten")
+    else:
+        accounts = store.load()
+        for name, account in accounts.items():
+            print(f"{name:<24} {account.role}")
+        if not accounts:
+            print("no accounts yet; votebox device add NAME")
+    return 0
 
 
 def _dashboard(args: argparse.Namespace) -> int:

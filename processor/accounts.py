@@ -1,0 +1,145 @@
+"""Broker accounts: one JSON file is the source of truth, the Mosquitto password file is written
+from it. Rule: passwords are never stored, only hashes; a generated password is shown once.
+
+The roles are those of broker/mosquitto.acl: a device's username is its device id; the
+`processor` and `dashboard` roles have accounts of their own names.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+from processor.errors import ConfigError
+from processor.topics import is_valid_id
+
+__all__ = ["Account", "AccountStore", "mosquitto_hash", "verify_mosquitto_hash"]
+
+Role = Literal["device", "processor", "dashboard"]
+ROLES: Final = ("device", "processor", "dashboard")
+# Mosquitto 2's own format ($7$: PBKDF2-SHA512), as mosquitto_passwd writes it.
+_ITERATIONS: Final = 101
+_SALT_BYTES: Final = 12
+
+
+def mosquitto_hash(password: str, *, salt: bytes | None = None) -> str:
+    """A password hash Mosquitto 2 accepts in its password_file."""
+    salt = salt if salt is not None else secrets.token_bytes(_SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _ITERATIONS, dklen=64)
+    return f"$7${_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def verify_mosquitto_hash(password: str, hashed: str) -> bool:
+    """Whether ``password`` matches a ``$7$`` hash."""
+    _, kind, iterations, salt, digest = hashed.split("$")
+    if kind != "7":
+        return False
+    got = hashlib.pbkdf2_hmac(
+        "sha512", password.encode(), base64.b64decode(salt), int(iterations), dklen=64
+    )
+    return secrets.compare_digest(got, base64.b64decode(digest))
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One broker login."""
+
+    username: str
+    role: Role
+    mosquitto: str  # the $7$ hash
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"role must be one of {', '.join(ROLES)} (got {self.role!r})")
+        if self.role == "device":
+            if not is_valid_id(self.username):
+                raise ConfigError(
+                    f"device id {self.username!r} must be 1-64 chars of A-Z a-z 0-9 _ -"
+                )
+            if self.username in ("processor", "dashboard"):
+                raise ConfigError(f"{self.username!r} is an account of its own, not a device id")
+        elif self.username != self.role:
+            raise ConfigError(f"the {self.role} account is named {self.role!r}")
+
+
+class AccountStore:
+    """The accounts file and the Mosquitto password file written from it.
+
+    Args:
+        path: the JSON source of truth.
+        passwd_path: the password file Mosquitto reads (rewritten on every change).
+    """
+
+    def __init__(self, path: Path, passwd_path: Path) -> None:
+        self.path = path
+        self.passwd_path = passwd_path
+
+    def load(self) -> dict[str, Account]:
+        """Every account, by username (none when the file does not exist yet).
+
+        Raises:
+            ConfigError: the file is not an accounts file.
+        """
+        if not self.path.exists():
+            return {}
+        try:
+            raw = json.loads(self.path.read_text())
+            return {
+                name: Account(name, entry["role"], entry["mosquitto"])
+                for name, entry in raw["accounts"].items()
+            }
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{self.path} is not a votebox accounts file ({exc})") from None
+
+    def add(self, username: str, role: Role, password: str | None = None) -> str:
+        """Add or replace an account; returns its password (generated when not given).
+
+        Raises:
+            ConfigError: an invalid name or role.
+        """
+        password = password or secrets.token_urlsafe(18)
+        accounts = self.load()
+        accounts[username] = Account(username, role, mosquitto_hash(password))
+        self._save(accounts)
+        return password
+
+    def remove(self, username: str) -> None:
+        """Remove an account.
+
+        Raises:
+            ConfigError: there is no such account.
+        """
+        accounts = self.load()
+        if username not in accounts:
+            raise ConfigError(f"no account {username!r}; votebox device list shows them")
+        del accounts[username]
+        self._save(accounts)
+
+    def _save(self, accounts: dict[str, Account]) -> None:
+        body = {
+            "accounts": {
+                name: {"role": accounts[name].role, "mosquitto": accounts[name].mosquitto}
+                for name in sorted(accounts)
+            }
+        }
+        _write_private(self.path, json.dumps(body, indent=2) + "\n")
+        _write_private(
+            self.passwd_path,
+            "".join(f"{name}:{accounts[name].mosquitto}\n" for name in sorted(accounts)),
+        )
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write atomically (a broker reading it mid-write sees the old or the new file), 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,97 @@
+"""Broker accounts: the accounts file, and the Mosquitto password file written from it, on a
+real Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import re
+import signal
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from harness.services import HOST, ManagedProcess, free_port, port_open
+from processor.accounts import AccountStore, mosquitto_hash, verify_mosquitto_hash
+from processor.errors import ConfigError
+from tests.test_cli import votebox
+
+
+def test_hashes_verify_and_differ_by_salt() -> None:
+    first, second = mosquitto_hash("s3cret"), mosquitto_hash("s3cret")
+    assert first.startswith("$7$101$") and first != second
+    assert verify_mosquitto_hash("s3cret", first) and not verify_mosquitto_hash("nope", first)
+
+
+@pytest.mark.parametrize(
+    ("username", "role", "message"),
+    [
+        ("processor", "device", "an account of its own"),
+        ("kiosk/1", "device", "device id"),
+        ("ops", "processor", "named 'processor'"),
+    ],
+)
+def test_invalid_accounts_are_refused(
+    tmp_path: Path, username: str, role: str, message: str
+) -> None:
+    store = AccountStore(tmp_path / "accounts.json", tmp_path / "passwd")
+    with pytest.raises(ConfigError, match=message):
+        store.add(username, role, "pw")  # type: ignore[arg-type]
+    assert not (tmp_path / "passwd").exists()
+
+
+async def test_mosquitto_accepts_the_password_file_votebox_device_writes(tmp_path: Path) -> None:
+    files = ["--accounts", str(tmp_path / "accounts.json"), "--passwd", str(tmp_path / "passwd")]
+    made = votebox(
+        "device", "add", "processor", "--role", "processor", "--password", "p-pw", *files
+    )
+    assert made.returncode == 0, made.stderr
+    kiosk = votebox("device", "add", "kiosk-7", *files)
+    found = re.search(r"with password (\S+) \(shown once", kiosk.stdout)
+    assert found, kiosk.stdout
+    password = found.group(1)
+    assert password not in (tmp_path / "accounts.json").read_text()  # hashes only
+    listed = votebox("device", "list", *files)
+    assert "kiosk-7" in listed.stdout and "processor" in listed.stdout
+    assert (tmp_path / "passwd").stat().st_mode & 0o077 == 0  # private
+
+    port = free_port()
+    (tmp_path / "mosquitto.conf").write_text(
+        f"listener {port} {HOST}\nallow_anonymous false\npassword_file {tmp_path}/passwd\n"
+        f"user {getpass.getuser()}\n"
+    )
+    broker = ManagedProcess(
+        "mosquitto",
+        ["mosquitto", "-c", str(tmp_path / "mosquitto.conf")],
+        ready=lambda: port_open(port),
+        log_path=tmp_path / "mosquitto.log",
+        port=port,
+    )
+    broker.start()
+    try:
+
+        async def login(user: str, pw: str) -> bool:
+            try:
+                async with aiomqtt.Client(HOST, port, identifier=user, username=user, password=pw):
+                    return True
+            except aiomqtt.MqttError:
+                return False
+
+        assert await login("kiosk-7", password)
+        assert await login("processor", "p-pw")
+        assert not await login("kiosk-7", "guess")
+        removed = votebox("device", "remove", "kiosk-7", *files)
+        assert removed.returncode == 0
+        broker.signal(signal.SIGHUP)  # Mosquitto re-reads its password file
+        for _ in range(50):
+            if not await login("kiosk-7", password):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the removed account can still log in")
+        assert await login("processor", "p-pw")
+    finally:
+        assert broker.stop() == 0
+    gone = votebox("device", "remove", "kiosk-7", *files)
+    assert gone.returncode == 2 and "no account" in gone.stderr
