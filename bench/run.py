@@ -34,6 +34,7 @@ from harness.services import (
     mosquitto,
     processor,
     redis_server,
+    rss_mb,
 )
 from processor.config import MqttUrl
 from processor.keys import PollKeys
@@ -102,13 +103,6 @@ def _loadgen(
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class _CpuMeter:
@@ -299,7 +293,7 @@ class Bench:
         load, done, total = asyncio.run(self._wait_total(gen, poll))
         cpu = sum(_cpu_s(p.pid) - b for p, b in zip(procs, cpu_before, strict=True))
         cores = meter.cores(done - load["started"], loadgen=load["cpu_s"])
-        rss = max(_peak_rss_mb(p.pid) for p in procs)
+        rss = max(rss_mb(p.pid, peak=True) for p in procs)
         memory = asyncio.run(self._dedup_bytes_per_device(poll, devices))
         # Let InfluxDB catch up before the next run, so that its writes do not compete with it.
         drained = asyncio.run(self._wait_points_drained(poll))
@@ -436,13 +430,6 @@ class Bench:
         }
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def run_soak(seconds: float, rate: float, *, log: Any = print) -> dict[str, Any]:
     """One processor on Mosquitto at a fixed rate for ``seconds``; its RSS every 10 s."""
     config = BenchConfig()
@@ -462,11 +449,11 @@ def run_soak(seconds: float, rate: float, *, log: Any = print) -> dict[str, Any]
         samples: list[tuple[float, float]] = []
         started = time.monotonic()
         while gen.poll() is None:
-            samples.append((time.monotonic() - started, _rss_mb(proc.pid)))
+            samples.append((time.monotonic() - started, rss_mb(proc.pid)))
             log(f"  {samples[-1][0]:5.0f} s  RSS {samples[-1][1]:.1f} MB")
             time.sleep(10)
         load, _, total = asyncio.run(bench._wait_total(gen, poll))
-        peak = _peak_rss_mb(proc.pid)
+        peak = rss_mb(proc.pid, peak=True)
         proc.stop()
     return {
         "seconds": seconds,

@@ -33,6 +33,7 @@ __all__ = [
     "end_session",
     "mqtt_ready",
     "port_open",
+    "rss_mb",
     "processor",
     "redis_server",
     "require_binaries",
@@ -190,6 +191,15 @@ def _redis_ping(port: int) -> bool:
     with socket.create_connection((HOST, port), timeout=1) as sock:
         sock.sendall(b"PING\r\n")
         return sock.recv(16).startswith(b"+PONG")
+
+
+def rss_mb(pid: int, *, peak: bool = False) -> float:
+    """A running process's resident memory in MB, or its peak so far (VmHWM)."""
+    field = "VmHWM:" if peak else "VmRSS:"
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def port_open(port: int) -> bool:

@@ -40,6 +40,7 @@ __all__ = [
     "read_fates",
     "read_results",
     "read_snapshots",
+    "redis_text",
     "Snapshot",
     "note_states",
     "parse_time_ms",
@@ -192,7 +193,7 @@ class Poll:
     @classmethod
     def from_hash(cls, poll_id: str, stored: Mapping[Any, Any]) -> Poll | None:
         """The definition from its stored hash, or None if there is none."""
-        h = {_text(k): _text(v) for k, v in stored.items()}
+        h = {redis_text(k): redis_text(v) for k, v in stored.items()}
         if "labels" not in h:
             return None
         scale = json.loads(h["scale"]) if h.get("scale") else None
@@ -322,7 +323,8 @@ def _iso(ms: int) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _text(value: object) -> str:
+def redis_text(value: object) -> str:
+    """A Redis reply value as text (the clients here do not decode replies)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -554,13 +556,13 @@ async def load_polls(redis: Redis, poll_ids: Iterable[str]) -> dict[str, Poll]:
 async def list_polls(redis: Redis) -> list[str]:
     """Every poll id, sorted."""
     members = await redis.smembers(POLLS_INDEX)
-    return sorted(_text(m) for m in members)
+    return sorted(redis_text(m) for m in members)
 
 
 async def list_deleted(redis: Redis) -> list[str]:
     """Ids of deleted polls (whose retained topics processors clear), sorted."""
     members = await redis.smembers(POLLS_DELETED)
-    return sorted(_text(m) for m in members)
+    return sorted(redis_text(m) for m in members)
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,7 +609,7 @@ async def read_snapshots(
             closes_ms=poll.closes_ms,
         )
         seen = tally.get(b"state_seen")
-        out[poll_id] = Snapshot(poll, results, _text(seen) if seen is not None else None)
+        out[poll_id] = Snapshot(poll, results, redis_text(seen) if seen is not None else None)
     return out
 
 
@@ -637,7 +639,7 @@ async def note_states(redis: Redis, states: Mapping[str, str], *, now_ms: int) -
 
 
 def _counts(stored: dict[Any, Any]) -> dict[str, int]:
-    return {_text(k): int(v) for k, v in stored.items()}
+    return {redis_text(k): int(v) for k, v in stored.items()}
 
 
 async def read_fates(redis: Redis, poll_id: str) -> tuple[dict[str, int], dict[str, int]]:

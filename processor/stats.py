@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from processor.errors import StoreUnavailable
 from processor.keys import DEVICES_SEEN, UNATTRIBUTED_FATES, PollKeys
 from processor.metrics import Metrics
-from processor.polls import list_polls
+from processor.polls import list_polls, redis_text
 from processor.reasons import Fate
 from processor.tally import redis_errors
 from processor.topics import STATS_TOPIC
@@ -68,10 +68,6 @@ class Stats:
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 async def read_stats(redis: Redis, *, now_ms: int, silent_after_s: float) -> Stats:
     """Read the totals of every poll, the InfluxDB queue and the devices' last-seen times.
 
@@ -95,7 +91,7 @@ async def read_stats(redis: Redis, *, now_ms: int, silent_after_s: float) -> Sta
         fates, devices, queued = replies[3 * i : 3 * i + 3]
         mine = {name: 0 for name in sorted(_FATES)}
         for key, value in fates.items():
-            name, n = _text(key), int(value)
+            name, n = redis_text(key), int(value)
             if name in _FATES:
                 mine[name] += n
             elif name != "point_dropped":  # a point's fate, not a vote's
@@ -108,8 +104,8 @@ async def read_stats(redis: Redis, *, now_ms: int, silent_after_s: float) -> Sta
             votes[name] += mine[name]
     for key, value in replies[-2].items():
         votes["rejected"] += int(value)
-        rejected[_text(key)] = rejected.get(_text(key), 0) + int(value)
-    seen = {_text(k): int(v) for k, v in replies[-1].items()}
+        rejected[redis_text(key)] = rejected.get(redis_text(key), 0) + int(value)
+    seen = {redis_text(k): int(v) for k, v in replies[-1].items()}
     cutoff = now_ms - int(silent_after_s * 1000)
     silent = sorted(
         ((d, ms) for d, ms in seen.items() if ms < cutoff), key=lambda x: x[1], reverse=True

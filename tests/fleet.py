@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
+
+import aiomqtt
 
 from devices.simulator import Kiosk
 from harness.services import ManagedProcess
@@ -44,3 +47,17 @@ class Fleet:
     def resend_unacked(self) -> int:
         """What a kiosk does when acks do not come: send its outbox again, same seqs."""
         return sum(kiosk.resend_outbox() for kiosk in self.kiosks)
+
+
+async def first_message(broker: ManagedProcess, topic: str, client: str) -> tuple[bool, bytes]:
+    """What a fresh subscriber to ``topic`` gets first (the retained message, if there is
+    one): its retain flag and payload. Messages on other topics are skipped (docs/brokers.md:
+    amqtt may hand a subscriber another client's retained message)."""
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier=client, username=client) as c:
+        await c.subscribe(topic, qos=1)
+        async with asyncio.timeout(10):
+            async for message in c.messages:
+                if message.topic.value == topic:
+                    assert isinstance(message.payload, bytes)
+                    return message.retain, message.payload
+    raise AssertionError("unreachable")

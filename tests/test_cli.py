@@ -18,6 +18,13 @@ from processor.tally import Tally
 from tests.conftest import REPO, unique_id
 
 
+def poll_cli(redis_proc: ManagedProcess, *args: str) -> str:
+    """``votebox ARGS --redis-url ...`` that must succeed; returns what it printed."""
+    result = votebox(*args, "--redis-url", redis_proc.url)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def votebox(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:

@@ -28,7 +28,7 @@ from processor.errors import ConfigError
 from processor.watch import watch_polls
 from tests.conftest import REPO, unique_id
 from tests.fleet import Fleet, results_url
-from tests.test_cli import votebox
+from tests.test_cli import poll_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -71,11 +71,6 @@ def wait_for(driver: WebDriver, css: str, name: str, value: str, timeout_s: floa
     )
 
 
-def cli(redis_proc: ManagedProcess, *args: str) -> None:
-    result = votebox(*args, "--redis-url", redis_proc.url)
-    assert result.returncode == 0, result.stderr
-
-
 def test_the_page_shows_live_bars_and_a_closed_poll(
     broker: ManagedProcess,
     processor_proc: ManagedProcess,
@@ -84,7 +79,7 @@ def test_the_page_shows_live_bars_and_a_closed_poll(
     request: pytest.FixtureRequest,
 ) -> None:
     poll_id = unique_id(request)
-    cli(redis_proc, "poll", "create", poll_id, "--title", "Best <b>snack</b>?",
+    poll_cli(redis_proc, "poll", "create", poll_id, "--title", "Best <b>snack</b>?",
         "--option", "Pretzels", "--option", "Nachos", "--option", "Popcorn")  # fmt: skip
     card = f'[data-poll="{poll_id}"]'
     with serve_dashboard(port=0, ws_url=broker.ws_url) as url:
@@ -106,7 +101,7 @@ def test_the_page_shows_live_bars_and_a_closed_poll(
         bar = row.find_element(By.CSS_SELECTOR, ".bar").get_attribute("style") or ""
         assert "width: 100%" in bar  # the largest count fills its track
 
-        cli(redis_proc, "poll", "close", poll_id)
+        poll_cli(redis_proc, "poll", "close", poll_id)
         wait_for(browser, card, "data-state", "closed")
         assert browser.find_element(By.CSS_SELECTOR, f"{card} .state").text.lower() == "closed"
         ARTIFACTS.mkdir(exist_ok=True)
@@ -179,7 +174,7 @@ async def test_votebox_watch_redraws_in_place_and_follows_every_poll(
 ) -> None:
     first, second = unique_id(request, "-1"), unique_id(request, "-2")
     for poll_id, title in ((first, "Q first"), (second, "Q second")):
-        cli(redis_proc, "poll", "create", poll_id, "--title", title,
+        poll_cli(redis_proc, "poll", "create", poll_id, "--title", title,
             "--option", "yes", "--option", "no")  # fmt: skip
     out = io.StringIO()
 

@@ -8,13 +8,12 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
 from devices.encoder import encode_vote
-from harness.services import ManagedProcess
+from harness.services import ManagedProcess, rss_mb
 from processor.codec import MAX_PAYLOAD_BYTES
 from processor.polls import Poll, read_fates, read_results
 from processor.reasons import Reason
@@ -61,7 +60,7 @@ async def test_ten_thousand_hostile_payloads_are_each_rejected_and_valid_votes_c
     broker: ManagedProcess, processor_proc: ManagedProcess, poll: Poll, redis: Redis
 ) -> None:
     rng = random.Random(2026)
-    rss_before = _rss_mb(processor_proc.pid)
+    rss_before = rss_mb(processor_proc.pid)
     _, unattributed_before = await read_fates(redis, poll.id)
     sent_bad: Counter[str] = Counter()
     valid = 0
@@ -108,14 +107,7 @@ async def test_ten_thousand_hostile_payloads_are_each_rejected_and_valid_votes_c
     assert grew == n_bad  # and each was counted in Redis, by reason
     # Memory stays bounded: the hostile stream passed through without piling up.
     assert processor_proc.proc is not None and processor_proc.proc.poll() is None
-    assert _rss_mb(processor_proc.pid) - rss_before < 60
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    assert rss_mb(processor_proc.pid) - rss_before < 60
 
 
 async def test_a_flooding_device_is_rate_limited_and_others_are_untouched(

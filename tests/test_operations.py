@@ -22,7 +22,7 @@ from harness.services import HOST, ManagedProcess, free_port
 from processor.polls import Poll, read_fates, read_results
 from processor.topics import STATS_TOPIC
 from tests.conftest import eventually
-from tests.fleet import Fleet
+from tests.fleet import Fleet, first_message
 
 pytestmark = pytest.mark.e2e
 
@@ -158,13 +158,8 @@ def test_votebox_status_exits_2_and_says_where_it_looked_when_nothing_answers() 
 
 async def _retained_stats(broker: ManagedProcess, client: str) -> tuple[bool, dict[str, Any]]:
     """A fresh subscriber's first ``votebox/stats`` message: (its retain flag, its body)."""
-    async with aiomqtt.Client("127.0.0.1", broker.port, identifier=client, username=client) as sub:
-        await sub.subscribe(STATS_TOPIC, qos=1)
-        async with asyncio.timeout(10):
-            async for message in sub.messages:
-                assert isinstance(message.payload, bytes)
-                return message.retain, json.loads(message.payload)
-    raise AssertionError("unreachable")
+    is_retained, payload = await first_message(broker, STATS_TOPIC, client)
+    return is_retained, json.loads(payload)
 
 
 async def test_stats_topic_is_retained_and_current(

@@ -20,8 +20,8 @@ from processor.results import ResultsPublisher
 from processor.topics import config_topic, results_topic
 from processor.watch import wait_for_results
 from tests.conftest import eventually, unique_id
-from tests.fleet import Fleet, results_url
-from tests.test_cli import votebox
+from tests.fleet import Fleet, first_message, results_url
+from tests.test_cli import poll_cli, votebox
 
 pytestmark = pytest.mark.e2e
 
@@ -36,23 +36,10 @@ def broker_with_processor(
 
 
 async def retained(broker: ManagedProcess, topic: str, client: str) -> dict[str, Any] | None:
-    """What a fresh subscriber gets first on ``topic``: the retained JSON (None if empty)."""
-    async with aiomqtt.Client("127.0.0.1", broker.port, identifier=client, username=client) as c:
-        await c.subscribe(topic, qos=1)
-        async with asyncio.timeout(10):
-            async for message in c.messages:
-                if message.topic.value != topic:
-                    continue  # docs/brokers.md: amqtt may deliver another client's message
-                assert message.retain
-                assert isinstance(message.payload, bytes)
-                return json.loads(message.payload) if message.payload else None
-    raise AssertionError("unreachable")
-
-
-def cli(redis_proc: ManagedProcess, *args: str) -> str:
-    result = votebox(*args, "--redis-url", redis_proc.url)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    """The retained JSON a fresh subscriber gets on ``topic`` (None when it was cleared)."""
+    is_retained, payload = await first_message(broker, topic, client)
+    assert is_retained
+    return json.loads(payload) if payload else None
 
 
 async def test_a_kiosk_sees_the_poll_config_at_once_and_dashboards_the_type_figures(
@@ -62,7 +49,7 @@ async def test_a_kiosk_sees_the_poll_config_at_once_and_dashboards_the_type_figu
     request: pytest.FixtureRequest,
 ) -> None:
     poll_id = unique_id(request)
-    cli(redis_proc, "poll", "create", poll_id, "--type", "nps", "--title", "Recommend us?")
+    poll_cli(redis_proc, "poll", "create", poll_id, "--type", "nps", "--title", "Recommend us?")
     config = await retained(broker, config_topic(poll_id), f"{poll_id}-kiosk")
     assert config is not None
     assert config["type"] == "nps" and config["scale"] == [0, 10]
@@ -85,9 +72,9 @@ async def test_multiple_choice_and_rating_votes_through_the_broker(
 ) -> None:
     broker = broker_with_processor
     multi, rating = unique_id(request, "-m"), unique_id(request, "-r")
-    cli(redis_proc, "poll", "create", multi, "--type", "multiple", "--max-choices", "2",
+    poll_cli(redis_proc, "poll", "create", multi, "--type", "multiple", "--max-choices", "2",
         "--option", "pizza", "--option", "salad", "--option", "soup")  # fmt: skip
-    cli(redis_proc, "poll", "create", rating, "--type", "rating", "--scale", "1-5")
+    poll_cli(redis_proc, "poll", "create", rating, "--type", "rating", "--scale", "1-5")
     with Fleet(broker, multi, 1) as fleet:
         kiosk = fleet.kiosks[0]
         kiosk.vote(multi, [0, 2])
@@ -114,7 +101,7 @@ async def test_one_vote_per_voter_across_kiosks_counts_the_latest(
 ) -> None:
     broker = broker_with_processor
     poll_id = unique_id(request)
-    cli(redis_proc, "poll", "create", poll_id, "--one-per-voter",
+    poll_cli(redis_proc, "poll", "create", poll_id, "--one-per-voter",
         "--option", "yes", "--option", "no")  # fmt: skip
     now = int(time.time())
     with Fleet(broker, poll_id, 2) as fleet:
@@ -147,7 +134,7 @@ async def test_a_button_pressed_again_and_again_counts_once_per_cooldown(
     request: pytest.FixtureRequest,
 ) -> None:
     poll_id = unique_id(request)
-    cli(redis_proc, "poll", "create", poll_id, "--cooldown-s", "10",
+    poll_cli(redis_proc, "poll", "create", poll_id, "--cooldown-s", "10",
         "--option", "happy", "--option", "unhappy")  # fmt: skip
     now = int(time.time())
     with Fleet(broker, poll_id, 1) as fleet:
@@ -156,7 +143,7 @@ async def test_a_button_pressed_again_and_again_counts_once_per_cooldown(
         await eventually(lambda: fleet.unacked() == 0)
         codes = fleet.codes()
     assert codes == {int(Fate.ACCEPTED): 1, int(Fate.SUPPRESSED): 49}
-    shown = cli(redis_proc, "poll", "show", poll_id)
+    shown = poll_cli(redis_proc, "poll", "show", poll_id)
     assert "suppressed=49" in shown and "accepted=1" in shown
 
 
@@ -167,7 +154,7 @@ async def test_closing_publishes_the_final_result_and_late_votes_get_their_reaso
     request: pytest.FixtureRequest,
 ) -> None:
     poll_id = unique_id(request)
-    cli(redis_proc, "poll", "create", poll_id, "--hide-results-until-close", "--grace-s", "60",
+    poll_cli(redis_proc, "poll", "create", poll_id, "--hide-results-until-close", "--grace-s", "60",
         "--option", "red", "--option", "blue")  # fmt: skip
     with Fleet(broker, poll_id, 1) as fleet:
         kiosk = fleet.kiosks[0]
@@ -179,7 +166,7 @@ async def test_closing_publishes_the_final_result_and_late_votes_get_their_reaso
         )
         assert hidden["hidden"] is True and hidden["counts"] is None
         cast_while_open = int(time.time()) - 1
-        cli(redis_proc, "poll", "close", poll_id)
+        poll_cli(redis_proc, "poll", "close", poll_id)
         final = await wait_for_results(
             results_url(broker), poll_id, lambda d: d["state"] == "closed", timeout_s=30
         )
@@ -210,7 +197,7 @@ async def test_a_scheduled_poll_opens_and_closes_by_itself(
     poll_id = unique_id(request)
     start = time.time()
     opens, closes = start + 2, start + 4
-    cli(redis_proc, "poll", "create", poll_id, "--option", "a", "--option", "b",
+    poll_cli(redis_proc, "poll", "create", poll_id, "--option", "a", "--option", "b",
         "--opens-at", iso(opens), "--closes-at", iso(closes), "--grace-s", "0")  # fmt: skip
     states: list[str] = []
 
@@ -239,7 +226,7 @@ async def test_deleting_a_poll_clears_its_retained_topics(
     request: pytest.FixtureRequest,
 ) -> None:
     poll_id = unique_id(request)
-    cli(redis_proc, "poll", "create", poll_id, "--option", "a", "--option", "b")
+    poll_cli(redis_proc, "poll", "create", poll_id, "--option", "a", "--option", "b")
     assert await retained(broker, config_topic(poll_id), f"{poll_id}-k1") is not None
     assert await retained(broker, results_topic(poll_id), f"{poll_id}-d1") is not None
     refused = votebox("poll", "delete", poll_id, "--redis-url", redis_proc.url)
@@ -255,7 +242,9 @@ async def test_deleting_a_poll_clears_its_retained_topics(
                     cleared.add(str(message.topic))
                 if not deleted:  # both retained documents arrived first
                     deleted = True
-                    await asyncio.to_thread(cli, redis_proc, "poll", "delete", poll_id, "--yes")
+                    await asyncio.to_thread(
+                        poll_cli, redis_proc, "poll", "delete", poll_id, "--yes"
+                    )
                 if cleared == {config_topic(poll_id), results_topic(poll_id)}:
                     break
 
