@@ -22,8 +22,11 @@ __all__ = [
     "MAX_UINT",
     "MAX_VOTER_BYTES",
     "AckEntry",
+    "Heartbeat",
     "Vote",
     "decode_ack",
+    "decode_heartbeat",
+    "decode_status",
     "decode_message",
     "encode_ack",
 ]
@@ -42,6 +45,13 @@ KEY_TS: Final = 2
 KEY_VOTER: Final = 3
 KEY_EPOCH: Final = 4
 _KNOWN_KEYS: Final = frozenset({KEY_CHOICE, KEY_SEQ, KEY_TS, KEY_VOTER, KEY_EPOCH})
+
+# docs/protocol.md, Device health: a heartbeat is a map of small uints, far below this.
+MAX_HEARTBEAT_BYTES: Final = 64
+HEARTBEAT_UPTIME: Final = 0
+HEARTBEAT_OUTBOX: Final = 1
+HEARTBEAT_BATTERY: Final = 2
+DEVICE_STATES: Final = frozenset({"online", "offline"})
 
 # A batch is array -> map -> choice array: three containers deep, never more.
 _MAX_DEPTH: Final = 3
@@ -225,6 +235,55 @@ def decode_message(payload: bytes, *, poll: str, device: str) -> list[Vote | Vot
         except VoteRejected as rejected:
             out.append(rejected)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A device's health report: how long it has run, how many votes wait in its outbox, and
+    its battery (percent, None for a device on mains power)."""
+
+    uptime_s: int
+    outbox: int
+    battery: int | None = None
+
+
+def decode_heartbeat(payload: bytes) -> Heartbeat:
+    """Decode ``devices/{device}/heartbeat``: a CBOR map ``{0: uptime_s, 1: outbox, 2: battery}``
+    (battery optional, 0-100).
+
+    Raises:
+        VoteRejected: with the reason, as for a vote.
+    """
+    if len(payload) > MAX_HEARTBEAT_BYTES:
+        raise VoteRejected(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_HEARTBEAT_BYTES}")
+    item = _strict_loads(payload)
+    if not isinstance(item, dict):
+        raise VoteRejected(Reason.BAD_SCHEMA, "a heartbeat is a CBOR map")
+    known = {HEARTBEAT_UPTIME, HEARTBEAT_OUTBOX, HEARTBEAT_BATTERY}
+    if any(type(key) is not int or key not in known for key in item):
+        raise VoteRejected(Reason.BAD_SCHEMA, "a heartbeat has keys 0-2 only")
+    if HEARTBEAT_UPTIME not in item or HEARTBEAT_OUTBOX not in item:
+        raise VoteRejected(Reason.BAD_SCHEMA, "keys 0 (uptime) and 1 (outbox) are required")
+    battery = None
+    if HEARTBEAT_BATTERY in item:
+        battery = _uint(item[HEARTBEAT_BATTERY], "battery")
+        if battery > 100:
+            raise VoteRejected(Reason.OUT_OF_RANGE, "battery is a percentage, 0-100")
+    return Heartbeat(
+        _uint(item[HEARTBEAT_UPTIME], "uptime"), _uint(item[HEARTBEAT_OUTBOX], "outbox"), battery
+    )
+
+
+def decode_status(payload: bytes) -> str:
+    """Decode ``devices/{device}/status``: the ASCII text ``online`` or ``offline``.
+
+    Raises:
+        VoteRejected: `Reason.BAD_SCHEMA` for anything else.
+    """
+    text = payload.decode("ascii", "replace") if len(payload) <= 16 else ""
+    if text not in DEVICE_STATES:
+        raise VoteRejected(Reason.BAD_SCHEMA, "a status is 'online' or 'offline'")
+    return text
 
 
 def encode_ack(entries: Sequence[AckEntry]) -> bytes:

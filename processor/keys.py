@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "DEVICES_HEALTH",
     "DEVICES_SEEN",
+    "DEVICES_STATUS",
     "POLLS_CHANGED",
     "POLLS_DELETED",
     "POLLS_INDEX",
@@ -34,6 +36,10 @@ SET_ASIDE: Final = "votebox:set_aside"
 # device -> when a message of it last reached a processor (ms): who is silent. Only devices
 # whose topic parsed, so a flood of garbage topics cannot grow it.
 DEVICES_SEEN: Final = "votebox:devices:last_seen"
+# device -> its last heartbeat as JSON (uptime_s, outbox, battery, at_ms); device -> its last
+# status as JSON (state online/offline, at_ms). docs/protocol.md, Device health.
+DEVICES_HEALTH: Final = "votebox:devices:health"
+DEVICES_STATUS: Final = "votebox:devices:status"
 
 
 class PollKeys:

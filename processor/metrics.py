@@ -53,6 +53,13 @@ class Metrics:
         self.messages = Counter(
             "votebox_messages", "MQTT messages received on votes/#.", registry=r
         )
+        self.device_reports = Counter(
+            "votebox_device_reports",
+            "Device status and heartbeat messages (devices/+/+), by kind and whether they were "
+            "recorded or refused as unreadable.",
+            ["kind", "outcome"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "votebox_batch_messages",
             "Messages per batch (one Redis round trip each); _count is the number of batches.",
@@ -141,6 +148,9 @@ class Metrics:
             self.votes.labels(fate.name.lower())
         for reason in Reason:
             self.rejected.labels(reason.code)
+        for kind in ("status", "heartbeat"):
+            for outcome in ("recorded", "refused"):
+                self.device_reports.labels(kind, outcome)
 
     def count_codes(self, codes: CodeCounter[int]) -> None:
         """Count fates and reasons, given how many times each ack code occurred."""

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
@@ -114,13 +114,13 @@ class _Protocol(asyncio.Protocol):
 class MqttIntake:
     """A persistent MQTT session that yields batches of deliveries and acks them on demand.
 
-    Use as ``async with MqttIntake(settings=s, topic_filter="votes/#") as intake:``; it returns
+    Use as ``async with MqttIntake(settings=s, topic_filters=["votes/#"]) as intake:``; it returns
     once connected (and subscribed, on a new session) and keeps reconnecting with backoff until
     closed.
 
     Args:
         settings: broker URL, client id, protocol, receive maximum, keepalive.
-        topic_filter: what to subscribe to, at QoS 1.
+        topic_filters: what to subscribe to, at QoS 1, in one SUBSCRIBE.
         on_connect: called with the number of connections so far after each one (1: the first).
     """
 
@@ -128,12 +128,12 @@ class MqttIntake:
         self,
         *,
         settings: Settings,
-        topic_filter: str,
+        topic_filters: Sequence[str],
         on_connect: Callable[[int], object] | None = None,
     ) -> None:
         self._on_connect = on_connect
         self._settings = settings
-        self._filter = topic_filter
+        self._filters = tuple(topic_filters)
         self._v5 = settings.mqtt_protocol == "5"
         self._loop = asyncio.get_running_loop()
         self._pending: list[Delivery] = []
@@ -330,7 +330,7 @@ class MqttIntake:
                 # new session: amqtt answers a resumed session's SUBSCRIBE only after its
                 # offline queue is acked, and acks come from the consumer, which starts when
                 # this returns. A resumed session is subscribed already.
-                protocol.send(packets.subscribe(_SUBSCRIBE_MID, self._filter, v5=self._v5))
+                protocol.send(packets.subscribe(_SUBSCRIBE_MID, self._filters, v5=self._v5))
                 if session_present:
                     self._suback = None  # nobody waits; a refusal is still logged
                 else:
@@ -466,15 +466,22 @@ class MqttIntake:
             future.set_result(packet.session_present)
 
     def _resolve_suback(self, packet: packets.Incoming) -> None:
-        failed = [code for code in packet.codes if code >= 0x80]
-        if failed:
-            log.error("subscription to %s refused (SUBACK codes %s)", self._filter, failed)
+        refused = [f for f, code in zip(self._filters, packet.codes, strict=False) if code >= 0x80]
+        if refused:
+            log.error(
+                "subscription to %s refused (SUBACK codes %s): grant the processor's account "
+                "read access (broker/mosquitto.acl)",
+                refused,
+                list(packet.codes),
+            )
         future = self._suback
         if future is None or future.done():
             return
-        if failed:
+        # Only the first filter (the votes) is essential: without the others the processor still
+        # counts votes, and the error above says what is missing.
+        if self._filters[0] in refused:
             future.set_exception(
-                BrokerUnavailable(f"subscription to {self._filter} refused: {failed}")
+                BrokerUnavailable(f"subscription to {self._filters[0]} refused: {refused}")
             )
         else:
             future.set_result(None)

@@ -8,6 +8,7 @@ PUBACK, PINGREQ, PINGRESP, DISCONNECT.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -102,9 +103,10 @@ def connect(
     return _packet(0x10, body)
 
 
-def subscribe(mid: int, topic_filter: str, *, v5: bool) -> bytes:
-    """SUBSCRIBE to one filter at QoS 1."""
-    body = _U16.pack(mid) + (b"\x00" if v5 else b"") + _string(topic_filter.encode()) + b"\x01"
+def subscribe(mid: int, topic_filters: Sequence[str], *, v5: bool) -> bytes:
+    """SUBSCRIBE to each filter at QoS 1, in one packet."""
+    body = _U16.pack(mid) + (b"\x00" if v5 else b"")
+    body += b"".join(_string(f.encode()) + b"\x01" for f in topic_filters)
     return _packet(0x82, body)
 
 

@@ -7,6 +7,7 @@ stop (SIGTERM) is honoured between batches, never inside one.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -20,12 +21,20 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from processor.backoff import backoff_delays
-from processor.codec import AckEntry, Vote, decode_message, encode_ack
+from processor.codec import (
+    AckEntry,
+    Vote,
+    decode_heartbeat,
+    decode_message,
+    decode_status,
+    encode_ack,
+)
 from processor.config import Settings
 from processor.endpoint import serve_endpoint
 from processor.errors import StoreUnavailable, VoteRejected
 from processor.health import Health
 from processor.influx import InfluxDrainer, make_writer
+from processor.keys import DEVICES_HEALTH, DEVICES_STATUS
 from processor.logs import RejectionLog
 from processor.metrics import Metrics
 from processor.mqtt import Delivery, MqttIntake
@@ -34,7 +43,15 @@ from processor.reasons import Fate, Reason
 from processor.results import ResultsPublisher
 from processor.stats import StatsPublisher
 from processor.tally import Tally
-from processor.topics import VOTES_FILTER, acks_topic, device_from_topic, parse_vote_topic, shared
+from processor.topics import (
+    DEVICES_FILTER,
+    VOTES_FILTER,
+    acks_topic,
+    device_from_topic,
+    parse_device_topic,
+    parse_vote_topic,
+    shared,
+)
 
 __all__ = ["BatchProcessor", "run"]
 
@@ -94,6 +111,7 @@ class BatchProcessor:
         slots: list[tuple[str, int]] = []
         unattributed: Counter[Reason] = Counter()
         seen: set[str] = set()
+        reports = _DeviceReports()
 
         def reject(device: str | None, error: VoteRejected) -> None:
             unattributed[error.reason] += 1
@@ -102,6 +120,9 @@ class BatchProcessor:
                 acks[device].append(AckEntry.rejected(error))
 
         for delivery in batch:
+            if delivery.topic.startswith("devices/"):
+                reports.add(delivery, self._rejections)
+                continue
             try:
                 poll, device = parse_vote_topic(delivery.topic)
             except VoteRejected as error:
@@ -126,7 +147,12 @@ class BatchProcessor:
                     votes.append(item)
 
         started = time.monotonic()
-        result = await self._commit_until_done(votes, unattributed, self._due_seen(seen))
+        result = await self._commit_until_done(
+            votes,
+            unattributed,
+            self._due_seen(seen),
+            reports.latest(now_ms=int(time.time() * 1000)),
+        )
         if result is None:
             return
         codes, versions = result
@@ -146,8 +172,11 @@ class BatchProcessor:
             self._drainer.notify(codes.count(int(Fate.ACCEPTED)))
 
         m = self._metrics
-        m.messages.inc(len(batch))
-        m.batch_size.observe(len(batch))
+        m.messages.inc(len(batch) - reports.count)
+        # Vote messages only: device reports are few, and ride in the same round trip.
+        for (kind, outcome), n in reports.outcomes.items():
+            m.device_reports.labels(kind, outcome).inc(n)
+        m.batch_size.observe(len(batch) - reports.count)
         m.acks.inc(len(acks))
         fates = Counter(codes)
         fates.update({int(reason): n for reason, n in unattributed.items()})
@@ -179,15 +208,23 @@ class BatchProcessor:
         return due
 
     async def _commit_until_done(
-        self, votes: list[Vote], unattributed: Counter[Reason], seen: set[str]
+        self,
+        votes: list[Vote],
+        unattributed: Counter[Reason],
+        seen: set[str],
+        reports: dict[str, dict[str, str]],
     ) -> tuple[list[int], dict[str, int]] | None:
-        if not votes and not unattributed and not seen:
+        if not votes and not unattributed and not seen and not reports:
             return [], {}
         delays = backoff_delays(base_s=0.1, cap_s=5.0)
         while True:
             try:
                 result = await self._tally.commit(
-                    votes, now_ms=int(time.time() * 1000), unattributed=unattributed, seen=seen
+                    votes,
+                    now_ms=int(time.time() * 1000),
+                    unattributed=unattributed,
+                    seen=seen,
+                    reports=reports,
                 )
                 return result.codes, result.versions
             except StoreUnavailable as exc:
@@ -208,6 +245,56 @@ class BatchProcessor:
                         await self._stop.wait()
                 except TimeoutError:
                     pass
+
+
+class _DeviceReports:
+    """The status and heartbeat messages of one batch: the latest of each device, as the JSON
+    that `votebox devices` reads (docs/protocol.md, Device health). A report never gets an ack:
+    a lost one is replaced by the next."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self._status: dict[str, dict[str, Any]] = {}
+        self._health: dict[str, dict[str, Any]] = {}
+
+    def add(self, delivery: Delivery, rejections: RejectionLog) -> None:
+        self.count += 1
+        parsed = parse_device_topic(delivery.topic)
+        if parsed is None:
+            # Only when a broker without the ACL lets a device publish a wrong devices/ topic.
+            self.outcomes["status", "refused"] += 1
+            rejections.rejected(Reason.BAD_TOPIC.code, None, delivery.topic[:80])
+            return
+        device, kind = parsed
+        try:
+            if kind == "status":
+                if not delivery.payload:
+                    return  # an operator cleared the retained status of a removed device
+                self._status[device] = {"state": decode_status(delivery.payload)}
+            else:
+                beat = decode_heartbeat(delivery.payload)
+                self._health[device] = {
+                    "uptime_s": beat.uptime_s,
+                    "outbox": beat.outbox,
+                    "battery": beat.battery,
+                }
+        except VoteRejected as error:
+            self.outcomes[kind, "refused"] += 1
+            rejections.rejected(error.reason.code, device, f"{kind}: {error.detail}")
+            return
+        self.outcomes[kind, "recorded"] += 1
+
+    def latest(self, *, now_ms: int) -> dict[str, dict[str, str]]:
+        """The Redis hashes to write, by key, then by device."""
+        out: dict[str, dict[str, str]] = {}
+        for key, reports in ((DEVICES_STATUS, self._status), (DEVICES_HEALTH, self._health)):
+            if reports:
+                out[key] = {
+                    device: json.dumps({**report, "at_ms": now_ms}, separators=(",", ":"))
+                    for device, report in reports.items()
+                }
+        return out
 
 
 async def consume_votes(
@@ -354,10 +441,12 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         ):
             if not await _wait_for_redis(tally, stop):
                 return
-            topic_filter = shared(VOTES_FILTER, settings.mqtt_share_group)
             async with MqttIntake(
                 settings=settings,
-                topic_filter=topic_filter,
+                topic_filters=[
+                    shared(VOTES_FILTER, settings.mqtt_share_group),
+                    shared(DEVICES_FILTER, settings.mqtt_share_group),
+                ],
                 on_connect=lambda n: metrics.mqtt_reconnects.inc() if n > 1 else None,
             ) as intake:
                 live.append(intake)
@@ -411,8 +500,7 @@ async def _serve(
             rate_per_s=settings.device_rate, burst=settings.device_burst, clock=time.monotonic
         ),
     )
-    topic_filter = shared(VOTES_FILTER, settings.mqtt_share_group)
-    log.info("ready: consuming %s", topic_filter)
+    log.info("ready: consuming %s", shared(VOTES_FILTER, settings.mqtt_share_group))
     async with asyncio.TaskGroup() as tg:
         background = [
             tg.create_task(results.run(), name="votebox.results"),

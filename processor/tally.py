@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Final
@@ -98,6 +98,7 @@ class Tally:
         now_ms: int,
         unattributed: Counter[Reason] | None = None,
         seen: Iterable[str] = (),
+        reports: Mapping[str, Mapping[str, str]] | None = None,
     ) -> CommitResult:
         """De-duplicate and count ``votes`` atomically per poll, in one round trip.
 
@@ -107,6 +108,8 @@ class Tally:
             now_ms: the processor's clock, stored as the tally's update time.
             unattributed: rejections of messages that name no poll, counted in the same trip.
             seen: devices heard from in this batch; their last-seen time becomes ``now_ms``.
+            reports: devices' latest health reports, by Redis hash (`keys.DEVICES_HEALTH`,
+                `keys.DEVICES_STATUS`), then by device; written in the same round trip.
 
         Returns:
             One `Fate`/`Reason` code per vote, and each changed poll's new version.
@@ -138,7 +141,9 @@ class Tally:
                 )
             calls.append((list(keys.all_keys()), args))
 
-        extra = _Extra(unattributed or Counter(), {device: now_ms for device in seen})
+        extra = _Extra(
+            unattributed or Counter(), {device: now_ms for device in seen}, reports or {}
+        )
         replies = await self._run(calls, extra)
         codes = [0] * len(votes)
         versions: dict[str, int] = {}
@@ -212,6 +217,9 @@ class Tally:
                     # Outside the scripts: it spans polls, and a lost update costs nothing
                     # but a device looking silent until its next message.
                     pipe.hset(DEVICES_SEEN, mapping=extra.seen)  # type: ignore[arg-type]
+                for key, latest in extra.reports.items():
+                    if latest:
+                        pipe.hset(key, mapping=latest)  # type: ignore[arg-type]
             return list(await pipe.execute(raise_on_error=False))
 
 
@@ -221,6 +229,7 @@ class _Extra:
 
     unattributed: Counter[Reason]
     seen: dict[str, int]
+    reports: Mapping[str, Mapping[str, str]]
 
 
 def _is_noscript(reply: object) -> bool:

@@ -9,11 +9,15 @@ from processor.errors import VoteRejected
 from processor.reasons import Reason
 
 __all__ = [
+    "DEVICES_FILTER",
     "STATS_TOPIC",
     "VOTES_FILTER",
     "acks_topic",
     "config_topic",
     "device_from_topic",
+    "heartbeat_topic",
+    "parse_device_topic",
+    "status_topic",
     "is_valid_id",
     "parse_vote_topic",
     "results_topic",
@@ -27,6 +31,10 @@ _ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # The processor subscribes wider than the contract so that a vote on a wrong topic is rejected
 # and counted instead of vanishing unseen.
 VOTES_FILTER: Final = "votes/#"
+# A device's own reports: devices/{device}/status (retained online/offline, also its last will)
+# and devices/{device}/heartbeat (docs/protocol.md, Device health).
+DEVICES_FILTER: Final = "devices/+/+"
+DEVICE_REPORTS: Final = frozenset({"status", "heartbeat"})
 # Retained summary of all polls, for dashboards that speak only MQTT (docs/operations.md).
 STATS_TOPIC: Final = "votebox/stats"
 
@@ -85,3 +93,27 @@ def shared(topic_filter: str, group: str | None) -> str:
 def config_topic(poll: str) -> str:
     """``polls/{poll}/config``: the poll's definition and state, retained, for kiosks."""
     return f"polls/{poll}/config"
+
+
+def status_topic(device: str) -> str:
+    """``devices/{device}/status``: retained ``online``/``offline``, the device's last will."""
+    return f"devices/{device}/status"
+
+
+def heartbeat_topic(device: str) -> str:
+    """``devices/{device}/heartbeat``: the device's periodic health report."""
+    return f"devices/{device}/heartbeat"
+
+
+def parse_device_topic(topic: str) -> tuple[str, str] | None:
+    """Split ``devices/{device}/{report}`` into ``(device, report)``; None if it is not one
+    (``report`` is ``status`` or ``heartbeat``)."""
+    parts = topic.split("/")
+    if (
+        len(parts) == 3
+        and parts[0] == "devices"
+        and parts[2] in DEVICE_REPORTS
+        and _ID.fullmatch(parts[1]) is not None
+    ):
+        return parts[1], parts[2]
+    return None

@@ -1,0 +1,136 @@
+"""``votebox devices``: every device's last sign of life, online state, outbox and battery.
+
+Rule: only what the processor recorded in Redis (keys.DEVICES_SEEN, DEVICES_STATUS,
+DEVICES_HEALTH), read in one round trip; it never asks the devices or the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, TextIO
+
+from redis.asyncio import Redis
+
+from processor.config import Settings
+from processor.keys import DEVICES_HEALTH, DEVICES_SEEN, DEVICES_STATUS
+from processor.polls import redis_text
+from processor.tally import redis_errors
+
+__all__ = ["DeviceHealth", "format_devices", "print_devices", "read_devices"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceHealth:
+    """What is known of one device.
+
+    ``state`` is its retained status (``online``, ``offline``; ``unknown`` for a device that
+    never sent one), or ``silent`` when it says online but nothing came from it for
+    VOTEBOX_SILENT_AFTER_S (a broker that missed its death, or a hung device).
+    """
+
+    device: str
+    state: str
+    last_seen_ms: int | None
+    uptime_s: int | None
+    outbox: int | None
+    battery: int | None
+    heartbeat_ms: int | None
+
+
+def _json(value: object) -> dict[str, Any]:
+    try:
+        document = json.loads(redis_text(value))
+    except ValueError:
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+async def read_devices(redis: Redis, *, now_ms: int, silent_after_s: float) -> list[DeviceHealth]:
+    """Every device that ever sent a vote, a status or a heartbeat, by id.
+
+    Raises:
+        StoreUnavailable: Redis is down.
+    """
+    with redis_errors():
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(DEVICES_SEEN)
+            pipe.hgetall(DEVICES_STATUS)
+            pipe.hgetall(DEVICES_HEALTH)
+            seen_raw, status_raw, health_raw = await pipe.execute()
+    seen = {redis_text(k): int(v) for k, v in seen_raw.items()}
+    status = {redis_text(k): _json(v) for k, v in status_raw.items()}
+    health = {redis_text(k): _json(v) for k, v in health_raw.items()}
+    cutoff = now_ms - int(silent_after_s * 1000)
+    out = []
+    for device in sorted(seen.keys() | status.keys() | health.keys()):
+        st, hb = status.get(device, {}), health.get(device, {})
+        times = [t for t in (seen.get(device), st.get("at_ms"), hb.get("at_ms")) if t]
+        last = max(times) if times else None
+        state = str(st.get("state", "unknown"))
+        if state == "online" and (last is None or last < cutoff):
+            state = "silent"
+        out.append(
+            DeviceHealth(
+                device=device,
+                state=state,
+                last_seen_ms=last,
+                uptime_s=hb.get("uptime_s"),
+                outbox=hb.get("outbox"),
+                battery=hb.get("battery"),
+                heartbeat_ms=hb.get("at_ms"),
+            )
+        )
+    return out
+
+
+def _ago(ms: int | None, now_ms: int) -> str:
+    if ms is None:
+        return "never"
+    seconds = max(0, (now_ms - ms) // 1000)
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def format_devices(devices: list[DeviceHealth], *, now_ms: int) -> str:
+    """The table ``votebox devices`` prints."""
+    if not devices:
+        return "no devices yet: none has sent a vote, a status or a heartbeat"
+    rows = [("DEVICE", "STATE", "LAST SEEN", "UPTIME", "OUTBOX", "BATTERY")]
+    for d in devices:
+        rows.append(
+            (
+                d.device,
+                d.state,
+                _ago(d.last_seen_ms, now_ms),
+                "-" if d.uptime_s is None else f"{d.uptime_s}s",
+                "-" if d.outbox is None else str(d.outbox),
+                "-" if d.battery is None else f"{d.battery}%",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    states = sorted({d.state for d in devices})
+    counts = ", ".join(f"{sum(d.state == s for d in devices)} {s}" for s in states)
+    return "\n".join([line.rstrip() for line in lines] + [f"{len(devices)} devices: {counts}"])
+
+
+async def print_devices(settings: Settings, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """Print every device; returns the exit code."""
+    redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
+    try:
+        now_ms = int(time.time() * 1000)
+        devices = await read_devices(redis, now_ms=now_ms, silent_after_s=settings.silent_after_s)
+    finally:
+        await redis.aclose()
+    if as_json:
+        for d in devices:
+            print(json.dumps(asdict(d), separators=(",", ":")), file=out)
+    else:
+        print(format_devices(devices, now_ms=now_ms), file=out)
+    return 0
