@@ -6,7 +6,7 @@ ints, so the functions can be copied onto a microcontroller (drop the annotation
 
 from __future__ import annotations
 
-__all__ = ["encode_batch", "encode_vote"]
+__all__ = ["encode_batch", "encode_heartbeat", "encode_vote"]
 
 
 def _head(major: int, value: int) -> bytes:
@@ -59,3 +59,13 @@ def encode_vote(
 def encode_batch(encoded_votes: list[bytes]) -> bytes:
     """A batch: a CBOR array of already-encoded votes (at most 256)."""
     return _head(4, len(encoded_votes)) + b"".join(encoded_votes)
+
+
+def encode_heartbeat(uptime_s: int, outbox: int, battery: int | None = None) -> bytes:
+    """A heartbeat (docs/protocol.md, Device health): ``{0: uptime_s, 1: outbox, 2: battery}``,
+    battery (0-100) only on a device that runs on one."""
+    out = _head(5, 2 if battery is None else 3)
+    out += _head(0, 0) + _head(0, uptime_s) + _head(0, 1) + _head(0, outbox)
+    if battery is not None:
+        out += _head(0, 2) + _head(0, battery)
+    return out

@@ -1,170 +1,163 @@
-"""Simulated kiosks: many paho-mqtt devices in one process, voting at a steady total rate.
+"""A fleet of simulated kiosks in one process: the real device client, many times over.
 
-Rule: the way firmware does it. Each kiosk has its own MQTT session (client id = device id),
-numbers its votes with a strictly increasing seq, publishes at QoS 1 to votes/{poll}/{device}
-and listens on acks/{device}. paho's network threads are fine here; the processor has none.
+Rule: every simulated kiosk is a `DeviceClient` with its own MQTT session and its own outbox
+file, exactly what a firmware author would run; the simulator only presses their buttons, cuts
+and restores their network, and checks at the end that the retained results grew by exactly
+the votes the processor said it counted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import random
+import resource
+import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import cbor2
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from devices.encoder import encode_vote
+from devices.client import DeviceClient, DeviceConfig
+from devices.kiosk import code_name
+from devices.outbox import Outbox, Pending
 
-__all__ = ["Kiosk", "SimulationSummary", "simulate"]
+__all__ = ["ResultsSnapshot", "SimulationSummary", "read_results", "simulate"]
 
-# docs/protocol.md, Acks: codes below 16 are fates, 16 and up are rejection reasons.
+# docs/protocol.md, Codes: counted now, or counted before (its first ack was lost).
 _ACCEPTED, _DUPLICATE = 0, 1
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsSnapshot:
+    """The retained result of a poll: its total and counts (empty before the first one)."""
+
+    total: int = 0
+    counts: tuple[int, ...] = ()
+
+    def minus(self, before: ResultsSnapshot) -> tuple[int, list[int]]:
+        """How much the total and each count grew since ``before``."""
+        width = max(len(self.counts), len(before.counts))
+        old = list(before.counts) + [0] * (width - len(before.counts))
+        new = list(self.counts) + [0] * (width - len(self.counts))
+        return self.total - before.total, [b - a for a, b in zip(old, new, strict=True)]
 
 
 @dataclass(slots=True)
 class SimulationSummary:
-    """What a simulation sent and what the processor answered."""
+    """What a simulation pressed, what the processor answered, and what the results say."""
 
     sent: int = 0
-    published: int = 0
-    acks: Counter[str] = field(default_factory=Counter)
-    per_option: Counter[int] = field(default_factory=Counter)
+    fates: Counter[str] = field(default_factory=Counter)
+    queued: int = 0
+    counted_per_option: Counter[int] = field(default_factory=Counter)
+    went_offline: int = 0
+    reconnects: int = 0
+    results_before: ResultsSnapshot = ResultsSnapshot()
+    results_after: ResultsSnapshot | None = None
 
-    def line(self) -> str:
-        acked = sum(self.acks.values())
-        return (
-            f"sent {self.sent} votes ({self.published} acknowledged by the broker); processor "
-            f"answered {acked}: accepted {self.acks['accepted']}, duplicate "
-            f"{self.acks['duplicate']}, rejected {self.acks['rejected']}"
+    @property
+    def counted(self) -> int:
+        """Votes the processor counted: accepted now, or answered duplicate (counted before)."""
+        return self.fates["accepted"] + self.fates["duplicate"]
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.fates.values()) - self.counted
+
+    def agrees(self) -> bool:
+        """Whether the retained results grew by exactly what was counted, option by option."""
+        if self.results_after is None:
+            return False
+        total, counts = self.results_after.minus(self.results_before)
+        return total == self.counted and all(
+            counts[i] == self.counted_per_option.get(i, 0) for i in range(len(counts))
         )
 
+    def lines(self) -> list[str]:
+        others = ", ".join(
+            f"{name} {n}"
+            for name, n in sorted(self.fates.items())
+            if name not in ("accepted", "duplicate")
+        )
+        out = [
+            f"sent {self.sent}: accepted {self.fates['accepted']}, duplicate "
+            f"{self.fates['duplicate']}, rejected {self.rejected}"
+            + (f" ({others})" if others else "")
+            + f", still queued {self.queued}",
+            f"{self.went_offline} devices went offline and came back; {self.reconnects} reconnects",
+        ]
+        if self.results_after is not None:
+            total, _ = self.results_after.minus(self.results_before)
+            verdict = "agrees" if self.agrees() else "DISAGREES"
+            out.append(
+                f"results topic: total {self.results_before.total} -> "
+                f"{self.results_after.total} (+{total}); counted {self.counted}: {verdict}"
+            )
+        return out
 
-def _published(info: paho.MQTTMessageInfo) -> bool:
-    """Whether the broker acked it. A message published while disconnected is kept by paho and
-    sent after the reconnect, but its info raises instead of telling; the outbox covers it."""
+
+def read_results(
+    *,
+    host: str,
+    port: int,
+    poll: str,
+    username: str = "dashboard",
+    password: str | None = None,
+    timeout_s: float = 3.0,
+) -> ResultsSnapshot:
+    """The retained ``polls/{poll}/results`` as a dashboard sees it on connecting."""
+    topic = f"polls/{poll}/results"
+    got = threading.Event()
+    found: list[ResultsSnapshot] = []
+
+    def on_message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        # amqtt may hand a subscriber another topic's retained message (docs/brokers.md).
+        if msg.topic == topic and msg.payload:
+            document = json.loads(msg.payload)
+            found.append(
+                ResultsSnapshot(int(document["total"]), tuple(document.get("counts") or ()))
+            )
+            got.set()
+
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"{username}-sim-{random.randrange(1 << 32):08x}",
+        protocol=paho.MQTTv311,
+    )
+    client.username_pw_set(username, password)
+    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+    client.on_message = on_message
+    client.connect(host, port, keepalive=30)
+    client.loop_start()
     try:
-        return info.is_published()
-    except (RuntimeError, ValueError):
-        return True
+        got.wait(timeout_s)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return found[-1] if found else ResultsSnapshot()
 
 
-class Kiosk:
-    """One voting device with its own MQTT connection.
+@dataclass(frozen=True, slots=True)
+class _Outage:
+    device: int
+    starts_s: float
+    ends_s: float
 
-    Args:
-        device: the device id (also its client id and username).
-        host: broker host.
-        port: broker port.
-        on_ack: called with each ack entry ``[epoch, seq, code]`` from ``acks/{device}``.
-    """
 
-    def __init__(
-        self,
-        device: str,
-        *,
-        host: str,
-        port: int,
-        on_ack: Callable[[list[Any]], None] | None = None,
-    ) -> None:
-        self.device = device
-        self.seq = 0
-        self._on_ack = on_ack
-        self._connected = threading.Event()
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=device,
-            protocol=paho.MQTTv311,
-            clean_session=False,
-        )
-        self._client.username_pw_set(device)
-        self._client.max_inflight_messages_set(100)
-        self._client.on_connect = self._handle_connect
-        self._client.on_message = self._handle_message
-        self._host, self._port = host, port
-        self._infos: list[paho.MQTTMessageInfo] = []
-        # Votes sent and not yet answered on acks/{device}, by (epoch, seq): a vote leaves only
-        # when the processor says it is counted, a duplicate, or rejected (docs/protocol.md).
-        self.outbox: dict[tuple[int, int], tuple[str, bytes]] = {}
-        self._lock = threading.Lock()
-
-    def connect(self, timeout_s: float = 10.0) -> None:
-        self._client.connect(self._host, self._port, keepalive=30)
-        self._client.loop_start()
-        if not self._connected.wait(timeout_s):
-            raise TimeoutError(f"{self.device}: no CONNACK from {self._host}:{self._port}")
-
-    def _handle_connect(
-        self, client: paho.Client, userdata: Any, flags: Any, rc: Any, properties: Any
-    ) -> None:
-        if not rc.is_failure:
-            client.subscribe(f"acks/{self.device}", qos=1)
-            self._connected.set()
-
-    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        try:
-            entries = cbor2.loads(msg.payload)
-        except cbor2.CBORDecodeError:
-            return
-        for entry in entries:
-            with self._lock:
-                self.outbox.pop((entry[0], entry[1]), None)
-            if self._on_ack is not None:
-                self._on_ack(entry)
-
-    def publish_raw(self, poll: str, payload: bytes) -> None:
-        """Publish any payload to this kiosk's vote topic (tests use it for malformed input)."""
-        self._infos.append(self._client.publish(f"votes/{poll}/{self.device}", payload, qos=1))
-
-    def vote(
-        self,
-        poll: str,
-        choice: int | list[int],
-        *,
-        seq: int | None = None,
-        ts: int | None = None,
-        voter: bytes | None = None,
-    ) -> int:
-        """Cast a vote with the next seq (or a given one, to repeat a vote); returns the seq.
-
-        ``choice`` is an option index, a list of them (multiple choice) or a rating's value;
-        ``ts`` defaults to now; ``voter`` is the voter token of a one-vote-per-voter poll.
-        """
-        if seq is None:
-            self.seq += 1
-            seq = self.seq
-        payload = encode_vote(choice, seq, ts=int(time.time()) if ts is None else ts, voter=voter)
-        with self._lock:
-            self.outbox[(0, seq)] = (poll, payload)
-        self.publish_raw(poll, payload)
-        return seq
-
-    def resend_outbox(self, limit: int | None = None) -> int:
-        """Publish every unanswered vote (or the oldest ``limit``) again with its own seq;
-        returns how many."""
-        with self._lock:
-            pending = list(self.outbox.values())[:limit]
-        for poll, payload in pending:
-            self.publish_raw(poll, payload)
-        return len(pending)
-
-    def wait_published(self, timeout_s: float = 30.0) -> int:
-        """Wait for the broker's PUBACK of everything published; returns how many arrived."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if all(_published(info) for info in self._infos):
-                break
-            time.sleep(0.01)
-        return sum(1 for info in self._infos if _published(info))
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+def _raise_open_files_limit(devices: int) -> None:
+    # Each device holds a socket and an SQLite file with its WAL: about four descriptors.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 4 * devices + 256))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def simulate(
@@ -176,10 +169,16 @@ def simulate(
     devices: int,
     rate: float,
     duration_s: float,
+    offline_fraction: float = 0.0,
     weights: Sequence[float] | None = None,
     stop: threading.Event | None = None,
-    ack_wait_s: float = 5.0,
+    drain_s: float = 30.0,
     seed: int | None = None,
+    store_dir: Path | None = None,
+    passwords: Mapping[str, str] | None = None,
+    prefix: str = "kiosk",
+    results_password: str | None = None,
+    heartbeat_s: float = 10.0,
 ) -> SimulationSummary:
     """Run ``devices`` kiosks that vote ``rate`` times a second in total for ``duration_s``.
 
@@ -191,50 +190,173 @@ def simulate(
         devices: how many kiosks.
         rate: votes per second, all kiosks together.
         duration_s: how long to vote.
+        offline_fraction: the share of kiosks that lose their network once, for 20-40 % of
+            the run, starting in its first half; they keep voting into their outbox.
         weights: relative popularity of each option (uniform when None).
         stop: ends the voting early when set.
-        ack_wait_s: how long to wait for the processor's acks at the end.
-        seed: makes the choices repeatable.
+        drain_s: how long to wait at the end for every outbox to empty.
+        seed: makes choices and outages repeatable.
+        store_dir: where the outbox files live (a temporary folder when None: the kiosks are
+            new devices each run).
+        passwords: each device's password, by device id (a broker with accounts).
+        prefix: device ids are ``{prefix}-0000`` and up.
+        results_password: the ``dashboard`` account's password, to read the results topic.
+        heartbeat_s: how often each kiosk reports its health.
 
     Returns:
-        The summary of what was sent and answered.
+        The summary, with the retained results read before and after.
     """
     rng = random.Random(seed)
+    _raise_open_files_limit(devices)
     summary = SimulationSummary()
+    summary.results_before = read_results(
+        host=host, port=port, poll=poll, password=results_password
+    )
     lock = threading.Lock()
+    choices: dict[tuple[int, int, int], int] = {}
 
-    def on_ack(entry: list[Any]) -> None:
-        code = entry[2]
-        fate = (
-            "accepted" if code == _ACCEPTED else "duplicate" if code == _DUPLICATE else "rejected"
-        )
-        with lock:
-            summary.acks[fate] += 1
+    def on_ack_of(index: int) -> Any:
+        def on_ack(entry: Pending, code: int) -> None:
+            with lock:
+                summary.fates[code_name(code)] += 1
+                choice = choices.pop((index, entry.epoch, entry.seq), None)
+                if code in (_ACCEPTED, _DUPLICATE) and choice is not None:
+                    summary.counted_per_option[choice] += 1
 
-    kiosks = [Kiosk(f"kiosk-{i:04d}", host=host, port=port, on_ack=on_ack) for i in range(devices)]
-    for kiosk in kiosks:
-        kiosk.connect()
+        return on_ack
+
     stop = stop or threading.Event()
     options = list(range(n_options))
-    started = time.monotonic()
-    try:
-        while not stop.is_set():
-            elapsed = time.monotonic() - started
-            if elapsed >= duration_s:
+    n_offline = round(devices * offline_fraction)
+    # An endless run (the demo) has its outages in its first two minutes.
+    span = duration_s if math.isfinite(duration_s) else 120.0
+    outages = [
+        _Outage(
+            i,
+            starts_s=(start := rng.uniform(0, span / 2)),
+            ends_s=start + rng.uniform(0.2, 0.4) * span,
+        )
+        for i in rng.sample(range(devices), n_offline)
+    ]
+    summary.went_offline = len(outages)
+    with contextlib.ExitStack() as stack:
+        folder = store_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        folder.mkdir(parents=True, exist_ok=True)
+        clients = []
+        for i in range(devices):
+            device = f"{prefix}-{i:04d}"
+            outbox = Outbox(folder / f"{device}.outbox", durable=False)
+            stack.callback(outbox.close)
+            battery = _Battery(rng.randint(40, 100))
+            config = DeviceConfig(
+                device=device,
+                host=host,
+                port=port,
+                password=(passwords or {}).get(device),
+                heartbeat_s=heartbeat_s,
+                ack_timeout_s=10.0,
+                backoff_base_s=0.5,
+                backoff_cap_s=5.0,
+                tick_s=0.5,
+            )
+            client = DeviceClient(
+                config,
+                outbox,
+                on_ack=on_ack_of(i),
+                battery=battery.level,
+                rng=random.Random(rng.random()),
+            )
+            clients.append(client)
+        for client in clients:
+            stack.enter_context(client.running())
+        for client in clients:
+            if not client.wait_connected(15):
+                raise TimeoutError(f"{client.config.device}: no connection to {host}:{port}")
+        _vote(
+            poll,
+            clients,
+            outages,
+            summary,
+            choices,
+            lock,
+            rng,
+            options,
+            weights,
+            rate,
+            duration_s,
+            stop,
+        )
+        for outage in outages:
+            clients[outage.device].restore_network()
+        deadline = time.monotonic() + drain_s
+        while time.monotonic() < deadline and not stop.is_set():
+            if all(client.outbox.depth() == 0 for client in clients):
                 break
-            due = int(elapsed * rate) + 1
-            while summary.sent < due:
-                kiosk = kiosks[summary.sent % len(kiosks)]
-                choice = rng.choices(options, weights=weights)[0]
-                kiosk.vote(poll, choice)
-                summary.per_option[choice] += 1
-                summary.sent += 1
-            stop.wait(min(0.05, max(0.0, (summary.sent / rate) - elapsed)))
-        summary.published = sum(kiosk.wait_published() for kiosk in kiosks)
-        deadline = time.monotonic() + ack_wait_s
-        while time.monotonic() < deadline and sum(summary.acks.values()) < summary.sent:
-            time.sleep(0.05)
-    finally:
-        for kiosk in kiosks:
-            kiosk.close()
+            time.sleep(0.1)
+        summary.queued = sum(client.outbox.depth() for client in clients)
+        summary.reconnects = sum(max(0, client.connections - 1) for client in clients)
+    summary.results_after = _settled_results(
+        host, port, poll, results_password, summary.results_before.total + summary.counted
+    )
     return summary
+
+
+def _vote(
+    poll: str,
+    clients: list[DeviceClient],
+    outages: list[_Outage],
+    summary: SimulationSummary,
+    choices: dict[tuple[int, int, int], int],
+    lock: threading.Lock,
+    rng: random.Random,
+    options: list[int],
+    weights: Sequence[float] | None,
+    rate: float,
+    duration_s: float,
+    stop: threading.Event,
+) -> None:
+    pending_outages = sorted(outages, key=lambda o: o.starts_s)
+    returns = sorted(outages, key=lambda o: o.ends_s)
+    started = time.monotonic()
+    while not stop.is_set():
+        elapsed = time.monotonic() - started
+        if elapsed >= duration_s:
+            break
+        while pending_outages and pending_outages[0].starts_s <= elapsed:
+            clients[pending_outages.pop(0).device].drop_network()
+        while returns and returns[0].ends_s <= elapsed:
+            clients[returns.pop(0).device].restore_network()
+        due = int(elapsed * rate) + 1
+        while summary.sent < due:
+            index = rng.randrange(len(clients))
+            choice = rng.choices(options, weights=weights)[0]
+            with lock:
+                # Under the lock: the ack may come back before press() returns.
+                entry = clients[index].press(poll, choice)
+                choices[(index, entry.epoch, entry.seq)] = choice
+            summary.sent += 1
+        stop.wait(min(0.05, max(0.0, (summary.sent / rate) - elapsed)))
+
+
+def _settled_results(
+    host: str, port: int, poll: str, password: str | None, expected_total: int
+) -> ResultsSnapshot:
+    """The retained result once it shows ``expected_total`` (results are published at most
+    every 100 ms), or the last one seen after a few seconds."""
+    deadline = time.monotonic() + 10
+    while True:
+        snapshot = read_results(host=host, port=port, poll=poll, password=password, timeout_s=1)
+        if snapshot.total >= expected_total or time.monotonic() > deadline:
+            return snapshot
+        time.sleep(0.2)
+
+
+class _Battery:
+    """A battery that loses a little with every reading: the heartbeat shows it draining."""
+
+    def __init__(self, level: int) -> None:
+        self._level = float(level)
+
+    def level(self) -> int:
+        self._level = max(0.0, self._level - 0.05)
+        return int(self._level)

@@ -1,0 +1,57 @@
+"""A minimal reader of the processor's acks, small enough for MicroPython (docs/protocol.md, Acks).
+
+Rule: reads exactly what the processor writes, an array of ``[epoch, seq, code]`` where epoch
+and seq are unsigned integers or null, and refuses anything else; no cbor2, nothing beyond
+bytes and ints, so a constrained device needs no CBOR library at all.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AckError", "decode_ack"]
+
+_NULL = 0xF6
+
+
+class AckError(ValueError):
+    """The payload is not an ack; a device ignores it (the vote is sent again later)."""
+
+
+def _uint(data: bytes, at: int, major: int) -> tuple[int, int]:
+    """Read a head of ``major`` type at ``at``: its argument and the next offset."""
+    if at >= len(data) or data[at] >> 5 != major:
+        raise AckError(f"unexpected item at byte {at}")
+    info = data[at] & 0x1F
+    if info < 24:
+        return info, at + 1
+    size = {24: 1, 25: 2, 26: 4, 27: 8}.get(info)
+    if size is None or at + 1 + size > len(data):
+        raise AckError(f"bad length at byte {at}")
+    return int.from_bytes(data[at + 1 : at + 1 + size], "big"), at + 1 + size
+
+
+def _uint_or_null(data: bytes, at: int) -> tuple[int | None, int]:
+    if at < len(data) and data[at] == _NULL:
+        return None, at + 1
+    return _uint(data, at, 0)
+
+
+def decode_ack(payload: bytes) -> list[tuple[int | None, int | None, int]]:
+    """The entries of one ack: ``(epoch, seq, code)``, epoch and seq None for a message the
+    processor could not read.
+
+    Raises:
+        AckError: the payload is not an ack.
+    """
+    count, at = _uint(payload, 0, 4)
+    entries = []
+    for _ in range(count):
+        size, at = _uint(payload, at, 4)
+        if size != 3:
+            raise AckError("an ack entry has 3 items")
+        epoch, at = _uint_or_null(payload, at)
+        seq, at = _uint_or_null(payload, at)
+        code, at = _uint(payload, at, 0)
+        entries.append((epoch, seq, code))
+    if at != len(payload):
+        raise AckError("bytes after the ack")
+    return entries

@@ -1,0 +1,391 @@
+"""The device client firmware authors can copy: a paho-mqtt superloop around a persistent outbox.
+
+Rule: "press the button, the vote counts" whatever the network does. A press is stored before
+anything is sent (devices/outbox.py); everything stored is sent until the processor's ack names
+it; after a reconnect, whatever waits goes out in batches. The loop is the one a firmware main
+loop runs: connect (backoff with jitter), service the socket, flush, heartbeat, repeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from devices.ack import AckError, decode_ack
+from devices.encoder import encode_batch, encode_heartbeat
+from devices.outbox import Outbox, Pending
+from processor.backoff import backoff_delays
+
+__all__ = ["RATE_LIMITED", "DeviceClient", "DeviceConfig"]
+
+log = logging.getLogger(__name__)
+
+# docs/protocol.md, Codes: the one code that is not a final answer for a vote. The message was
+# not read; its votes stay in the outbox and go again after a pause.
+RATE_LIMITED: Final = 33
+# docs/protocol.md, Limits: a message is at most 4096 bytes; a batch's array head takes 3.
+_MAX_PAYLOAD: Final = 4096 - 3
+_MAX_BATCH: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """How one device reaches the broker and paces itself.
+
+    Attributes:
+        device: the device id: its MQTT client id, its username and the last level of its
+            vote topic (docs/protocol.md, Topics).
+        host: the broker.
+        port: the broker's port.
+        password: the device's password (`votebox device add`); None on a broker without
+            accounts.
+        ca_file: verify the broker's TLS certificate against this CA; None for plain TCP.
+        keepalive_s: MQTT keepalive; the broker publishes the last will after 1.5 times it.
+        ack_timeout_s: send a vote again when its ack has not come within this time.
+        heartbeat_s: how often to report uptime, outbox depth and battery.
+        backoff_base_s: the first reconnect delay's ceiling (full jitter).
+        backoff_cap_s: the largest reconnect delay's ceiling.
+        batch_votes: the most votes in one message (a batch, docs/protocol.md, Batches).
+        in_flight_votes: the most votes sent and not yet answered.
+        polls: polls whose retained config (polls/{poll}/config) the device follows.
+        tick_s: the loop's longest sleep; bounds how late a heartbeat or a re-send is.
+    """
+
+    device: str
+    host: str = "127.0.0.1"
+    port: int = 1883
+    password: str | None = None
+    ca_file: str | None = None
+    keepalive_s: int = 30
+    ack_timeout_s: float = 30.0
+    heartbeat_s: float = 60.0
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+    batch_votes: int = 64
+    in_flight_votes: int = 256
+    polls: tuple[str, ...] = ()
+    tick_s: float = 0.5
+
+
+class DeviceClient:
+    """One device: its MQTT session, its outbox and its loop.
+
+    Use ``with client.running():`` to run the loop in a thread of its own, or call `run` from a
+    main loop. `press` may be called from any thread.
+
+    Args:
+        config: where and how to connect.
+        outbox: the device's persistent outbox.
+        on_ack: called with each vote the processor answered and the code.
+        on_config: called with a poll id and its config (None when the poll was deleted).
+        battery: reads the battery level (percent); None for a device on mains power.
+        rng: jitter source (seeded in tests).
+    """
+
+    def __init__(
+        self,
+        config: DeviceConfig,
+        outbox: Outbox,
+        *,
+        on_ack: Callable[[Pending, int], None] | None = None,
+        on_config: Callable[[str, dict[str, Any] | None], None] | None = None,
+        battery: Callable[[], int] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.outbox = outbox
+        self._on_ack = on_ack
+        self._on_config = on_config
+        self._battery = battery
+        self._rng = rng or random.Random()
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+        # (epoch, seq) -> when it was last sent on this connection; cleared on a reconnect so
+        # that everything unanswered goes again.
+        self._sent_at: dict[tuple[int, int], float] = {}
+        self._hold_until = 0.0
+        self._next_heartbeat = 0.0
+        self._connected = threading.Event()
+        self._network = threading.Event()
+        self._network.set()
+        self._ever_connected = False
+        self.configs: dict[str, dict[str, Any]] = {}
+        # Counters for operators and tests: connections made, vote messages and votes sent.
+        self.connections = 0
+        self.messages_sent = 0
+        self.votes_sent = 0
+        self.status_topic = f"devices/{config.device}/status"
+        self._acks_topic = f"acks/{config.device}"
+
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=config.device,
+            protocol=paho.MQTTv311,
+            # The outbox, not the broker, keeps what is unanswered: no session state to lose.
+            clean_session=True,
+        )
+        client.username_pw_set(config.device, config.password)
+        if config.ca_file is not None:
+            client.tls_set(ca_certs=config.ca_file)
+        # If the device vanishes (power, Wi-Fi), the broker tells everyone it is offline.
+        client.will_set(self.status_topic, b"offline", qos=1, retain=True)
+        client.max_inflight_messages_set(64)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        self._client = client
+
+    # -- what the device's user does ------------------------------------------------------
+
+    def press(self, poll: str, choice: int | list[int], *, voter: bytes | None = None) -> Pending:
+        """Cast a vote: stored first (it survives anything from here on), then sent.
+
+        Returns:
+            The stored vote, with its epoch and seq.
+        """
+        entry = self.outbox.add(poll, choice, ts=int(time.time()), voter=voter)
+        if self._connected.is_set():
+            self._flush()
+        return entry
+
+    @property
+    def connected(self) -> bool:
+        """Whether the session is up (CONNACK received, not lost since)."""
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until connected; False on timeout."""
+        return self._connected.wait(timeout_s)
+
+    def wait_drained(self, timeout_s: float) -> bool:
+        """Wait until every stored vote has been answered; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self.outbox.depth():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    # -- simulated network loss (the simulator and tests) ---------------------------------
+
+    def drop_network(self) -> None:
+        """Lose the network: the connection dies without a DISCONNECT (so the broker publishes
+        the last will) and reconnects fail until `restore_network`."""
+        self._network.clear()
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def restore_network(self) -> None:
+        """Get the network back; the loop reconnects on its next attempt."""
+        self._network.set()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[DeviceClient]:
+        """Run the loop in a thread until the block ends; then go offline cleanly."""
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self.run, args=(stop,), name=f"device-{self.config.device}", daemon=True
+        )
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+
+    def run(self, stop: threading.Event) -> None:
+        """The device's main loop, until ``stop`` is set."""
+        delays = self._backoff()
+        connecting_since: float | None = None
+        while not stop.is_set():
+            if self._client.socket() is None:
+                try:
+                    self._open()
+                    connecting_since = time.monotonic()
+                except OSError as exc:
+                    delay = next(delays)
+                    log.debug(
+                        "%s: connect failed (%s); retry in %.1fs", self.config.device, exc, delay
+                    )
+                    stop.wait(delay)
+                    continue
+            rc = self._client.loop(timeout=self.config.tick_s)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                # Lost, refused (a wrong password) or never answered: wait, then try again.
+                stop.wait(next(delays))
+                continue
+            if self._connected.is_set():
+                if connecting_since is not None:
+                    delays, connecting_since = self._backoff(), None
+                self._flush()
+                self._heartbeat_if_due()
+            elif connecting_since is not None and time.monotonic() - connecting_since > 10:
+                self._cut()  # no CONNACK: treat as a lost connection
+        self._close()
+
+    def _backoff(self) -> Iterator[float]:
+        return backoff_delays(
+            base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self._rng
+        )
+
+    def _open(self) -> None:
+        if not self._network.is_set():
+            raise OSError("network down (simulated)")
+        # Whatever paho still holds from the last connection is in the outbox too.
+        self._client.drop_out_messages()
+        if self._ever_connected:
+            self._client.reconnect()
+        else:
+            self._client.connect(self.config.host, self.config.port, self.config.keepalive_s)
+            self._ever_connected = True
+
+    def _cut(self) -> None:
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _close(self) -> None:
+        if self._connected.is_set():
+            # A clean DISCONNECT suppresses the last will: say "offline" ourselves.
+            info = self._client.publish(self.status_topic, b"offline", qos=1, retain=True)
+            deadline = time.monotonic() + 2
+            while not info.is_published() and time.monotonic() < deadline:
+                if self._client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+        if self._client.socket() is not None:
+            self._client.disconnect()
+            self._client.loop(timeout=0.1)
+        self._connected.clear()
+
+    # -- paho callbacks (the loop's thread) -----------------------------------------------
+
+    def _handle_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: Any, properties: Any
+    ) -> None:
+        if rc.is_failure:
+            log.warning("%s: the broker refused the connection: %s", self.config.device, rc)
+            return
+        # acks first, so that no answer to what we send next can be missed.
+        client.subscribe(
+            [(self._acks_topic, 1)] + [(f"polls/{p}/config", 1) for p in self.config.polls]
+        )
+        client.publish(self.status_topic, b"online", qos=1, retain=True)
+        self._sent_at.clear()
+        self._next_heartbeat = 0.0
+        self.connections += 1
+        self._connected.set()
+
+    def _handle_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: Any, properties: Any
+    ) -> None:
+        self._connected.clear()
+
+    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic == self._acks_topic:
+            self._settle(bytes(msg.payload))
+            return
+        poll = msg.topic.split("/")[1]
+        try:
+            config = json.loads(msg.payload) if msg.payload else None
+        except ValueError:
+            return
+        if isinstance(config, dict):
+            self.configs[poll] = config
+        else:
+            config = None
+            self.configs.pop(poll, None)
+        if self._on_config is not None:
+            self._on_config(poll, config)
+
+    def _settle(self, payload: bytes) -> None:
+        try:
+            entries = decode_ack(payload)
+        except AckError:
+            return  # not an ack: the votes go again after ack_timeout_s
+        for epoch, seq, code in entries:
+            if epoch is None or seq is None:
+                if code == RATE_LIMITED:
+                    # Which votes were refused is unknown: pause, then send everything again.
+                    pause = self._rng.uniform(1.0, 3.0)
+                    self._hold_until = time.monotonic() + pause
+                    self._sent_at.clear()
+                continue
+            self._sent_at.pop((epoch, seq), None)
+            entry = self.outbox.settle(epoch, seq, code)
+            if entry is not None and self._on_ack is not None:
+                self._on_ack(entry, code)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Send what is stored and not in flight (or in flight for too long), in batches."""
+        now = time.monotonic()
+        if now < self._hold_until:
+            return
+        cfg = self.config
+        with self._lock:
+            waiting = now - cfg.ack_timeout_s
+            flying = sum(1 for at in self._sent_at.values() if at > waiting)
+            room = cfg.in_flight_votes - flying
+            if room <= 0:
+                return
+            due = [
+                p
+                for p in self.outbox.pending()
+                if self._sent_at.get((p.epoch, p.seq), waiting - 1) <= waiting
+            ][:room]
+            for poll, group in _batches(due, cfg.batch_votes):
+                payload = (
+                    group[0].payload
+                    if len(group) == 1
+                    else encode_batch([p.payload for p in group])
+                )
+                self._client.publish(f"votes/{poll}/{cfg.device}", payload, qos=1)
+                for p in group:
+                    self._sent_at[(p.epoch, p.seq)] = now
+                self.messages_sent += 1
+                self.votes_sent += len(group)
+
+    def _heartbeat_if_due(self) -> None:
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.config.heartbeat_s
+        battery = self._battery() if self._battery is not None else None
+        payload = encode_heartbeat(int(now - self._started), self.outbox.depth(), battery)
+        # QoS 0: a lost heartbeat is replaced by the next one.
+        self._client.publish(f"devices/{self.config.device}/heartbeat", payload, qos=0)
+
+
+def _batches(entries: list[Pending], most: int) -> Iterator[tuple[str, list[Pending]]]:
+    """Consecutive votes of the same poll, at most ``most`` and 4 KiB per message."""
+    group: list[Pending] = []
+    size = 0
+    for entry in entries:
+        if group and (
+            entry.poll != group[0].poll
+            or len(group) >= min(most, _MAX_BATCH)
+            or size + len(entry.payload) > _MAX_PAYLOAD
+        ):
+            yield group[0].poll, group
+            group, size = [], 0
+        group.append(entry)
+        size += len(entry.payload)
+    if group:
+        yield group[0].poll, group

@@ -1,0 +1,209 @@
+"""The device side without a broker: the outbox, the ack reader, heartbeats, batching, the
+kiosk's screen and `votebox devices`' table."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devices.ack import AckError, decode_ack
+from devices.client import _batches
+from devices.encoder import encode_heartbeat, encode_vote
+from devices.kiosk import code_name, parse_choice, render_config
+from devices.outbox import Outbox, Pending
+from processor.codec import MAX_PAYLOAD_BYTES, Heartbeat, decode_heartbeat, decode_message
+from processor.device_health import DeviceHealth, format_devices
+from processor.errors import VoteRejected
+from processor.reasons import Reason
+
+
+def test_outbox_gives_increasing_seqs_and_keeps_them_across_a_reopen(tmp_path: Path) -> None:
+    store = tmp_path / "d.outbox"
+    outbox = Outbox(store, clock=lambda: 1_800_000_000)
+    first = [outbox.add("p", i % 3, ts=100 + i) for i in range(5)]
+    assert [e.seq for e in first] == [1, 2, 3, 4, 5]
+    assert {e.epoch for e in first} == {1_800_000_000}
+    assert outbox.settle(first[1].epoch, 2, 0) == first[1]
+    assert outbox.settle(first[1].epoch, 2, 0) is None  # a repeated ack settles nothing
+    outbox.close()
+
+    again = Outbox(store, clock=lambda: 1_900_000_000)  # a later boot: same store, same epoch
+    assert again.epoch == 1_800_000_000 and again.last_seq == 5
+    assert [e.seq for e in again.pending()] == [1, 3, 4, 5]
+    assert again.pending()[0].payload == first[0].payload
+    assert again.add("p", 1).seq == 6  # never 2 again, though 2 left the outbox
+    assert again.fates() == {0: 1}
+    again.close()
+
+
+def test_a_lost_store_starts_a_higher_epoch(tmp_path: Path) -> None:
+    store = tmp_path / "d.outbox"
+    old = Outbox(store, clock=lambda: 1_800_000_000)
+    old.add("p", 0)
+    old.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{store}{suffix}").unlink(missing_ok=True)
+    new = Outbox(store, clock=lambda: 1_800_000_500)
+    vote = new.add("p", 0)
+    assert (vote.epoch, vote.seq) == (1_800_000_500, 1)
+    # The processor reads exactly the epoch and seq the outbox gave (docs/protocol.md, key 4).
+    decoded = decode_message(vote.payload, poll="p", device="d")[0]
+    assert not isinstance(decoded, VoteRejected)
+    assert (decoded.epoch, decoded.seq) == (1_800_000_500, 1)
+    new.close()
+
+
+_PRESS_FOREVER = """
+import sys
+from pathlib import Path
+from devices.outbox import Outbox
+outbox = Outbox(Path(sys.argv[1]))
+print("open", flush=True)
+while True:
+    outbox.add("p", 1)
+"""
+
+
+def test_a_kill_during_presses_leaves_every_seq_stored_once(tmp_path: Path) -> None:
+    store = tmp_path / "d.outbox"
+    for round_ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _PRESS_FOREVER, str(store)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == "open\n"
+        time.sleep(0.2 + 0.1 * round_)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        outbox = Outbox(store)
+        seqs = [e.seq for e in outbox.pending()]
+        # Whenever the kill came, the seq counter and the stored votes agree: no gap (a vote
+        # lost) and no seq without its vote (one that a restart would hand out again).
+        assert seqs == list(range(1, outbox.last_seq + 1))
+        assert outbox.last_seq > 0
+        outbox.close()
+
+
+acks = st.lists(
+    st.tuples(
+        st.one_of(st.none(), st.integers(0, 2**53 - 1)),
+        st.one_of(st.none(), st.integers(0, 2**53 - 1)),
+        st.integers(0, 255),
+    ),
+    max_size=300,
+)
+
+
+@given(acks)
+def test_the_minimal_ack_reader_reads_what_the_processor_writes(entries: list[Any]) -> None:
+    payload = cbor2.dumps([list(e) for e in entries])
+    assert decode_ack(payload) == entries
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=500)
+def test_the_ack_reader_refuses_garbage_with_one_error(payload: bytes) -> None:
+    try:
+        entries = decode_ack(payload)
+    except AckError:
+        return
+    assert cbor2.loads(payload) == [list(e) for e in entries]
+
+
+@given(
+    st.integers(0, 2**32),
+    st.integers(0, 10_000),
+    st.one_of(st.none(), st.integers(0, 100)),
+)
+def test_heartbeats_encode_as_cbor2_does_and_decode_back(
+    uptime: int, outbox: int, battery: int | None
+) -> None:
+    fields = {0: uptime, 1: outbox} | ({} if battery is None else {2: battery})
+    payload = encode_heartbeat(uptime, outbox, battery)
+    assert payload == cbor2.dumps(fields)
+    assert decode_heartbeat(payload) == Heartbeat(uptime, outbox, battery)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ([1, 2], Reason.BAD_SCHEMA),
+        ({0: 5}, Reason.BAD_SCHEMA),
+        ({0: 5, 1: 0, 2: 101}, Reason.OUT_OF_RANGE),
+        ({0: 5, 1: 0, 7: 1}, Reason.BAD_SCHEMA),
+        ({0: -1, 1: 0}, Reason.BAD_SCHEMA),
+        ({0: 1.5, 1: 0}, Reason.FORBIDDEN_ITEM),
+        ({0: 1, 1: "x" * 80}, Reason.TOO_LARGE),
+    ],
+)
+def test_a_bad_heartbeat_is_refused_with_a_reason(fields: object, reason: Reason) -> None:
+    with pytest.raises(VoteRejected) as caught:
+        decode_heartbeat(cbor2.dumps(fields))
+    assert caught.value.reason is reason
+
+
+def _pending(poll: str, seq: int, choice: int | list[int] = 1) -> Pending:
+    return Pending(7, seq, poll, encode_vote(choice, seq, ts=1_800_000_000, epoch=7))
+
+
+def test_batches_keep_order_stay_in_one_poll_and_fit_the_payload_limit() -> None:
+    entries = [_pending("a", s) for s in range(1, 301)] + [_pending("b", 301)]
+    entries += [_pending("a", s, list(range(32))) for s in range(302, 502)]
+    batches = list(_batches(entries, 64))
+    flat = [e for _, group in batches for e in group]
+    assert flat == entries
+    for poll, group in batches:
+        assert {e.poll for e in group} == {poll}
+        assert len(group) <= 64
+        payload = cbor2.dumps([cbor2.loads(e.payload) for e in group])
+        assert len(payload) <= MAX_PAYLOAD_BYTES
+        assert len(decode_message(payload, poll=poll, device="d")) == len(group)
+    # Large votes (32 choices each) fill a message before the count does.
+    assert any(len(group) < 64 for poll, group in batches if poll == "a" and len(group) > 1)
+
+
+def test_the_kiosk_screen_and_what_it_accepts() -> None:
+    single: dict[str, Any] = {"poll": "p", "title": "Snack?", "state": "open", "type": "single"}
+    single["labels"] = ["Pretzels", "Nachos"]
+    screen = render_config(single)
+    assert "Snack?" in screen and "1) Pretzels" in screen and "2) Nachos" in screen
+    assert parse_choice("2", single) == 1
+    for bad in ("3", "0", "x", "1,2", ""):
+        with pytest.raises(ValueError):
+            parse_choice(bad, single)
+    multiple = single | {"type": "multiple", "max_choices": 2}
+    assert parse_choice("2, 1", multiple) == [0, 1]
+    rating = {"title": "How was it?", "type": "rating", "scale": [1, 5], "labels": list("12345")}
+    assert "from 1 to 5" in render_config(rating)
+    assert parse_choice("5", rating) == 5
+    with pytest.raises(ValueError):
+        parse_choice("6", rating)
+    assert "waiting" in render_config(None)
+    assert code_name(0) == "accepted" and code_name(33) == "rate_limited"
+    assert code_name(99) == "code 99"
+
+
+def test_the_devices_table_shows_state_outbox_and_battery() -> None:
+    now = 1_800_000_000_000
+    devices = [
+        DeviceHealth("kiosk-1", "online", now - 3_000, 120, 4, 87, now - 3_000),
+        DeviceHealth("button-9", "offline", now - 600_000, None, None, None, None),
+    ]
+    table = format_devices(devices, now_ms=now).splitlines()
+    assert table[0].split() == ["DEVICE", "STATE", "LAST", "SEEN", "UPTIME", "OUTBOX", "BATTERY"]
+    assert table[1].split() == ["kiosk-1", "online", "3s", "ago", "120s", "4", "87%"]
+    assert table[2].split() == ["button-9", "offline", "10m", "ago", "-", "-", "-"]
+    assert table[3] == "2 devices: 1 offline, 1 online"
