@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from processor.config import DEFAULT_MQTT_URL, ENV_VARS, MqttUrl, Settings
 from processor.errors import ConfigError, VoteboxError
@@ -192,6 +193,56 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=20, help="number of kiosks (default 20)")
     p.add_argument("--rate", type=float, default=50.0, help="votes per second, all kiosks")
     p.add_argument("--duration", type=float, default=10.0, help="seconds to vote (default 10)")
+    p.add_argument(
+        "--offline-fraction",
+        type=float,
+        default=0.0,
+        help="share of kiosks that lose their network once for a while (default 0)",
+    )
+    p.add_argument(
+        "--drain", type=float, default=30.0, help="seconds to wait for outboxes to empty"
+    )
+    p.add_argument("--seed", type=int, default=None, help="repeatable choices and outages")
+    p.add_argument(
+        "--store-dir", default=None, help="keep the kiosks' outbox files here (default: temp)"
+    )
+    p.add_argument(
+        "--prefix", default="kiosk", help="device ids are PREFIX-0000 and up (default kiosk)"
+    )
+
+    for name, text in (
+        ("kiosk", "a text-mode kiosk: shows the poll, each line you type is a vote"),
+        ("button", "a button with one option: each line (or --presses) is a press"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("device", help="the device id (its MQTT client id and username)")
+        p.add_argument("--poll", required=True, help="the poll to vote in")
+        if name == "button":
+            p.add_argument("--option", type=int, required=True, help="the choice it sends")
+            p.add_argument("--presses", type=int, default=None, help="press this many times")
+            p.add_argument("--interval", type=float, default=0.0, help="seconds between --presses")
+        p.add_argument(
+            "--broker",
+            default="mqtt://127.0.0.1:1883",
+            help="the broker, mqtt:// or mqtts:// (default mqtt://127.0.0.1:1883)",
+        )
+        p.add_argument(
+            "--password",
+            default=os.environ.get("VOTEBOX_DEVICE_PASSWORD"),
+            help="the device's password (env VOTEBOX_DEVICE_PASSWORD)",
+        )
+        p.add_argument("--ca-file", default=None, help="CA to verify an mqtts:// broker")
+        p.add_argument("--store", default=None, help="the outbox file (default ./DEVICE.outbox)")
+        p.add_argument(
+            "--drain", type=float, default=30.0, help="seconds to wait for answers at the end"
+        )
+        p.add_argument("--heartbeat", type=float, default=60.0, help="seconds between heartbeats")
+
+    p = sub.add_parser(
+        "devices", help="every device: last seen, online or not, outbox depth, battery"
+    )
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
 
     p = sub.add_parser(
         "dashboard",
@@ -291,6 +342,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return asyncio.run(_poll_command(args, settings))
     if args.command == "simulate":
         return _simulate(args)
+    if args.command in ("kiosk", "button"):
+        return _run_device(args)
+    if args.command == "devices":
+        from processor.device_health import print_devices
+
+        return asyncio.run(print_devices(settings, as_json=args.json))
     if args.command == "recount":
         return asyncio.run(_recount(args.poll, settings))
     if args.command == "dashboard":
@@ -399,13 +456,56 @@ def _simulate(args: argparse.Namespace) -> int:
             devices=args.devices,
             rate=args.rate,
             duration_s=args.duration,
+            offline_fraction=args.offline_fraction,
+            drain_s=args.drain,
+            seed=args.seed,
+            store_dir=Path(args.store_dir) if args.store_dir else None,
+            prefix=args.prefix,
             stop=stop,
         )
     except KeyboardInterrupt:
         stop.set()
         return 130
-    print(summary.line())
-    return 0
+    print("\n".join(summary.lines()))
+    return 0 if summary.agrees() and not summary.queued else 1
+
+
+def _run_device(args: argparse.Namespace) -> int:
+    from devices.client import DeviceConfig
+    from devices.kiosk import run_button, run_kiosk
+    from devices.outbox import Outbox
+
+    url = MqttUrl.parse(args.broker, variable="--broker")
+    config = DeviceConfig(
+        device=args.device,
+        host=url.host,
+        port=url.port,
+        password=args.password,
+        ca_file=args.ca_file if url.tls else None,
+        heartbeat_s=args.heartbeat,
+    )
+    if url.tls and args.ca_file is None:
+        raise ConfigError("an mqtts:// broker needs --ca-file (the CA that signed its certificate)")
+    outbox = Outbox(Path(args.store or f"{args.device}.outbox"))
+    print(f"{args.device}: epoch {outbox.epoch}, {outbox.depth()} votes waiting", flush=True)
+    try:
+        if args.command == "kiosk":
+            return run_kiosk(
+                config, outbox, args.poll, lines=sys.stdin, out=sys.stdout, drain_s=args.drain
+            )
+        return run_button(
+            config,
+            outbox,
+            args.poll,
+            args.option,
+            presses=args.presses,
+            interval_s=args.interval,
+            lines=sys.stdin,
+            out=sys.stdout,
+            drain_s=args.drain,
+        )
+    finally:
+        outbox.close()
 
 
 if __name__ == "__main__":

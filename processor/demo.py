@@ -100,7 +100,7 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
                     f"runs, try:\n  curl -sG {influx.url}/query --data-urlencode db=votebox "
                     f'--data-urlencode "q={query}"\n'
                 )
-                code = _vote_and_watch(broker.port, duration_s, devices, rate)
+                code = _vote_and_watch(broker.port, duration_s, devices, rate, root / "kiosks")
                 print(_recount(redis.url, env))
                 return code
     raise AssertionError("unreachable")  # pragma: no cover
@@ -130,7 +130,9 @@ def _recount(redis_url: str, env: dict[str, str]) -> str:
     return asyncio.run(run())
 
 
-def _vote_and_watch(port: int, duration_s: float | None, devices: int, rate: float) -> int:
+def _vote_and_watch(
+    port: int, duration_s: float | None, devices: int, rate: float, store_dir: Path
+) -> int:
     stop = threading.Event()
     summary: list[SimulationSummary] = []
     url = MqttUrl.parse(f"mqtt://demo-watch@127.0.0.1:{port}")
@@ -152,13 +154,17 @@ def _vote_and_watch(port: int, duration_s: float | None, devices: int, rate: flo
                         duration_s=duration_s or float("inf"),
                         weights=(5, 3, 2),
                         stop=stop,
+                        # A quarter of the kiosks lose Wi-Fi for a while and catch up after.
+                        offline_fraction=0.25,
+                        store_dir=store_dir,
                     )
                 )
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop is gone after Ctrl-C
                     loop.call_soon_threadsafe(voted.set)
 
-        # paho's kiosks are threaded, as firmware loops are; they stop when `stop` is set.
+        # The kiosks are devices/client.py, one loop thread each, as firmware runs; they stop
+        # when `stop` is set.
         voter = threading.Thread(target=kiosks, name="votebox.demo.kiosks")
         voter.start()
         try:
@@ -174,5 +180,5 @@ def _vote_and_watch(port: int, duration_s: float | None, devices: int, rate: flo
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(watch())
     if summary:
-        print("\n" + summary[0].line())
+        print("\n" + "\n".join(summary[0].lines()))
     return 0

@@ -10,8 +10,9 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from devices.encoder import encode_batch, encode_vote
-from processor.codec import AckEntry, Vote, decode_message, encode_ack
+from devices.ack import decode_ack
+from devices.encoder import encode_batch, encode_heartbeat, encode_vote
+from processor.codec import AckEntry, Heartbeat, Vote, decode_heartbeat, decode_message, encode_ack
 from processor.errors import VoteRejected
 from processor.reasons import Fate, Reason
 
@@ -35,10 +36,12 @@ VOTES = _table("Vote examples")
 ACKS = _table("Ack examples")
 REJECTIONS = _table("Rejection examples")
 CODES = _table("Codes")
+HEARTBEATS = _table("Heartbeat examples")
 
 
 def test_doc_has_the_examples_it_promises() -> None:
     assert len(VOTES) >= 6 and len(ACKS) >= 3 and len(REJECTIONS) >= 15
+    assert len(HEARTBEATS) >= 2
 
 
 @pytest.mark.parametrize(("name", "value", "hex_"), VOTES, ids=[row[0] for row in VOTES])
@@ -84,6 +87,18 @@ def test_single_vote_example_is_five_bytes() -> None:
 def test_ack_example_matches_encode_ack(name: str, value: str, hex_: str) -> None:
     entries = [AckEntry(*item) for item in ast.literal_eval(value)]
     assert encode_ack(entries) == _hex(hex_)
+    # The device's minimal reader reads it back.
+    assert decode_ack(_hex(hex_)) == [tuple(item) for item in ast.literal_eval(value)]
+
+
+@pytest.mark.parametrize(("name", "value", "hex_"), HEARTBEATS, ids=[r[0] for r in HEARTBEATS])
+def test_heartbeat_example_matches_cbor2_the_device_encoder_and_the_decoder(
+    name: str, value: str, hex_: str
+) -> None:
+    fields = ast.literal_eval(value)
+    assert cbor2.dumps(fields) == _hex(hex_)
+    assert encode_heartbeat(fields[0], fields[1], fields.get(2)) == _hex(hex_)
+    assert decode_heartbeat(_hex(hex_)) == Heartbeat(fields[0], fields[1], fields.get(2))
 
 
 @pytest.mark.parametrize(("name", "hex_", "code"), REJECTIONS, ids=[r[0] for r in REJECTIONS])
