@@ -59,7 +59,8 @@ class DeviceConfig:
         batch_votes: the most votes in one message (a batch, docs/protocol.md, Batches).
         in_flight_votes: the most votes sent and not yet answered.
         polls: polls whose retained config (polls/{poll}/config) the device follows.
-        tick_s: the loop's longest sleep; bounds how late a heartbeat or a re-send is.
+        tick_s: the loop's longest sleep; bounds how late a press is sent, and a heartbeat
+            or a re-send.
     """
 
     device: str
@@ -75,7 +76,7 @@ class DeviceConfig:
     batch_votes: int = 64
     in_flight_votes: int = 256
     polls: tuple[str, ...] = ()
-    tick_s: float = 0.5
+    tick_s: float = 0.2
 
 
 class DeviceClient:
@@ -110,7 +111,6 @@ class DeviceClient:
         self._battery = battery
         self._rng = rng or random.Random()
         self._started = time.monotonic()
-        self._lock = threading.Lock()
         # (epoch, seq) -> when it was last sent on this connection; cleared on a reconnect so
         # that everything unanswered goes again.
         self._sent_at: dict[tuple[int, int], float] = {}
@@ -120,6 +120,10 @@ class DeviceClient:
         self._network = threading.Event()
         self._network.set()
         self._ever_connected = False
+        # The loop's connection state: the next attempt's backoff, and when it is due.
+        self._delays = self._backoff()
+        self._retry_at = 0.0
+        self._connecting_since: float | None = None
         self.configs: dict[str, dict[str, Any]] = {}
         # Counters for operators and tests: connections made, vote messages and votes sent.
         self.connections = 0
@@ -149,15 +153,19 @@ class DeviceClient:
     # -- what the device's user does ------------------------------------------------------
 
     def press(self, poll: str, choice: int | list[int], *, voter: bytes | None = None) -> Pending:
-        """Cast a vote: stored first (it survives anything from here on), then sent.
+        """Cast a vote: stored first (it survives anything from here on); the loop sends it on
+        its next turn, within ``tick_s``. Safe from any thread: only the loop touches MQTT.
 
         Returns:
             The stored vote, with its epoch and seq.
         """
-        entry = self.outbox.add(poll, choice, ts=int(time.time()), voter=voter)
-        if self._connected.is_set():
-            self._flush()
-        return entry
+        return self.outbox.add(poll, choice, ts=int(time.time()), voter=voter)
+
+    @property
+    def mqtt(self) -> paho.Client:
+        """The paho client, for a loop that services many devices' sockets at once
+        (devices/fleet_loop.py)."""
+        return self._client
 
     @property
     def connected(self) -> bool:
@@ -210,33 +218,62 @@ class DeviceClient:
 
     def run(self, stop: threading.Event) -> None:
         """The device's main loop, until ``stop`` is set."""
-        delays = self._backoff()
-        connecting_since: float | None = None
         while not stop.is_set():
-            if self._client.socket() is None:
-                try:
-                    self._open()
-                    connecting_since = time.monotonic()
-                except OSError as exc:
-                    delay = next(delays)
-                    log.debug(
-                        "%s: connect failed (%s); retry in %.1fs", self.config.device, exc, delay
-                    )
-                    stop.wait(delay)
-                    continue
-            rc = self._client.loop(timeout=self.config.tick_s)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                # Lost, refused (a wrong password) or never answered: wait, then try again.
-                stop.wait(next(delays))
+            wait_s = self.connect_if_due()
+            if wait_s > 0:
+                stop.wait(wait_s)
                 continue
-            if self._connected.is_set():
-                if connecting_since is not None:
-                    delays, connecting_since = self._backoff(), None
-                self._flush()
-                self._heartbeat_if_due()
-            elif connecting_since is not None and time.monotonic() - connecting_since > 10:
-                self._cut()  # no CONNACK: treat as a lost connection
+            self.serviced(self._client.loop(timeout=self.config.tick_s))
         self._close()
+
+    def connect_if_due(self) -> float:
+        """Open the connection if it is down and the backoff allows it.
+
+        Returns:
+            0 when a connection is open or opening; else the seconds until the next attempt.
+        """
+        if self._client.socket() is not None:
+            return 0.0
+        now = time.monotonic()
+        if now < self._retry_at:
+            return self._retry_at - now
+        try:
+            self._open()
+        except OSError as exc:
+            delay = next(self._delays)
+            log.debug("%s: connect failed (%s); retry in %.1fs", self.config.device, exc, delay)
+            self._retry_at = now + delay
+            return delay
+        self._connecting_since = now
+        return 0.0
+
+    def serviced(self, rc: MQTTErrorCode) -> None:
+        """The loop's turn after the socket was serviced with result ``rc``: on a failure
+        (lost, refused, a wrong password) schedule the next attempt; else flush and heartbeat."""
+        now = time.monotonic()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._retry_at = now + next(self._delays)
+            return
+        if self._connected.is_set():
+            if self._connecting_since is not None:
+                self._delays, self._connecting_since = self._backoff(), None
+            self._flush()
+            self._heartbeat_if_due()
+        elif self._connecting_since is not None and now - self._connecting_since > 10:
+            self._cut()  # no CONNACK: treat as a lost connection
+
+    def say_offline(self) -> paho.MQTTMessageInfo | None:
+        """Publish the retained "offline" a clean DISCONNECT would otherwise suppress (it
+        suppresses the last will); None when not connected."""
+        if not self._connected.is_set():
+            return None
+        return self._client.publish(self.status_topic, b"offline", qos=1, retain=True)
+
+    def disconnect(self) -> None:
+        """Send DISCONNECT and close the socket."""
+        if self._client.socket() is not None:
+            self._client.disconnect()
+        self._connected.clear()
 
     def _backoff(self) -> Iterator[float]:
         return backoff_delays(
@@ -261,17 +298,12 @@ class DeviceClient:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def _close(self) -> None:
-        if self._connected.is_set():
-            # A clean DISCONNECT suppresses the last will: say "offline" ourselves.
-            info = self._client.publish(self.status_topic, b"offline", qos=1, retain=True)
-            deadline = time.monotonic() + 2
-            while not info.is_published() and time.monotonic() < deadline:
-                if self._client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
-        if self._client.socket() is not None:
-            self._client.disconnect()
-            self._client.loop(timeout=0.1)
-        self._connected.clear()
+        info = self.say_offline()
+        deadline = time.monotonic() + 2
+        while info is not None and not info.is_published() and time.monotonic() < deadline:
+            if self._client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+        self.disconnect()
 
     # -- paho callbacks (the loop's thread) -----------------------------------------------
 
@@ -339,28 +371,25 @@ class DeviceClient:
         if now < self._hold_until:
             return
         cfg = self.config
-        with self._lock:
-            waiting = now - cfg.ack_timeout_s
-            flying = sum(1 for at in self._sent_at.values() if at > waiting)
-            room = cfg.in_flight_votes - flying
-            if room <= 0:
-                return
-            due = [
-                p
-                for p in self.outbox.pending()
-                if self._sent_at.get((p.epoch, p.seq), waiting - 1) <= waiting
-            ][:room]
-            for poll, group in _batches(due, cfg.batch_votes):
-                payload = (
-                    group[0].payload
-                    if len(group) == 1
-                    else encode_batch([p.payload for p in group])
-                )
-                self._client.publish(f"votes/{poll}/{cfg.device}", payload, qos=1)
-                for p in group:
-                    self._sent_at[(p.epoch, p.seq)] = now
-                self.messages_sent += 1
-                self.votes_sent += len(group)
+        waiting = now - cfg.ack_timeout_s
+        flying = sum(1 for at in self._sent_at.values() if at > waiting)
+        room = cfg.in_flight_votes - flying
+        if room <= 0:
+            return
+        due = [
+            p
+            for p in self.outbox.pending()
+            if self._sent_at.get((p.epoch, p.seq), waiting - 1) <= waiting
+        ][:room]
+        for poll, group in _batches(due, cfg.batch_votes):
+            payload = (
+                group[0].payload if len(group) == 1 else encode_batch([p.payload for p in group])
+            )
+            self._client.publish(f"votes/{poll}/{cfg.device}", payload, qos=1)
+            for p in group:
+                self._sent_at[(p.epoch, p.seq)] = now
+            self.messages_sent += 1
+            self.votes_sent += len(group)
 
     def _heartbeat_if_due(self) -> None:
         now = time.monotonic()

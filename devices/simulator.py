@@ -26,6 +26,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.client import DeviceClient, DeviceConfig
+from devices.fleet_loop import running_together
 from devices.kiosk import code_name
 from devices.outbox import Outbox, Pending
 
@@ -153,9 +154,10 @@ class _Outage:
 
 
 def _raise_open_files_limit(devices: int) -> None:
-    # Each device holds a socket and an SQLite file with its WAL: about four descriptors.
+    # Each device holds a socket, paho's wake-up pair and an SQLite file with its WAL and
+    # shared-memory files: six descriptors.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, 4 * devices + 256))
+    want = min(hard, max(soft, 8 * devices + 256))
     if want > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
@@ -257,7 +259,6 @@ def simulate(
                 ack_timeout_s=10.0,
                 backoff_base_s=0.5,
                 backoff_cap_s=5.0,
-                tick_s=0.5,
             )
             client = DeviceClient(
                 config,
@@ -267,8 +268,7 @@ def simulate(
                 rng=random.Random(rng.random()),
             )
             clients.append(client)
-        for client in clients:
-            stack.enter_context(client.running())
+        stack.enter_context(running_together(clients))
         for client in clients:
             if not client.wait_connected(15):
                 raise TimeoutError(f"{client.config.device}: no connection to {host}:{port}")
@@ -317,16 +317,16 @@ def _vote(
 ) -> None:
     pending_outages = sorted(outages, key=lambda o: o.starts_s)
     returns = sorted(outages, key=lambda o: o.ends_s)
+    # Exactly rate * duration votes, however late the last of them: the summary is checkable.
+    total = rate * duration_s
     started = time.monotonic()
-    while not stop.is_set():
+    while not stop.is_set() and summary.sent < total:
         elapsed = time.monotonic() - started
-        if elapsed >= duration_s:
-            break
         while pending_outages and pending_outages[0].starts_s <= elapsed:
             clients[pending_outages.pop(0).device].drop_network()
         while returns and returns[0].ends_s <= elapsed:
             clients[returns.pop(0).device].restore_network()
-        due = int(elapsed * rate) + 1
+        due = min(total, int(elapsed * rate) + 1)
         while summary.sent < due:
             index = rng.randrange(len(clients))
             choice = rng.choices(options, weights=weights)[0]

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from devices.client import DeviceClient, DeviceConfig
+from devices.fleet_loop import running_together
 from devices.outbox import Outbox
 from harness.services import ManagedProcess
 from processor.keys import DEVICES_HEALTH, DEVICES_STATUS
@@ -287,3 +289,38 @@ async def test_a_kiosk_shows_the_retained_poll_and_votes_what_is_typed(
     assert _seqs(out.splitlines(), "stored") == [1, 2]
     assert "every vote answered" in out
     assert (await read_results(redis, [poll.id]))[poll.id].counts == (1, 0, 1)
+
+
+async def test_one_loop_runs_devices_whose_sockets_select_cannot_watch(
+    broker: ManagedProcess, processor_proc: ManagedProcess, poll: Poll, redis: Redis, tmp_path: Path
+) -> None:
+    # A big fleet's sockets are numbered beyond select()'s 1024: fill the low numbers first.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        clients = [
+            DeviceClient(_config(broker, f"{poll.id[:50]}-f{i}"), Outbox(tmp_path / f"{i}.outbox"))
+            for i in range(3)
+        ]
+        with running_together(clients, tick_s=0.1):
+            for client in clients:
+                assert await asyncio.to_thread(client.wait_connected, 15)
+                assert client.mqtt.socket().fileno() >= 1024  # type: ignore[union-attr]
+            for i, client in enumerate(clients):
+                for _ in range(i + 1):
+                    client.press(poll.id, i)
+            for client in clients:
+                assert await asyncio.to_thread(client.wait_drained, 30)
+        assert (await read_results(redis, [poll.id]))[poll.id].counts[:3] == (1, 2, 3)
+
+        async def all_offline() -> bool:  # each said so itself before its clean DISCONNECT
+            reports = [await _report(redis, DEVICES_STATUS, c.config.device) for c in clients]
+            return all(report.get("state") == "offline" for report in reports)
+
+        await eventually(all_offline)
+        for client in clients:
+            client.outbox.close()
+    finally:
+        for fd in filler:
+            os.close(fd)
