@@ -130,7 +130,8 @@ def read_results(
 
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
-        client_id=f"{username}-sim-{random.randrange(1 << 32):08x}",
+        # The dashboard account may use only dashboard client ids (processor/acl.py).
+        client_id=f"votebox-watch-sim-{random.randrange(1 << 32):08x}",
         protocol=paho.MQTTv311,
     )
     client.username_pw_set(username, password)

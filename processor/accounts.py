@@ -1,7 +1,7 @@
 """Broker accounts: one JSON file is the source of truth, the Mosquitto password file is written
 from it. Rule: passwords are never stored, only hashes; a generated password is shown once.
 
-The roles are those of broker/mosquitto.acl: a device's username is its device id; the
+The roles are those of processor/acl.py: a device's username is its device id; the
 `processor` and `dashboard` roles have accounts of their own names.
 """
 
@@ -14,15 +14,14 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
+from processor.acl import RESERVED_PREFIX, ROLES, Role
 from processor.errors import ConfigError
 from processor.topics import is_valid_id
 
 __all__ = ["Account", "AccountStore", "mosquitto_hash", "verify_mosquitto_hash"]
 
-Role = Literal["device", "processor", "dashboard"]
-ROLES: Final = ("device", "processor", "dashboard")
 # Mosquitto 2's own format ($7$: PBKDF2-SHA512), as mosquitto_passwd writes it.
 _ITERATIONS: Final = 101
 _SALT_BYTES: Final = 12
@@ -64,6 +63,11 @@ class Account:
                 )
             if self.username in ("processor", "dashboard"):
                 raise ConfigError(f"{self.username!r} is an account of its own, not a device id")
+            if self.username.startswith(RESERVED_PREFIX):
+                raise ConfigError(
+                    f"device ids may not start with {RESERVED_PREFIX!r}: votebox's own programs"
+                    " connect with such client ids (docs/security.md)"
+                )
         elif self.username != self.role:
             raise ConfigError(f"the {self.role} account is named {self.role!r}")
 

@@ -14,7 +14,9 @@ import pytest
 
 from harness.services import HOST, ManagedProcess, free_port, port_open
 from processor.accounts import AccountStore, mosquitto_hash, verify_mosquitto_hash
+from processor.acl import client_id_allowed, filter_covers, permitted, render_mosquitto_acl
 from processor.errors import ConfigError
+from tests.conftest import REPO
 from tests.test_cli import votebox
 
 
@@ -30,6 +32,7 @@ def test_hashes_verify_and_differ_by_salt() -> None:
         ("processor", "device", "an account of its own"),
         ("kiosk/1", "device", "device id"),
         ("ops", "processor", "named 'processor'"),
+        ("votebox-processor", "device", "may not start with 'votebox-'"),
     ],
 )
 def test_invalid_accounts_are_refused(
@@ -39,6 +42,71 @@ def test_invalid_accounts_are_refused(
     with pytest.raises(ConfigError, match=message):
         store.add(username, role, "pw")  # type: ignore[arg-type]
     assert not (tmp_path / "passwd").exists()
+
+
+def test_the_mosquitto_acl_file_is_rendered_from_the_one_table() -> None:
+    assert (REPO / "broker" / "mosquitto.acl").read_text() == render_mosquitto_acl()
+
+
+@pytest.mark.parametrize(
+    ("allowed", "requested", "covers"),
+    [
+        ("votes/#", "votes/p/k", True),
+        ("votes/#", "votes/+/+", True),
+        ("votes/#", "votes/#", True),
+        ("votes/#", "votes", True),  # as in MQTT, "#" matches its parent level too
+        ("acks/k", "acks/k", True),
+        ("acks/k", "acks/+", False),
+        ("acks/k", "acks/#", False),
+        ("acks/k", "acks/k/x", False),
+        ("polls/+/results", "polls/p/results", True),
+        ("polls/+/results", "polls/+/results", True),
+        ("polls/+/results", "polls/#", False),
+        ("polls/+/results", "polls/p/config", False),
+        ("devices/+/+", "devices/k/status", True),
+        ("devices/+/+", "devices/k", False),
+    ],
+)
+def test_a_grant_covers_a_request_only_when_it_covers_every_topic_the_request_matches(
+    allowed: str, requested: str, covers: bool
+) -> None:
+    assert filter_covers(allowed, requested) is covers
+
+
+def test_each_role_gets_exactly_its_topics() -> None:
+    # A device: its own votes, status and acks; nobody else's; no results, configs or acks out.
+    assert permitted("device", "k1", "write", "votes/p/k1")
+    assert not permitted("device", "k1", "write", "votes/p/k2")
+    assert permitted("device", "k1", "write", "devices/k1/heartbeat")
+    assert not permitted("device", "k1", "write", "devices/k2/status")
+    assert not permitted("device", "k1", "write", "polls/p/results")
+    assert not permitted("device", "k1", "write", "polls/p/config")
+    assert not permitted("device", "k1", "write", "acks/k1")
+    assert permitted("device", "k1", "read", "acks/k1")
+    assert not permitted("device", "k1", "read", "acks/k2")
+    assert not permitted("device", "k1", "read", "acks/#")
+    assert not permitted("device", "k1", "read", "votes/#")
+    assert permitted("device", "k1", "read", "polls/p/results")
+    # A device's name never widens its own patterns.
+    assert not permitted("device", "+", "write", "votes/p/k2")
+    # The dashboard reads and never writes.
+    assert permitted("dashboard", "dashboard", "read", "polls/+/results")
+    assert not permitted("dashboard", "dashboard", "write", "polls/p/results")
+    assert not permitted("dashboard", "dashboard", "read", "acks/k1")
+    # The processor, also through a shared subscription.
+    assert permitted("processor", "processor", "read", "$share/votebox/votes/+/+")
+    assert permitted("processor", "processor", "write", "polls/p/results")
+    assert not permitted("processor", "processor", "write", "votes/p/k1")
+
+
+def test_only_the_processor_picks_its_client_id() -> None:
+    assert client_id_allowed("device", "k1", "k1")
+    assert not client_id_allowed("device", "k1", "k2")
+    assert not client_id_allowed("device", "k1", "votebox-processor")
+    assert client_id_allowed("dashboard", "dashboard", "votebox-dashboard-1f2e")
+    assert not client_id_allowed("dashboard", "dashboard", "votebox-processor")
+    assert not client_id_allowed("dashboard", "dashboard", "k1")
+    assert client_id_allowed("processor", "processor", "votebox-processor-2")
 
 
 async def test_mosquitto_accepts_the_password_file_votebox_device_writes(tmp_path: Path) -> None:
