@@ -1,4 +1,5 @@
-"""Run the embedded amqtt broker. Rule: the config lives in broker/amqtt.yaml, not in code."""
+"""Run the embedded amqtt broker. Rule: the config lives in broker/amqtt.yaml, not in code;
+code only binds the listeners and plugs in the accounts."""
 
 from __future__ import annotations
 
@@ -7,39 +8,84 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["embedded_broker", "load_config", "serve"]
+__all__ = ["Tls", "embedded_broker", "load_config", "serve"]
 
 log = logging.getLogger(__name__)
 
 
-def load_config(*, host: str, port: int, ws_port: int | None = None) -> dict[str, Any]:
-    """broker/amqtt.yaml with its listener bound to ``host:port``, and its WebSockets listener
-    (for browser dashboards) to ``host:ws_port``, or left out when ``ws_port`` is None."""
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """A TLS listener: its port and the server's certificate and key (PEM)."""
+
+    port: int
+    certfile: Path
+    keyfile: Path
+
+
+def load_config(
+    *,
+    host: str,
+    port: int,
+    ws_port: int | None = None,
+    accounts: Path | None = None,
+    tls: Tls | None = None,
+) -> dict[str, Any]:
+    """broker/amqtt.yaml with its listener bound to ``host:port``, its WebSockets listener (for
+    browser dashboards) to ``host:ws_port`` or left out when ``ws_port`` is None, and a TLS
+    listener when ``tls`` is given.
+
+    With ``accounts`` (the file `votebox device add` writes), only its accounts get in and
+    each only to its topics (broker/amqtt_plugins.py); without, any client that sends a
+    username gets in and may use any topic: a development broker.
+    """
     text = resources.files("broker").joinpath("amqtt.yaml").read_text()
     config: dict[str, Any] = yaml.safe_load(text)
     bind_host = f"[{host}]" if ":" in host else host
-    config["listeners"]["default"]["bind"] = f"{bind_host}:{port}"
+    listeners = config["listeners"]
+    listeners["default"]["bind"] = f"{bind_host}:{port}"
     if ws_port is None:
-        del config["listeners"]["websockets"]
+        del listeners["websockets"]
     else:
-        config["listeners"]["websockets"]["bind"] = f"{bind_host}:{ws_port}"
+        listeners["websockets"]["bind"] = f"{bind_host}:{ws_port}"
+    if tls is None:
+        del listeners["tls"]
+    else:
+        listeners["tls"] |= {
+            "bind": f"{bind_host}:{tls.port}",
+            "certfile": str(tls.certfile),
+            "keyfile": str(tls.keyfile),
+        }
+    if accounts is not None:
+        plugin_config = {"accounts_file": str(accounts.resolve())}
+        config["plugins"] = {
+            "broker.amqtt_plugins.AccountsAuthPlugin": plugin_config,
+            "broker.amqtt_plugins.AccountsTopicPlugin": plugin_config,
+        }
     return config
 
 
 @contextlib.asynccontextmanager
 async def embedded_broker(
-    *, host: str = "127.0.0.1", port: int = 1883, ws_port: int | None = None
+    *,
+    host: str = "127.0.0.1",
+    port: int = 1883,
+    ws_port: int | None = None,
+    accounts: Path | None = None,
+    tls: Tls | None = None,
 ) -> AsyncIterator[None]:
-    """An amqtt broker listening on ``host:port`` (and WebSockets on ``ws_port``) for the
-    duration of the block."""
-    from amqtt.broker import Broker  # imported late: amqtt is slow to import
+    """An amqtt broker listening on ``host:port`` (and WebSockets on ``ws_port``, TLS as
+    ``tls`` says) for the duration of the block; see `load_config` for ``accounts``."""
+    from broker.amqtt_broker import AuthenticateFirstBroker  # amqtt is slow to import
 
-    broker = Broker(load_config(host=host, port=port, ws_port=ws_port))
+    config = load_config(host=host, port=port, ws_port=ws_port, accounts=accounts, tls=tls)
+    broker = AuthenticateFirstBroker(config)
     await broker.start()
     try:
         yield
@@ -47,7 +93,14 @@ async def embedded_broker(
         await broker.shutdown()
 
 
-async def serve(*, host: str, port: int, ws_port: int | None = None) -> None:
+async def serve(
+    *,
+    host: str,
+    port: int,
+    ws_port: int | None = None,
+    accounts: Path | None = None,
+    tls: Tls | None = None,
+) -> None:
     """Run the broker until SIGINT/SIGTERM."""
     # amqtt and its state machine library log every session transition at INFO.
     for noisy in ("amqtt", "transitions"):
@@ -56,6 +109,13 @@ async def serve(*, host: str, port: int, ws_port: int | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with embedded_broker(host=host, port=port, ws_port=ws_port):
-        log.info("amqtt broker listening on %s:%d (WebSockets: %s)", host, port, ws_port)
+    async with embedded_broker(host=host, port=port, ws_port=ws_port, accounts=accounts, tls=tls):
+        log.info(
+            "amqtt broker listening on %s:%d (WebSockets: %s, TLS: %s); %s",
+            host,
+            port,
+            ws_port,
+            tls.port if tls else None,
+            f"accounts from {accounts}" if accounts else "OPEN: any username, any topic",
+        )
         await stop.wait()

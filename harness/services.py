@@ -104,12 +104,14 @@ class ManagedProcess:
         port: int = 0,
         url: str = "",
         ws_url: str = "",
+        tls_port: int = 0,
     ) -> None:
         self.name = name
         self.port = port
         self.url = url
-        # A broker's WebSockets listener, for browser dashboards.
+        # A broker's WebSockets listener, for browser dashboards, and its TLS listener.
         self.ws_url = ws_url
+        self.tls_port = tls_port
         self.log_offset = 0
         self.argv = argv
         self.log_path = log_path
@@ -234,8 +236,9 @@ def end_session(broker: ManagedProcess, client_id: str) -> None:
         client.loop_stop()
 
 
-def mqtt_ready(port: int, *, host: str = HOST) -> bool:
-    """Whether an MQTT 3.1.1 CONNECT (user "probe") gets an accepting CONNACK."""
+def mqtt_ready(port: int, *, host: str = HOST, refused_is_ready: bool = False) -> bool:
+    """Whether an MQTT 3.1.1 CONNECT (user "probe") gets an accepting CONNACK (or any CONNACK,
+    with ``refused_is_ready``: a broker with accounts refuses the probe)."""
     client_id = f"probe-{os.getpid()}".encode()
     username = b"probe"
     variable = b"\x00\x04MQTT\x04\x82\x00\x05"  # protocol 3.1.1, username + clean session, 5 s
@@ -248,7 +251,7 @@ def mqtt_ready(port: int, *, host: str = HOST) -> bool:
         reply = sock.recv(4)
         with contextlib.suppress(OSError):
             sock.sendall(b"\xe0\x00")  # DISCONNECT
-        return reply[:2] == b"\x20\x02" and reply[3:4] == b"\x00"
+        return reply[:2] == b"\x20\x02" and (refused_is_ready or reply[3:4] == b"\x00")
 
 
 def _influx_ping(port: int) -> bool:
@@ -353,25 +356,44 @@ def mosquitto(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedPro
 
 
 @contextlib.contextmanager
-def amqtt_broker(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedProcess]:
+def amqtt_broker(
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    accounts: Path | None = None,
+    tls: tuple[Path, Path] | None = None,
+) -> Iterator[ManagedProcess]:
     """The embedded amqtt broker (``votebox broker``) in its own process; ``.port`` is set.
+
+    Open to any username unless ``accounts`` (an accounts file) is given; with ``tls`` (a
+    certificate and key), also a TLS listener, whose port is ``.tls_port``.
 
     Its own process rather than in-process: it gets a core of its own, and tests can kill and
     restart it the way they do mosquitto.
     """
     port = port or free_port()
     ws_port = free_port()
+    tls_port = free_port() if tls else 0
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "processor.cli", "broker", "--host", HOST, "--port", str(port)]
     argv += ["--ws-port", str(ws_port)]
+    argv += ["--accounts", str(accounts)] if accounts else ["--open"]
+    if tls:
+        argv += ["--tls-port", str(tls_port), "--certfile", str(tls[0]), "--keyfile", str(tls[1])]
     process = ManagedProcess(
         "amqtt",
         argv,
-        ready=lambda: mqtt_ready(port) and port_open(ws_port),
+        # With accounts, the probe's CONNECT is refused: an answer at all means ready.
+        ready=lambda: (
+            mqtt_ready(port, refused_is_ready=accounts is not None)
+            and port_open(ws_port)
+            and (not tls or port_open(tls_port))
+        ),
         log_path=data_dir / "amqtt.log",
         port=port,
         url=f"mqtt://{HOST}:{port}",
         ws_url=f"ws://{HOST}:{ws_port}",
+        tls_port=tls_port,
     )
     with _running(process):
         yield process

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -20,7 +21,13 @@ from processor.acl import RESERVED_PREFIX, ROLES, Role
 from processor.errors import ConfigError
 from processor.topics import is_valid_id
 
-__all__ = ["Account", "AccountStore", "mosquitto_hash", "verify_mosquitto_hash"]
+__all__ = [
+    "Account",
+    "AccountStore",
+    "load_accounts",
+    "mosquitto_hash",
+    "verify_mosquitto_hash",
+]
 
 # Mosquitto 2's own format ($7$: PBKDF2-SHA512), as mosquitto_passwd writes it.
 _ITERATIONS: Final = 101
@@ -90,16 +97,7 @@ class AccountStore:
         Raises:
             ConfigError: the file is not an accounts file.
         """
-        if not self.path.exists():
-            return {}
-        try:
-            raw = json.loads(self.path.read_text())
-            return {
-                name: Account(name, entry["role"], entry["mosquitto"])
-                for name, entry in raw["accounts"].items()
-            }
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{self.path} is not a votebox accounts file ({exc})") from None
+        return load_accounts(self.path) if self.path.exists() else {}
 
     def add(self, username: str, role: Role, password: str | None = None) -> str:
         """Add or replace an account; returns its password (generated when not given).
@@ -107,11 +105,21 @@ class AccountStore:
         Raises:
             ConfigError: an invalid name or role.
         """
-        password = password or secrets.token_urlsafe(18)
+        return self.add_all({username: (role, password)})[username]
+
+    def add_all(self, wanted: Mapping[str, tuple[Role, str | None]]) -> dict[str, str]:
+        """Add or replace many accounts in one write; returns their passwords by username
+        (generated where None is given).
+
+        Raises:
+            ConfigError: an invalid name or role.
+        """
+        passwords = {name: pw or secrets.token_urlsafe(18) for name, (_, pw) in wanted.items()}
         accounts = self.load()
-        accounts[username] = Account(username, role, mosquitto_hash(password))
+        for name, (role, _) in wanted.items():
+            accounts[name] = Account(name, role, mosquitto_hash(passwords[name]))
         self._save(accounts)
-        return password
+        return passwords
 
     def remove(self, username: str) -> None:
         """Remove an account.
@@ -137,6 +145,23 @@ class AccountStore:
             self.passwd_path,
             "".join(f"{name}:{accounts[name].mosquitto}\n" for name in sorted(accounts)),
         )
+
+
+def load_accounts(path: Path) -> dict[str, Account]:
+    """Every account in an accounts file, by username.
+
+    Raises:
+        ConfigError: the file is not an accounts file.
+        FileNotFoundError: there is no file.
+    """
+    try:
+        raw = json.loads(path.read_text())
+        return {
+            name: Account(name, entry["role"], entry["mosquitto"])
+            for name, entry in raw["accounts"].items()
+        }
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a votebox accounts file ({exc})") from None
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -14,6 +14,7 @@ from typing import Final, Literal
 
 __all__ = [
     "GRANTS",
+    "Access",
     "RESERVED_PREFIX",
     "ROLES",
     "Grant",

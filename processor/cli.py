@@ -97,6 +97,21 @@ def _build_parser() -> argparse.ArgumentParser:
         default=9001,
         help="WebSockets port for browser dashboards (default 9001; 0: none)",
     )
+    who = p.add_mutually_exclusive_group()
+    who.add_argument(
+        "--accounts",
+        default="broker/accounts.json",
+        help="let in only these accounts, each to its own topics (default broker/accounts.json,"
+        " written by votebox device add)",
+    )
+    who.add_argument(
+        "--open",
+        action="store_true",
+        help="development only: let in any client that sends a username, to any topic",
+    )
+    p.add_argument("--tls-port", type=int, default=0, help="a TLS listener's port (0: none)")
+    p.add_argument("--certfile", default=None, help="the TLS listener's certificate (PEM)")
+    p.add_argument("--keyfile", default=None, help="the TLS listener's private key (PEM)")
 
     p = sub.add_parser(
         "poll",
@@ -268,7 +283,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mqtt-url",
         default=os.environ.get("VOTEBOX_MQTT_URL", DEFAULT_MQTT_URL),
-        help="broker URL (env VOTEBOX_MQTT_URL); the user name defaults to watcher",
+        help="broker URL (env VOTEBOX_MQTT_URL); the user name defaults to dashboard",
     )
 
     p = sub.add_parser(
@@ -334,10 +349,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         url = args.url or f"http://{settings.metrics_host}:{settings.metrics_port}"
         return print_status(url)
     if args.command == "broker":
-        from broker.embedded import serve
-
-        asyncio.run(serve(host=args.host, port=args.port, ws_port=args.ws_port or None))
-        return 0
+        return _broker(args)
     if args.command == "poll":
         return asyncio.run(_poll_command(args, settings))
     if args.command == "simulate":
@@ -440,6 +452,26 @@ def _dashboard(args: argparse.Namespace) -> int:
         print(f"votebox dashboard on {url} (broker {args.ws_url}); Ctrl-C stops", flush=True)
         threading.Event().wait()
     return 0  # pragma: no cover (Ctrl-C ends it)
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from broker.embedded import Tls, serve
+
+    accounts = None if args.open else Path(args.accounts)
+    if accounts is not None and not accounts.exists():
+        raise ConfigError(
+            f"{accounts}: no accounts file. Create accounts with votebox device add (the"
+            " processor's, the dashboard's, each device's), or run --open for a development"
+            " broker that lets in anyone"
+        )
+    tls = None
+    if args.tls_port:
+        if not (args.certfile and args.keyfile):
+            raise ConfigError("--tls-port needs --certfile and --keyfile")
+        tls = Tls(args.tls_port, Path(args.certfile), Path(args.keyfile))
+    ws_port = args.ws_port or None
+    asyncio.run(serve(host=args.host, port=args.port, ws_port=ws_port, accounts=accounts, tls=tls))
+    return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ from redis.asyncio import Redis
 
 from devices.simulator import SimulationSummary, simulate
 from harness.services import amqtt_broker, influxdb, processor, redis_server
+from processor.accounts import AccountStore
+from processor.acl import Role
 from processor.config import MqttUrl, Settings
 from processor.dashboard import serve_dashboard
 from processor.errors import ConfigError, VoteboxError
@@ -29,6 +31,7 @@ from processor.watch import watch_polls
 
 __all__ = ["run_demo"]
 
+_KIOSKS = "kiosk"  # the kiosks' device ids: kiosk-0000 and up
 _POLL = Poll(
     id="demo",
     title="Which snack should the stadium sell?",
@@ -56,14 +59,17 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="votebox-demo-") as tmp:
         root = Path(tmp)
+        accounts = _provision(root, devices)
         with (
             redis_server(root / "redis") as redis,
-            amqtt_broker(root / "amqtt") as broker,
+            amqtt_broker(root / "amqtt", accounts=root / "accounts.json") as broker,
             influxdb(root / "influxdb") as influx,
         ):
             asyncio.run(_create_poll(redis.url))
             env = {
-                "VOTEBOX_MQTT_URL": f"mqtt://processor@127.0.0.1:{broker.port}",
+                "VOTEBOX_MQTT_URL": (
+                    f"mqtt://processor:{accounts['processor']}@127.0.0.1:{broker.port}"
+                ),
                 "VOTEBOX_MQTT_PROTOCOL": "3.1.1",
                 "VOTEBOX_REDIS_URL": redis.url,
                 "VOTEBOX_INFLUX_URL": influx.url,
@@ -76,7 +82,9 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
                 stack.callback(proc.stop)  # runs last: after the dashboard has stopped
                 try:
                     dashboard_url = stack.enter_context(
-                        serve_dashboard(port=0, ws_url=broker.ws_url)
+                        serve_dashboard(
+                            port=0, ws_url=broker.ws_url, password=accounts["dashboard"]
+                        )
                     )
                 except ConfigError as exc:  # npm's part of scripts/setup not done
                     dashboard_url = f"(not available: {exc})"
@@ -84,6 +92,10 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
                 print(
                     f"votebox demo: amqtt broker on mqtt://127.0.0.1:{broker.port}, Redis on "
                     f"{redis.url}, InfluxDB on {influx.url}, data in {root}"
+                )
+                print(
+                    f"The broker lets in only the accounts in {root / 'accounts.json'} (the "
+                    "processor, the dashboard, each kiosk), each to its own topics."
                 )
                 print(
                     f"{devices} kiosks vote {rate:g} times a second; results are read from the "
@@ -100,7 +112,9 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
                     f"runs, try:\n  curl -sG {influx.url}/query --data-urlencode db=votebox "
                     f'--data-urlencode "q={query}"\n'
                 )
-                code = _vote_and_watch(broker.port, duration_s, devices, rate, root / "kiosks")
+                code = _vote_and_watch(
+                    broker.port, duration_s, devices, rate, root / "kiosks", accounts
+                )
                 print(_recount(redis.url, env))
                 return code
     raise AssertionError("unreachable")  # pragma: no cover
@@ -130,12 +144,28 @@ def _recount(redis_url: str, env: dict[str, str]) -> str:
     return asyncio.run(run())
 
 
+def _provision(root: Path, devices: int) -> dict[str, str]:
+    """The demo's broker accounts, the way an operator makes them (`votebox device add`):
+    returns every password by username."""
+    wanted: dict[str, tuple[Role, str | None]] = {
+        "processor": ("processor", None),
+        "dashboard": ("dashboard", None),
+    }
+    wanted |= {f"{_KIOSKS}-{i:04d}": ("device", None) for i in range(devices)}
+    return AccountStore(root / "accounts.json", root / "mosquitto.passwd").add_all(wanted)
+
+
 def _vote_and_watch(
-    port: int, duration_s: float | None, devices: int, rate: float, store_dir: Path
+    port: int,
+    duration_s: float | None,
+    devices: int,
+    rate: float,
+    store_dir: Path,
+    accounts: dict[str, str],
 ) -> int:
     stop = threading.Event()
     summary: list[SimulationSummary] = []
-    url = MqttUrl.parse(f"mqtt://demo-watch@127.0.0.1:{port}")
+    url = MqttUrl.parse(f"mqtt://dashboard:{accounts['dashboard']}@127.0.0.1:{port}")
 
     async def watch() -> None:
         loop = asyncio.get_running_loop()
@@ -157,13 +187,16 @@ def _vote_and_watch(
                         # A quarter of the kiosks lose Wi-Fi for a while and catch up after.
                         offline_fraction=0.25,
                         store_dir=store_dir,
+                        passwords=accounts,
+                        prefix=_KIOSKS,
+                        results_password=accounts["dashboard"],
                     )
                 )
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop is gone after Ctrl-C
                     loop.call_soon_threadsafe(voted.set)
 
-        # The kiosks are devices/client.py, one loop thread each, as firmware runs; they stop
+        # The kiosks are devices/client.py, run together by devices/fleet_loop.py; they stop
         # when `stop` is set.
         voter = threading.Thread(target=kiosks, name="votebox.demo.kiosks")
         voter.start()

@@ -24,14 +24,16 @@ async def results_updates(
 ) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
     """Yield ``(poll, document)`` for each results message of ``poll`` (or of every poll),
     starting with the retained ones; the document is None when a poll was deleted."""
-    async with aiomqtt.Client(
-        url.host,
-        url.port,
-        username=url.username or "watcher",
-        password=url.password,
-        identifier=f"votebox-watch-{uuid.uuid4().hex[:8]}",
-        protocol=aiomqtt.ProtocolVersion.V311,
-    ) as client:
+    async with (
+        aiomqtt.Client(
+            url.host,
+            url.port,
+            username=url.username or "dashboard",  # the read-only account
+            password=url.password,
+            identifier=f"votebox-watch-{uuid.uuid4().hex[:8]}",
+            protocol=aiomqtt.ProtocolVersion.V311,
+        ) as client
+    ):
         await client.subscribe(results_topic(poll or "+"), qos=1)
         async for message in client.messages:
             parts = message.topic.value.split("/")

@@ -1,36 +1,20 @@
-"""The production files: mosquitto.conf runs on real Mosquitto, docker-compose.yml validates."""
+"""The production files: mosquitto.conf's limits, docker-compose.yml validates, Grafana and
+the operations doc match the metrics. Mosquitto running this file: tests/test_security.py."""
 
 from __future__ import annotations
 
-import asyncio
-import getpass
 import json
 import re
-import shutil
-import socket
-import ssl
 import subprocess
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import aiomqtt
-import pytest
 import yaml
-from redis.asyncio import Redis
 
-from devices.encoder import encode_vote
 from harness.services import (
-    HOST,
     MOSQUITTO_MAX_INFLIGHT_MESSAGES,
     MOSQUITTO_MAX_QUEUED_MESSAGES,
-    ManagedProcess,
-    free_port,
-    port_open,
 )
-from processor.codec import AckEntry, decode_ack
 from processor.metrics import Metrics
-from processor.polls import Poll, read_results
 from tests.conftest import REPO
 
 CONF = (REPO / "mosquitto.conf").read_text()
@@ -47,114 +31,6 @@ def test_mosquitto_conf_sizes_the_queue_for_an_away_processor() -> None:
     assert int(_setting("max_queued_messages")) == MOSQUITTO_MAX_QUEUED_MESSAGES > 1000
     assert int(_setting("max_inflight_messages")) == MOSQUITTO_MAX_INFLIGHT_MESSAGES
     assert int(_setting("max_packet_size")) > 4096  # over-size votes reach the processor
-
-
-@pytest.fixture
-def production_mosquitto(tmp_path: Path) -> Iterator[ManagedProcess]:
-    """The production mosquitto.conf and broker/mosquitto.acl on real Mosquitto, on loopback,
-    with a password file made the way docs/operations.md says."""
-    mqtt_port, ws_port, tls_port = free_port(), free_port(), free_port()
-    conf = CONF.replace("listener 1883", f"listener {mqtt_port} {HOST}")
-    conf = conf.replace("listener 9001", f"listener {ws_port} {HOST}")
-    conf = conf.replace("listener 8883", f"listener {tls_port} {HOST}")
-    conf = conf.replace("/mosquitto/data/", f"{tmp_path}/")
-    conf = conf.replace("/mosquitto/config/", f"{tmp_path}/")
-    conf = conf.replace("/mosquitto/certs/", f"{_make_certs(tmp_path / 'certs')}/")
-    assert conf.count(HOST) == 3 and "/mosquitto/" not in conf
-    # Started as root, Mosquitto drops to user "mosquitto", who cannot read pytest's folders.
-    conf += f"\nuser {getpass.getuser()}\n"
-    (tmp_path / "mosquitto.conf").write_text(conf)
-    shutil.copy(REPO / "broker" / "mosquitto.acl", tmp_path / "mosquitto.acl")
-    passwd = tmp_path / "mosquitto.passwd"
-    for i, user in enumerate(["processor", "dashboard", "kiosk-a", "kiosk-b"]):
-        create = ["-c"] if i == 0 else []
-        subprocess.run(
-            ["mosquitto_passwd", *create, "-b", str(passwd), user, f"pw-{user}"], check=True
-        )
-    proc = ManagedProcess(
-        "mosquitto",
-        ["mosquitto", "-c", str(tmp_path / "mosquitto.conf")],
-        ready=lambda: port_open(mqtt_port),
-        log_path=tmp_path / "mosquitto.log",
-        port=mqtt_port,
-        url=f"mqtts://{HOST}:{tls_port}",
-    )
-    proc.start()
-    try:
-        yield proc
-    finally:
-        assert proc.stop() == 0
-
-
-def _make_certs(folder: Path) -> Path:
-    """A test CA and a server certificate for 127.0.0.1 signed by it, made with openssl."""
-    folder.mkdir()
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
-            "-out", "ca.crt", "-days", "2", "-subj", "/CN=votebox test CA")  # fmt: skip
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
-            "-out", "server.csr", "-subj", f"/CN={HOST}")  # fmt: skip
-    (folder / "san.ext").write_text(f"subjectAltName=IP:{HOST}\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.crt", "-days", "2",
-            "-extfile", "san.ext")  # fmt: skip
-    return folder
-
-
-def _client(broker: ManagedProcess, user: str | None, password: str | None = None) -> Any:
-    return aiomqtt.Client(
-        HOST,
-        broker.port,
-        identifier=f"acl-test-{user}",
-        username=user,
-        password=password if password is not None else f"pw-{user}",
-        protocol=aiomqtt.ProtocolVersion.V5,
-    )
-
-
-async def test_production_mosquitto_refuses_anonymous_and_wrong_passwords(
-    production_mosquitto: ManagedProcess,
-) -> None:
-    assert "Error" not in production_mosquitto.log_text()
-    for user, password in ((None, ""), ("processor", "wrong")):
-        with pytest.raises(aiomqtt.MqttError):
-            async with _client(production_mosquitto, user, password):
-                pass
-
-
-async def test_production_acl_lets_a_device_vote_only_under_its_own_name(
-    production_mosquitto: ManagedProcess,
-) -> None:
-    async with (
-        _client(production_mosquitto, "processor") as processor,
-        _client(production_mosquitto, "kiosk-a") as kiosk,
-        _client(production_mosquitto, "dashboard") as dashboard,
-    ):
-        await processor.subscribe("votes/#", qos=1)
-        await dashboard.subscribe("votes/#", qos=1)  # granted nothing: sees no vote
-        await kiosk.subscribe("acks/#", qos=1)  # only its own acks reach it
-        await dashboard.subscribe("polls/+/results", qos=1)
-        await kiosk.publish("votes/p/kiosk-b", b"forged", qos=1)
-        await kiosk.publish("votes/p/kiosk-a", b"mine", qos=1)
-        await processor.publish("acks/kiosk-b", b"not yours", qos=1)
-        await processor.publish("acks/kiosk-a", b"yours", qos=1)
-        await processor.publish("polls/p/results", b"{}", qos=1, retain=True)
-        await dashboard.publish("polls/p/results", b"forged", qos=1, retain=True)
-        async with asyncio.timeout(10):
-            received = await anext(aiter(processor.messages))
-            assert (str(received.topic), received.payload) == ("votes/p/kiosk-a", b"mine")
-            received = await anext(aiter(kiosk.messages))
-            assert (str(received.topic), received.payload) == ("acks/kiosk-a", b"yours")
-            received = await anext(aiter(dashboard.messages))
-            assert (str(received.topic), received.payload) == ("polls/p/results", b"{}")
-        # The forgeries were published before what arrived; Mosquitto keeps order per client,
-        # so had they passed, they would have arrived first. Nothing else is waiting either.
-        await asyncio.sleep(0.3)
-        for client in (processor, kiosk, dashboard):
-            assert len(client.messages) == 0
 
 
 def test_docker_compose_file_validates() -> None:
@@ -241,35 +117,3 @@ def test_operations_doc_lists_exactly_the_metrics_the_processor_exports() -> Non
     assert documented == families
     alerts = doc.split("What to alert on", 1)[1].split("## Scale", 1)[0]
     assert set(re.findall(r"\bvotebox_[a-z_]+", alerts)) <= Metrics().names()
-
-
-async def test_a_device_with_the_ca_votes_over_tls_and_the_processor_counts_it_over_tls(
-    production_mosquitto: ManagedProcess,
-    spawn_processor: Callable[..., ManagedProcess],
-    poll: Poll,
-    redis: Redis,
-) -> None:
-    broker = production_mosquitto
-    ca = production_mosquitto.log_path.parent / "certs" / "ca.crt"
-    tls_port = int(broker.url.rsplit(":", 1)[1])
-    spawn_processor(
-        broker,
-        VOTEBOX_MQTT_URL=f"mqtts://processor:pw-processor@{HOST}:{tls_port}",
-        VOTEBOX_MQTT_CA_FILE=str(ca),
-    )
-    tls = ssl.create_default_context(cafile=str(ca))
-    async with aiomqtt.Client(
-        HOST, tls_port, identifier="tls-kiosk-a", username="kiosk-a", password="pw-kiosk-a",
-        tls_context=tls,
-    ) as kiosk:  # fmt: skip
-        await kiosk.subscribe("acks/kiosk-a", qos=1)
-        await kiosk.publish(f"votes/{poll.id}/kiosk-a", encode_vote(2, 1), qos=1)
-        async with asyncio.timeout(20):
-            message = await anext(aiter(kiosk.messages))
-        assert isinstance(message.payload, bytes)
-        assert decode_ack(message.payload) == [AckEntry(0, 1, 0)]  # accepted
-    assert (await read_results(redis, [poll.id]))[poll.id].counts == (0, 0, 1)
-    # Without the CA (the system's trust store), the broker's certificate is refused.
-    with socket.create_connection((HOST, tls_port), timeout=5) as raw:
-        with pytest.raises(ssl.SSLCertVerificationError):
-            ssl.create_default_context().wrap_socket(raw, server_hostname=HOST)
