@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from processor.acl import RESERVED_PREFIX, ROLES, Role
+from processor.acl import RESERVED_PREFIX, ROLES, Role, render_mosquitto_acl
 from processor.errors import ConfigError
 from processor.topics import is_valid_id
 
@@ -80,16 +80,20 @@ class Account:
 
 
 class AccountStore:
-    """The accounts file and the Mosquitto password file written from it.
+    """The accounts file, and the Mosquitto password file and ACL written from it.
 
     Args:
         path: the JSON source of truth.
         passwd_path: the password file Mosquitto reads (rewritten on every change).
+        acl_path: the ACL file Mosquitto reads, rendered from processor/acl.py on every change
+            (so a deployment's ACL follows the table of the votebox that provisions it); None
+            to leave it alone.
     """
 
-    def __init__(self, path: Path, passwd_path: Path) -> None:
+    def __init__(self, path: Path, passwd_path: Path, acl_path: Path | None = None) -> None:
         self.path = path
         self.passwd_path = passwd_path
+        self.acl_path = acl_path
 
     def load(self) -> dict[str, Account]:
         """Every account, by username (none when the file does not exist yet).
@@ -145,6 +149,8 @@ class AccountStore:
             self.passwd_path,
             "".join(f"{name}:{accounts[name].mosquitto}\n" for name in sorted(accounts)),
         )
+        if self.acl_path is not None:
+            _write_private(self.acl_path, render_mosquitto_acl(), mode=0o644)
 
 
 def load_accounts(path: Path) -> dict[str, Account]:
@@ -164,11 +170,12 @@ def load_accounts(path: Path) -> dict[str, Account]:
         raise ConfigError(f"{path} is not a votebox accounts file ({exc})") from None
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write atomically (a broker reading it mid-write sees the old or the new file), 0600."""
+def _write_private(path: Path, text: str, *, mode: int = 0o600) -> None:
+    """Write atomically (a broker reading it mid-write sees the old or the new file), private
+    unless ``mode`` says otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as out:
         out.write(text)
     os.replace(tmp, path)

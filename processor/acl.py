@@ -128,9 +128,8 @@ _HEADER: Final = """\
 # id, so "processor" and "dashboard" are not valid device ids.
 #
 # GENERATED from processor/acl.py, the one table both brokers enforce (the embedded amqtt
-# broker through broker/amqtt_plugins.py): change it there, then run
-#   python -c "from processor.acl import render_mosquitto_acl as r; print(r(), end='')" \\
-#       > broker/mosquitto.acl
+# broker through broker/amqtt_plugins.py): change it there. `votebox device add` and
+# `votebox device remove` rewrite this file along with the password file.
 #
 # Mosquitto refuses by default: a client may use only what is granted below. A device that
 # publishes a vote under another device's name gets nothing through (MQTT 5: PUBACK 0x87).

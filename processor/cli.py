@@ -76,6 +76,9 @@ def _build_parser() -> argparse.ArgumentParser:
         action.add_argument(
             "--passwd", default="broker/mosquitto.passwd", help="the Mosquitto password file"
         )
+        action.add_argument(
+            "--acl", default="broker/mosquitto.acl", help="the Mosquitto ACL file (rewritten)"
+        )
 
     p = sub.add_parser(
         "status",
@@ -422,14 +425,15 @@ def _device(args: argparse.Namespace) -> int:
 
     from processor.accounts import AccountStore
 
-    store = AccountStore(Path(args.accounts), Path(args.passwd))
+    store = AccountStore(Path(args.accounts), Path(args.passwd), Path(args.acl))
+    written = f"{args.passwd} and {args.acl} rewritten"
     if args.device_command == "add":
         password = store.add(args.username, args.role, args.password)
         shown = "" if args.password else f" with password {password} (shown once: keep it)"
-        print(f"account {args.username} ({args.role}){shown}; {args.passwd} rewritten")
+        print(f"account {args.username} ({args.role}){shown}; {written}")
     elif args.device_command == "remove":
         store.remove(args.username)
-        print(f"removed {args.username}; {args.passwd} rewritten")
+        print(f"removed {args.username}; {written}")
     else:
         accounts = store.load()
         for name, account in accounts.items():

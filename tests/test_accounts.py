@@ -111,6 +111,7 @@ def test_only_the_processor_picks_its_client_id() -> None:
 
 async def test_mosquitto_accepts_the_password_file_votebox_device_writes(tmp_path: Path) -> None:
     files = ["--accounts", str(tmp_path / "accounts.json"), "--passwd", str(tmp_path / "passwd")]
+    files += ["--acl", str(tmp_path / "acl")]
     made = votebox(
         "device", "add", "processor", "--role", "processor", "--password", "p-pw", *files
     )
@@ -123,10 +124,12 @@ async def test_mosquitto_accepts_the_password_file_votebox_device_writes(tmp_pat
     listed = votebox("device", "list", *files)
     assert "kiosk-7" in listed.stdout and "processor" in listed.stdout
     assert (tmp_path / "passwd").stat().st_mode & 0o077 == 0  # private
+    assert (tmp_path / "acl").read_text() == render_mosquitto_acl()
 
     port = free_port()
     (tmp_path / "mosquitto.conf").write_text(
         f"listener {port} {HOST}\nallow_anonymous false\npassword_file {tmp_path}/passwd\n"
+        f"acl_file {tmp_path}/acl\n"
         f"user {getpass.getuser()}\n"
     )
     broker = ManagedProcess(
