@@ -270,8 +270,9 @@ def simulate(
             )
             clients.append(client)
         stack.enter_context(running_together(clients))
+        # A broker given new accounts may take a moment to let them in (Mosquitto: a SIGHUP).
         for client in clients:
-            if not client.wait_connected(15):
+            if not client.wait_connected(30):
                 raise TimeoutError(f"{client.config.device}: no connection to {host}:{port}")
         _vote(
             poll,

@@ -227,6 +227,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefix", default="kiosk", help="device ids are PREFIX-0000 and up (default kiosk)"
     )
+    p.add_argument(
+        "--accounts",
+        default=None,
+        help="on a broker with accounts: give each kiosk an account with a fresh password in"
+        " this accounts file, and rewrite the Mosquitto password file and ACL beside it"
+        " (votebox broker reads them at once; send Mosquitto a SIGHUP)",
+    )
+    p.add_argument(
+        "--dashboard-password",
+        default=os.environ.get("VOTEBOX_DASHBOARD_PASSWORD"),
+        help="the dashboard account's password, to read the results topic"
+        " (env VOTEBOX_DASHBOARD_PASSWORD)",
+    )
 
     for name, text in (
         ("kiosk", "a text-mode kiosk: shows the poll, each line you type is a vote"),
@@ -482,6 +495,17 @@ def _simulate(args: argparse.Namespace) -> int:
     from devices.simulator import simulate
 
     url = MqttUrl.parse(args.mqtt_url)
+    passwords = None
+    if args.accounts:
+        from processor.accounts import AccountStore
+
+        accounts = Path(args.accounts)
+        store = AccountStore(
+            accounts, accounts.with_name("mosquitto.passwd"), accounts.with_name("mosquitto.acl")
+        )
+        kiosks = [f"{args.prefix}-{i:04d}" for i in range(args.devices)]
+        passwords = store.add_all(dict.fromkeys(kiosks, ("device", None)))
+        print(f"{len(kiosks)} kiosk accounts written to {accounts}", flush=True)
     stop = threading.Event()
     try:
         summary = simulate(
@@ -498,6 +522,8 @@ def _simulate(args: argparse.Namespace) -> int:
             store_dir=Path(args.store_dir) if args.store_dir else None,
             prefix=args.prefix,
             stop=stop,
+            passwords=passwords,
+            results_password=args.dashboard_password,
         )
     except KeyboardInterrupt:
         stop.set()

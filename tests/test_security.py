@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ class Secured:
     processor_port: int
     tls_port: int
     ca: Path
+    accounts: Path  # the accounts file; Mosquitto's password file and ACL beside it
 
     @property
     def v311(self) -> bool:
@@ -84,10 +87,10 @@ def secured(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Secured]
     if request.param == "amqtt":
         tls = (certs / "server.crt", certs / "server.key")
         with amqtt_broker(tmp_path / "amqtt", accounts=store.path, tls=tls) as proc:
-            yield Secured(proc, proc.port, proc.tls_port, certs / "ca.crt")
+            yield Secured(proc, proc.port, proc.tls_port, certs / "ca.crt", store.path)
         return
     with production_mosquitto(tmp_path, certs) as (proc, processor_port, tls_port):
-        yield Secured(proc, processor_port, tls_port, certs / "ca.crt")
+        yield Secured(proc, processor_port, tls_port, certs / "ca.crt", store.path)
 
 
 @contextlib.contextmanager
@@ -285,3 +288,36 @@ async def test_a_device_with_the_ca_votes_over_tls(
     with socket.create_connection((HOST, secured.tls_port), timeout=5) as raw:
         with pytest.raises(ssl.SSLCertVerificationError):
             ssl.create_default_context().wrap_socket(raw, server_hostname=HOST)
+
+
+async def test_the_simulator_gives_its_kiosks_accounts_and_votes_through_them(
+    secured: Secured,
+    spawn_processor: Callable[..., ManagedProcess],
+    poll: Poll,
+    redis: Redis,
+) -> None:
+    url = f"mqtt://processor:pw-processor@{HOST}:{secured.processor_port}"
+    spawn_processor(secured.broker, VOTEBOX_MQTT_URL=url)
+    accounts = secured.accounts
+    argv = [sys.executable, "-m", "processor.cli", "simulate", "--poll", poll.id]
+    argv += ["--mqtt-url", f"mqtt://{HOST}:{secured.broker.port}", "--accounts", str(accounts)]
+    argv += ["--dashboard-password", "pw-dashboard", "--prefix", "sim", "--seed", "5"]
+    argv += ["--devices", "5", "--rate", "50", "--duration", "2"]
+    simulator = _spawn(argv)
+    assert simulator.stdout is not None
+    first = await asyncio.to_thread(simulator.stdout.readline)
+    assert first.startswith(f"5 kiosk accounts written to {accounts}"), first
+    if not secured.v311:
+        secured.broker.signal(signal.SIGHUP)  # Mosquitto reads its password file again
+    rest, _ = await asyncio.to_thread(simulator.communicate, timeout=120)
+    assert simulator.returncode == 0, first + rest
+    assert "sent 100: accepted 100" in rest and "agrees" in rest, rest
+    assert (await read_results(redis, [poll.id]))[poll.id].total == 100
+    # Accounts are per device: a stranger's name still gets nothing in.
+    with pytest.raises(aiomqtt.MqttError):
+        async with secured.client("sim-0000", password="guess"):
+            pass
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
