@@ -6,17 +6,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import shutil
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.publish as paho_publish
 import pytest
-from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
@@ -33,26 +28,6 @@ from tests.test_cli import poll_cli
 pytestmark = pytest.mark.e2e
 
 ARTIFACTS = REPO / "test-artifacts"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and chromedriver, "scripts/setup installs chromium and chromium-driver"
-    options = Options()
-    options.binary_location = chromium
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,900",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def attribute(driver: WebDriver, css: str, name: str) -> str | None:

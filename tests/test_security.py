@@ -26,13 +26,19 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from redis.asyncio import Redis
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
 from devices.encoder import encode_vote
 from harness.services import HOST, ManagedProcess, amqtt_broker, free_port, port_open
 from processor.accounts import AccountStore
 from processor.codec import AckEntry, decode_ack
+from processor.dashboard import serve_dashboard
 from processor.polls import Poll, read_results
-from tests.conftest import REPO
+from tests.conftest import REPO, unique_id
+from tests.test_cli import poll_cli
+from tests.test_dashboard import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -117,6 +123,7 @@ def production_mosquitto(folder: Path, certs: Path) -> Iterator[tuple[ManagedPro
         log_path=folder / "mosquitto.log",
         port=ports[1883],
         url=f"mqtt://{HOST}:{ports[1883]}",
+        ws_url=f"ws://{HOST}:{ports[9001]}",
         tls_port=ports[8883],
     )
     proc.start()
@@ -317,6 +324,31 @@ async def test_the_simulator_gives_its_kiosks_accounts_and_votes_through_them(
     with pytest.raises(aiomqtt.MqttError):
         async with secured.client("sim-0000", password="guess"):
             pass
+
+
+def test_the_web_dashboard_reads_with_the_dashboard_account_and_nothing_else(
+    secured: Secured,
+    spawn_processor: Callable[..., ManagedProcess],
+    redis_proc: ManagedProcess,
+    browser: WebDriver,
+    request: pytest.FixtureRequest,
+) -> None:
+    poll_id = unique_id(request)
+    poll_cli(redis_proc, "poll", "create", poll_id, "--option", "Yes", "--option", "No")
+    url = f"mqtt://processor:pw-processor@{HOST}:{secured.processor_port}"
+    spawn_processor(secured.broker, VOTEBOX_MQTT_URL=url)
+    ws_url = secured.broker.ws_url
+    with serve_dashboard(port=0, ws_url=ws_url, password="pw-dashboard") as page:
+        browser.get(page)
+        wait_for(browser, "#connection", "data-state", "connected")
+        wait_for(browser, f'[data-poll="{poll_id}"]', "data-state", "open")
+    with serve_dashboard(port=0, ws_url=ws_url, password="wrong") as page:
+        browser.get(page)
+        WebDriverWait(browser, 30, poll_frequency=0.1).until(
+            lambda d: "not authorized" in d.find_element(By.ID, "connection").text.lower(),
+            message="the page never showed the broker's refusal",
+        )
+        assert not browser.find_elements(By.CSS_SELECTOR, f'[data-poll="{poll_id}"]')
 
 
 def _spawn(argv: list[str]) -> subprocess.Popen[str]:
