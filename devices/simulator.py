@@ -63,6 +63,9 @@ class SimulationSummary:
     reconnects: int = 0
     results_before: ResultsSnapshot = ResultsSnapshot()
     results_after: ResultsSnapshot | None = None
+    # Redis's tally, when whoever runs the simulation can read it (votebox simulate --redis-url).
+    redis_before: ResultsSnapshot | None = None
+    redis_after: ResultsSnapshot | None = None
 
     @property
     def counted(self) -> int:
@@ -74,10 +77,17 @@ class SimulationSummary:
         return sum(self.fates.values()) - self.counted
 
     def agrees(self) -> bool:
-        """Whether the retained results grew by exactly what was counted, option by option."""
+        """Whether the retained results (and Redis's tally, when read) grew by exactly what was
+        counted, option by option."""
         if self.results_after is None:
             return False
-        total, counts = self.results_after.minus(self.results_before)
+        grew = [self._grew_by_counted(self.results_before, self.results_after)]
+        if self.redis_before is not None and self.redis_after is not None:
+            grew.append(self._grew_by_counted(self.redis_before, self.redis_after))
+        return all(grew)
+
+    def _grew_by_counted(self, before: ResultsSnapshot, after: ResultsSnapshot) -> bool:
+        total, counts = after.minus(before)
         return total == self.counted and all(
             counts[i] == self.counted_per_option.get(i, 0) for i in range(len(counts))
         )
@@ -95,13 +105,16 @@ class SimulationSummary:
             + f", still queued {self.queued}",
             f"{self.went_offline} devices went offline and came back; {self.reconnects} reconnects",
         ]
-        if self.results_after is not None:
-            total, _ = self.results_after.minus(self.results_before)
-            verdict = "agrees" if self.agrees() else "DISAGREES"
-            out.append(
-                f"results topic: total {self.results_before.total} -> "
-                f"{self.results_after.total} (+{total}); counted {self.counted}: {verdict}"
-            )
+        sources = [("results topic", self.results_before, self.results_after)]
+        sources.append(("redis", self.redis_before or ResultsSnapshot(), self.redis_after))
+        for name, before, after in sources:
+            if after is not None:
+                total, _ = after.minus(before)
+                verdict = "agrees" if self._grew_by_counted(before, after) else "DISAGREES"
+                out.append(
+                    f"{name}: total {before.total} -> {after.total} (+{total}); "
+                    f"counted {self.counted}: {verdict}"
+                )
         return out
 
 

@@ -11,10 +11,14 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from processor.config import DEFAULT_MQTT_URL, ENV_VARS, MqttUrl, Settings
 from processor.errors import ConfigError, VoteboxError
 from processor.logs import configure_logging
+
+if TYPE_CHECKING:
+    from devices.simulator import ResultsSnapshot
 
 __all__ = ["main"]
 
@@ -233,6 +237,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="on a broker with accounts: give each kiosk an account with a fresh password in"
         " this accounts file, and rewrite the Mosquitto password file and ACL beside it"
         " (votebox broker reads them at once; send Mosquitto a SIGHUP)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("VOTEBOX_REDIS_URL"),
+        help="also check the summary against Redis's tally (env VOTEBOX_REDIS_URL)",
     )
     p.add_argument(
         "--dashboard-password",
@@ -506,6 +515,7 @@ def _simulate(args: argparse.Namespace) -> int:
         kiosks = [f"{args.prefix}-{i:04d}" for i in range(args.devices)]
         passwords = store.add_all(dict.fromkeys(kiosks, ("device", None)))
         print(f"{len(kiosks)} kiosk accounts written to {accounts}", flush=True)
+    redis_before = _redis_tally(args.redis_url, args.poll) if args.redis_url else None
     stop = threading.Event()
     try:
         summary = simulate(
@@ -528,8 +538,31 @@ def _simulate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stop.set()
         return 130
+    if args.redis_url:
+        # Every ack the kiosks got followed its commit: Redis already holds what they were told.
+        summary.redis_before = redis_before
+        summary.redis_after = _redis_tally(args.redis_url, args.poll)
     print("\n".join(summary.lines()))
     return 0 if summary.agrees() and not summary.queued else 1
+
+
+def _redis_tally(redis_url: str, poll: str) -> ResultsSnapshot:
+    """A poll's total and counts in Redis: the tally itself, not its retained copy."""
+    from devices.simulator import ResultsSnapshot
+
+    async def read() -> ResultsSnapshot:
+        from redis.asyncio import Redis
+
+        from processor.polls import read_results
+
+        redis = Redis.from_url(redis_url)
+        try:
+            found = (await read_results(redis, [poll])).get(poll)
+        finally:
+            await redis.aclose()
+        return ResultsSnapshot(found.total, found.counts) if found else ResultsSnapshot()
+
+    return asyncio.run(read())
 
 
 def _run_device(args: argparse.Namespace) -> int:

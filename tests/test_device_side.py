@@ -21,6 +21,7 @@ from devices.client import _batches
 from devices.encoder import encode_heartbeat, encode_vote
 from devices.kiosk import code_name, parse_choice, render_config
 from devices.outbox import Outbox, Pending
+from devices.simulator import ResultsSnapshot, SimulationSummary
 from processor.codec import MAX_PAYLOAD_BYTES, Heartbeat, decode_heartbeat, decode_message
 from processor.device_health import DeviceHealth, format_devices
 from processor.errors import VoteRejected
@@ -207,3 +208,24 @@ def test_the_devices_table_shows_state_outbox_and_battery() -> None:
     assert table[1].split() == ["kiosk-1", "online", "3s", "ago", "120s", "4", "87%"]
     assert table[2].split() == ["button-9", "offline", "10m", "ago", "-", "-", "-"]
     assert table[3] == "2 devices: 1 offline, 1 online"
+
+
+def test_the_summary_disagrees_when_the_results_or_redis_are_off_by_one_vote() -> None:
+    summary = SimulationSummary(sent=3)
+    summary.fates.update(accepted=2, duplicate=1)
+    summary.counted_per_option.update({0: 2, 1: 1})
+    summary.results_before = ResultsSnapshot(10, (5, 5))
+    summary.results_after = ResultsSnapshot(13, (7, 6))
+    summary.redis_before, summary.redis_after = (
+        ResultsSnapshot(10, (5, 5)),
+        ResultsSnapshot(13, (7, 6)),
+    )
+    assert summary.agrees()
+    assert summary.lines()[-1] == "redis: total 10 -> 13 (+3); counted 3: agrees"
+    summary.redis_after = ResultsSnapshot(13, (8, 5))  # right total, wrong option
+    assert not summary.agrees()
+    assert summary.lines()[-1].endswith("DISAGREES") and "agrees" in summary.lines()[-2]
+    summary.redis_after = None  # not read: the results topic alone decides
+    assert summary.agrees()
+    summary.results_after = ResultsSnapshot(12, (7, 5))
+    assert not summary.agrees()

@@ -226,7 +226,8 @@ async def test_the_simulator_summary_agrees_with_the_results_and_redis(
         [sys.executable, "-m", "processor.cli", "simulate"]
         + ["--mqtt-url", f"mqtt://127.0.0.1:{broker.port}", "--poll", poll.id]
         + ["--devices", "40", "--rate", "200", "--duration", "6", "--offline-fraction", "0.25"]
-        + ["--seed", "3", "--prefix", prefix, "--store-dir", str(tmp_path / "fleet")],
+        + ["--seed", "3", "--prefix", prefix, "--store-dir", str(tmp_path / "fleet")]
+        + ["--redis-url", redis_proc.url],
         capture_output=True,
         text=True,
         timeout=120,
@@ -242,7 +243,8 @@ async def test_the_simulator_summary_agrees_with_the_results_and_redis(
     assert (rejected, queued) == (0, 0) and sent == accepted + duplicate
     assert sent == 1200  # 200 a second for 6 s
     assert "10 devices went offline and came back" in result.stdout
-    assert f"total 0 -> {sent} (+{sent}); counted {sent}: agrees" in result.stdout
+    assert f"results topic: total 0 -> {sent} (+{sent}); counted {sent}: agrees" in result.stdout
+    assert f"redis: total 0 -> {sent} (+{sent}); counted {sent}: agrees" in result.stdout
     assert await _total(redis, poll.id) == sent
     assert (await read_fates(redis, poll.id))[0]["accepted"] == sent
 
