@@ -7,9 +7,54 @@ bytes and ints, so a constrained device needs no CBOR library at all.
 
 from __future__ import annotations
 
-__all__ = ["AckError", "decode_ack"]
+__all__ = [
+    "ACCEPTED",
+    "CODE_NAMES",
+    "DUPLICATE",
+    "RATE_LIMITED",
+    "AckError",
+    "code_name",
+    "decode_ack",
+]
 
 _NULL = 0xF6
+
+# docs/protocol.md, Codes, as a firmware keeps it: 0-15 what became of a vote, 16 and up why it
+# was rejected. tests/test_device_side.py checks it against the processor's own table.
+CODE_NAMES = {
+    0: "accepted",
+    1: "duplicate",
+    2: "rejected",
+    3: "superseded",
+    4: "suppressed",
+    16: "too_large",
+    17: "malformed",
+    18: "forbidden_item",
+    19: "duplicate_key",
+    20: "bad_schema",
+    21: "out_of_range",
+    22: "batch_too_large",
+    23: "bad_topic",
+    24: "unknown_poll",
+    25: "unknown_option",
+    26: "seq_too_old",
+    27: "stale_epoch",
+    28: "too_many_choices",
+    29: "store_error",
+    30: "poll_not_open",
+    31: "poll_closed",
+    32: "missing_voter",
+    33: "rate_limited",
+}
+ACCEPTED, DUPLICATE = 0, 1
+# The one code that is not a final answer for a vote: the message was not read; its votes stay
+# in the outbox and go again after a pause.
+RATE_LIMITED = 33
+
+
+def code_name(code: int) -> str:
+    """The name of an ack code; a code this build does not know is still a final answer."""
+    return CODE_NAMES.get(code, f"code {code}")
 
 
 class AckError(ValueError):

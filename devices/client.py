@@ -22,18 +22,14 @@ from typing import Any, Final
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from devices.ack import AckError, decode_ack
+from devices.ack import RATE_LIMITED, AckError, decode_ack
 from devices.encoder import encode_batch, encode_heartbeat
 from devices.outbox import Outbox, Pending
-from processor.backoff import backoff_delays
 
-__all__ = ["RATE_LIMITED", "DeviceClient", "DeviceConfig"]
+__all__ = ["DeviceClient", "DeviceConfig"]
 
 log = logging.getLogger(__name__)
 
-# docs/protocol.md, Codes: the one code that is not a final answer for a vote. The message was
-# not read; its votes stay in the outbox and go again after a pause.
-RATE_LIMITED: Final = 33
 # docs/protocol.md, Limits: a message is at most 4096 bytes; a batch's array head takes 3.
 _MAX_PAYLOAD: Final = 4096 - 3
 _MAX_BATCH: Final = 256
@@ -121,7 +117,7 @@ class DeviceClient:
         self._network.set()
         self._ever_connected = False
         # The loop's connection state: the next attempt's backoff, and when it is due.
-        self._delays = self._backoff()
+        self._failures = 0  # connection attempts failed in a row: the backoff's exponent
         self._retry_at = 0.0
         self._connecting_since: float | None = None
         self.configs: dict[str, dict[str, Any]] = {}
@@ -240,7 +236,7 @@ class DeviceClient:
         try:
             self._open()
         except OSError as exc:
-            delay = next(self._delays)
+            delay = self._next_delay()
             log.debug("%s: connect failed (%s); retry in %.1fs", self.config.device, exc, delay)
             self._retry_at = now + delay
             return delay
@@ -252,11 +248,11 @@ class DeviceClient:
         (lost, refused, a wrong password) schedule the next attempt; else flush and heartbeat."""
         now = time.monotonic()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self._retry_at = now + next(self._delays)
+            self._retry_at = now + self._next_delay()
             return
         if self._connected.is_set():
             if self._connecting_since is not None:
-                self._delays, self._connecting_since = self._backoff(), None
+                self._failures, self._connecting_since = 0, None
             self._flush()
             self._heartbeat_if_due()
         elif self._connecting_since is not None and now - self._connecting_since > 10:
@@ -275,10 +271,14 @@ class DeviceClient:
             self._client.disconnect()
         self._connected.clear()
 
-    def _backoff(self) -> Iterator[float]:
-        return backoff_delays(
-            base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self._rng
-        )
+    def _next_delay(self) -> float:
+        """Capped exponential backoff with full jitter: U(0, min(cap, base * 2**failures)).
+        The jitter spreads a fleet's reconnects after a broker restart instead of stampeding
+        it (AWS Architecture Blog, "Exponential Backoff And Jitter")."""
+        cfg = self.config
+        ceiling = min(cfg.backoff_cap_s, cfg.backoff_base_s * 2 ** min(self._failures, 30))
+        self._failures += 1
+        return self._rng.uniform(0, ceiling)
 
     def _open(self) -> None:
         if not self._network.is_set():

@@ -13,21 +13,11 @@ import time
 from collections.abc import Iterable
 from typing import Any, TextIO
 
+from devices.ack import code_name
 from devices.client import DeviceClient, DeviceConfig
 from devices.outbox import Outbox, Pending
-from processor.reasons import Fate, Reason
 
-__all__ = ["code_name", "parse_choice", "render_config", "run_button", "run_kiosk"]
-
-
-def code_name(code: int) -> str:
-    """The name of an ack code (docs/protocol.md, Codes); a code this build does not know is
-    still a final answer."""
-    if code < 16 and code in Fate._value2member_map_:
-        return Fate(code).name.lower()
-    if code in Reason._value2member_map_:
-        return Reason(code).code
-    return f"code {code}"
+__all__ = ["parse_choice", "render_config", "run_button", "run_kiosk"]
 
 
 def render_config(config: dict[str, Any] | None) -> str:

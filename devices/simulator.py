@@ -25,15 +25,12 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devices.ack import ACCEPTED, DUPLICATE, code_name
 from devices.client import DeviceClient, DeviceConfig
 from devices.fleet_loop import running_together
-from devices.kiosk import code_name
 from devices.outbox import Outbox, Pending
 
 __all__ = ["ResultsSnapshot", "SimulationSummary", "read_results", "simulate"]
-
-# docs/protocol.md, Codes: counted now, or counted before (its first ack was lost).
-_ACCEPTED, _DUPLICATE = 0, 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +233,8 @@ def simulate(
             with lock:
                 summary.fates[code_name(code)] += 1
                 choice = choices.pop((index, entry.epoch, entry.seq), None)
-                if code in (_ACCEPTED, _DUPLICATE) and choice is not None:
+                # Counted now, or counted before (its first ack was lost).
+                if code in (ACCEPTED, DUPLICATE) and choice is not None:
                     summary.counted_per_option[choice] += 1
 
         return on_ack

@@ -4,6 +4,7 @@ kiosk's screen and `votebox devices`' table."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,16 +17,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices.ack import AckError, decode_ack
-from devices.client import _batches
+from devices.ack import CODE_NAMES, AckError, code_name, decode_ack
+from devices.client import DeviceClient, DeviceConfig, _batches
 from devices.encoder import encode_heartbeat, encode_vote
-from devices.kiosk import code_name, parse_choice, render_config
+from devices.kiosk import parse_choice, render_config
 from devices.outbox import Outbox, Pending
 from devices.simulator import ResultsSnapshot, SimulationSummary
 from processor.codec import MAX_PAYLOAD_BYTES, Heartbeat, decode_heartbeat, decode_message
 from processor.device_health import DeviceHealth, format_devices
 from processor.errors import VoteRejected
-from processor.reasons import Reason
+from processor.reasons import Fate, Reason
 
 
 def test_outbox_gives_increasing_seqs_and_keeps_them_across_a_reopen(tmp_path: Path) -> None:
@@ -229,3 +230,19 @@ def test_the_summary_disagrees_when_the_results_or_redis_are_off_by_one_vote() -
     assert summary.agrees()
     summary.results_after = ResultsSnapshot(12, (7, 5))
     assert not summary.agrees()
+
+
+def test_the_devices_code_table_is_the_processors() -> None:
+    # devices/ keeps its own copy, as firmware would; it must say what the processor means.
+    expected = {int(f): f.name.lower() for f in Fate} | {int(r): r.code for r in Reason}
+    assert expected == CODE_NAMES
+
+
+def test_reconnect_delays_grow_with_full_jitter_up_to_the_cap(tmp_path: Path) -> None:
+    config = DeviceConfig(device="k", backoff_base_s=1.0, backoff_cap_s=8.0)
+    client = DeviceClient(config, Outbox(tmp_path / "k.outbox"), rng=random.Random(7))
+    delays = [client._next_delay() for _ in range(60)]
+    assert all(0 <= d <= min(8.0, 2.0**i) for i, d in enumerate(delays))
+    assert max(delays[:3]) < 4 and max(delays[10:]) > 6  # grows, up to the cap
+    assert len(set(delays)) == len(delays)  # jittered: no two clients in lockstep
+    client.outbox.close()
