@@ -514,7 +514,11 @@ def _simulate(args: argparse.Namespace) -> int:
         )
         kiosks = [f"{args.prefix}-{i:04d}" for i in range(args.devices)]
         passwords = store.add_all(dict.fromkeys(kiosks, ("device", None)))
-        print(f"{len(kiosks)} kiosk accounts written to {accounts}", flush=True)
+        print(
+            f"{len(kiosks)} kiosk accounts written to {accounts} (and the Mosquitto password"
+            " file beside it: send Mosquitto a SIGHUP now; votebox broker reads them at once)",
+            flush=True,
+        )
     redis_before = _redis_tally(args.redis_url, args.poll) if args.redis_url else None
     stop = threading.Event()
     try:
