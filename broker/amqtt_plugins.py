@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,22 +29,27 @@ log = logging.getLogger(__name__)
 
 class _Accounts:
     """The accounts file, read again when it changes: `votebox device add` takes effect on the
-    next CONNECT without a restart (Mosquitto needs a SIGHUP for the same)."""
+    next CONNECT without a restart (Mosquitto needs a SIGHUP for the same). The topic plugin
+    asks on every publish and every delivery, so the file is looked at once a second at most,
+    not once a message."""
+
+    _RECHECK_S = 1.0
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._seen: tuple[int, int] | None = None
-        try:
-            self._accounts = self._reload()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no accounts file; votebox device add creates it") from None
+        self._checked_at = time.monotonic()
+        self._accounts = self._reload()
 
     def get(self, username: str) -> Account | None:
-        try:
-            self._accounts = self._reload()
-        except (OSError, ConfigError) as exc:
-            # Mid-rewrite or removed by mistake: keep the accounts that worked a moment ago.
-            log.error("keeping the accounts read before: %s", exc)
+        now = time.monotonic()
+        if now - self._checked_at >= self._RECHECK_S:
+            self._checked_at = now
+            try:
+                self._accounts = self._reload()
+            except (OSError, ConfigError) as exc:
+                # Mid-rewrite or removed by mistake: keep the accounts that worked a moment ago.
+                log.error("keeping the accounts read before: %s", exc)
         return self._accounts.get(username)
 
     def _reload(self) -> dict[str, Account]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from processor.errors import ConfigError
+
 __all__ = ["Tls", "embedded_broker", "load_config", "serve"]
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ def load_config(
     With ``accounts`` (the file `votebox device add` writes), only its accounts get in and
     each only to its topics (broker/amqtt_plugins.py); without, any client that sends a
     username gets in and may use any topic: a development broker.
+
+    Raises:
+        ConfigError: ``accounts`` does not exist.
     """
     text = resources.files("broker").joinpath("amqtt.yaml").read_text()
     config: dict[str, Any] = yaml.safe_load(text)
@@ -63,6 +68,12 @@ def load_config(
             "keyfile": str(tls.keyfile),
         }
     if accounts is not None:
+        if not accounts.exists():
+            raise ConfigError(
+                f"{accounts}: no accounts file. Create accounts with votebox device add (the"
+                " processor's, the dashboard's, each device's), or run --open for a development"
+                " broker that lets in anyone"
+            )
         plugin_config = {"accounts_file": str(accounts.resolve())}
         config["plugins"] = {
             "broker.amqtt_plugins.AccountsAuthPlugin": plugin_config,

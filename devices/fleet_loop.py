@@ -58,30 +58,35 @@ class _FleetLoop:
         self._clients = clients
         self._tick_s = tick_s
         self._selector = selectors.DefaultSelector()
-        self._watched: dict[int, Any] = {}  # client index -> the socket registered for it
+        self._watched: dict[DeviceClient, Any] = {}  # the socket registered for each client
 
     def run(self, stop: threading.Event) -> None:
         try:
             next_turn = 0.0
             while not stop.is_set():
                 now = time.monotonic()
-                turn = now >= next_turn
-                if turn:
+                if now >= next_turn:
                     next_turn = now + self._tick_s
-                    for client in self._clients:
-                        client.connect_if_due()
+                    self._turn()
                 self._service(timeout_s=max(0.0, next_turn - time.monotonic()))
-                if turn:
-                    for client in self._clients:
-                        if client.mqtt.socket() is not None:
-                            client.serviced(client.mqtt.loop_misc())
             self._close_all()
         finally:
             self._selector.close()
 
+    def _turn(self) -> None:
+        """Every client's turn: connect when due, keepalive, flush, heartbeat."""
+        for client in self._clients:
+            client.connect_if_due()
+            if client.mqtt.socket() is not None:
+                client.serviced(client.mqtt.loop_misc())
+        self._watch(self._clients)
+
     def _service(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for sockets to read or write, and read and write them."""
-        self._watch()
+        """Wait up to ``timeout_s`` for sockets to read or write, and read and write them.
+
+        Only the clients serviced here are looked at again, so a wake-up costs what its events
+        cost, not a pass over the whole fleet (each turn makes that pass)."""
+        touched = []
         for key, mask in self._selector.select(timeout=timeout_s):
             client: DeviceClient = key.data
             rc = _OK
@@ -91,31 +96,34 @@ class _FleetLoop:
                 rc = client.mqtt.loop_write()
             if rc != _OK:
                 client.serviced(rc)
+            touched.append(client)
+        self._watch(touched)
 
-    def _watch(self) -> None:
-        """Make the selector watch each client's current socket, for writing only when paho
-        has something to write."""
-        # Forget closed and replaced sockets first: a new one may reuse a closed one's number.
-        for index, client in enumerate(self._clients):
-            old = self._watched.get(index)
+    def _watch(self, clients: Sequence[DeviceClient]) -> None:
+        """Make the selector watch these clients' current sockets, for writing only when paho
+        has something to write. Sockets are opened only in a turn, which passes every client,
+        so a closed socket is always forgotten before its number can be registered again."""
+        for client in clients:
+            old = self._watched.get(client)
             if old is not None and old is not client.mqtt.socket():
                 self._selector.unregister(old)
-                del self._watched[index]
-        for index, client in enumerate(self._clients):
+                del self._watched[client]
+        for client in clients:
             sock = client.mqtt.socket()
             if sock is None:
                 continue
             events = selectors.EVENT_READ
             if client.mqtt.want_write():
                 events |= selectors.EVENT_WRITE
-            if index not in self._watched:
+            if client not in self._watched:
                 self._selector.register(sock, events, client)
-                self._watched[index] = sock
+                self._watched[client] = sock
             elif self._selector.get_key(sock).events != events:
                 self._selector.modify(sock, events, client)
 
     def _close_all(self) -> None:
         sent = [info for client in self._clients if (info := client.say_offline()) is not None]
+        self._watch(self._clients)
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline and not all(info.is_published() for info in sent):
             self._service(timeout_s=0.1)

@@ -30,7 +30,7 @@ from devices.client import DeviceClient, DeviceConfig
 from devices.fleet_loop import running_together
 from devices.outbox import Outbox, Pending
 
-__all__ = ["ResultsSnapshot", "SimulationSummary", "read_results", "simulate"]
+__all__ = ["ResultsSnapshot", "SimulationSummary", "fleet_ids", "read_results", "simulate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +164,11 @@ class _Outage:
     ends_s: float
 
 
+def fleet_ids(prefix: str, devices: int) -> list[str]:
+    """The simulated kiosks' device ids: ``{prefix}-0000`` and up (what to give accounts)."""
+    return [f"{prefix}-{i:04d}" for i in range(devices)]
+
+
 def _raise_open_files_limit(devices: int) -> None:
     # Each device holds a socket, paho's wake-up pair and an SQLite file with its WAL and
     # shared-memory files: six descriptors.
@@ -257,8 +262,7 @@ def simulate(
         folder = store_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         folder.mkdir(parents=True, exist_ok=True)
         clients = []
-        for i in range(devices):
-            device = f"{prefix}-{i:04d}"
+        for i, device in enumerate(fleet_ids(prefix, devices)):
             outbox = Outbox(folder / f"{device}.outbox", durable=False)
             stack.callback(outbox.close)
             battery = _Battery(rng.randint(40, 100))

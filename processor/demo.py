@@ -17,7 +17,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from devices.simulator import SimulationSummary, simulate
+from devices.simulator import SimulationSummary, fleet_ids, simulate
 from harness.services import amqtt_broker, influxdb, processor, redis_server
 from processor.accounts import AccountStore
 from processor.acl import Role
@@ -31,7 +31,7 @@ from processor.watch import watch_polls
 
 __all__ = ["run_demo"]
 
-_KIOSKS = "kiosk"  # the kiosks' device ids: kiosk-0000 and up
+_KIOSKS = "kiosk"  # the kiosks' device ids: kiosk-0000 and up (fleet_ids)
 _POLL = Poll(
     id="demo",
     title="Which snack should the stadium sell?",
@@ -151,7 +151,7 @@ def _provision(root: Path, devices: int) -> dict[str, str]:
         "processor": ("processor", None),
         "dashboard": ("dashboard", None),
     }
-    wanted |= {f"{_KIOSKS}-{i:04d}": ("device", None) for i in range(devices)}
+    wanted |= {device: ("device", None) for device in fleet_ids(_KIOSKS, devices)}
     return AccountStore(root / "accounts.json", root / "mosquitto.passwd").add_all(wanted)
 
 
