@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from processor.acl import RESERVED_PREFIX, ROLES, Role, render_mosquitto_acl
+from processor.acl import ROLES, Role, render_mosquitto_acl
 from processor.errors import ConfigError
-from processor.topics import is_valid_id
+from processor.topics import NON_DEVICE_ACCOUNTS, RESERVED_PREFIX, is_valid_id
 
 __all__ = [
     "Account",
@@ -68,7 +68,7 @@ class Account:
                 raise ConfigError(
                     f"device id {self.username!r} must be 1-64 chars of A-Z a-z 0-9 _ -"
                 )
-            if self.username in ("processor", "dashboard"):
+            if self.username in NON_DEVICE_ACCOUNTS:
                 raise ConfigError(f"{self.username!r} is an account of its own, not a device id")
             if self.username.startswith(RESERVED_PREFIX):
                 raise ConfigError(

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from processor.topics import RESERVED_PREFIX
+
 __all__ = [
     "GRANTS",
     "Access",
@@ -21,6 +23,7 @@ __all__ = [
     "Role",
     "client_id_allowed",
     "filter_covers",
+    "own_device_topics",
     "permitted",
     "render_mosquitto_acl",
 ]
@@ -28,6 +31,8 @@ __all__ = [
 Role = Literal["device", "processor", "dashboard"]
 ROLES: Final[tuple[Role, ...]] = ("device", "processor", "dashboard")
 Access = Literal["read", "write"]
+# The roles whose one account is named for the role: never device ids (processor/topics.py).
+_NAMED_ROLES: Final[tuple[Role, ...]] = ("processor", "dashboard")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +108,6 @@ def permitted(role: Role, username: str, access: Access, requested: str) -> bool
     return any(g.allows(access, username, requested) for g in GRANTS[role])
 
 
-# Client ids votebox's own programs use; no device id may start with it (processor/accounts.py).
-RESERVED_PREFIX: Final = "votebox-"
 # Dashboards (dashboard/app.js, votebox watch, the simulator's results reader) share one
 # account, so they cannot each use its name: they use these prefixes and a random suffix.
 _DASHBOARD_CLIENT_IDS: Final = ("votebox-dashboard-", "votebox-watch-")
@@ -137,16 +140,29 @@ _HEADER: Final = """\
 
 
 def render_mosquitto_acl() -> str:
-    """broker/mosquitto.acl: ``user`` blocks for the named roles, ``pattern`` lines for devices."""
+    """broker/mosquitto.acl: ``user`` blocks for the named roles, ``pattern`` lines for devices.
+
+    Mosquitto applies ``pattern`` lines to every user, the named roles too: without a denial,
+    the dashboard (whose password every browser holds) could vote as ``votes/+/dashboard``.
+    Each named role's block therefore denies the device patterns written out for its own name;
+    Mosquitto checks a user's ``deny`` lines before anything else (security_default.c).
+    """
     blocks = [_HEADER]
-    for role in ("processor", "dashboard"):
+    for role in _NAMED_ROLES:
         lines = [_comment(f"{role}: {_PURPOSE[role]}."), f"user {role}"]
         lines += [f"topic {g.access} {g.topic}" for g in GRANTS[role]]
+        lines += [f"topic deny {topic}" for topic in own_device_topics(role)]
         blocks.append("\n".join(lines) + "\n")
     lines = [_comment(f"Every device, by its own username (%u): {_PURPOSE['device']}.")]
     lines += [f"pattern {g.access} {g.topic}" for g in GRANTS["device"]]
     blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
+
+
+def own_device_topics(username: str) -> list[str]:
+    """The device grants that name the user (``%u``), written out for ``username``: what the
+    device patterns would give an account of that name."""
+    return [g.topic.replace("%u", username) for g in GRANTS["device"] if "%u" in g.topic]
 
 
 def _comment(text: str) -> str:

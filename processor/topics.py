@@ -15,10 +15,13 @@ __all__ = [
     "acks_topic",
     "config_topic",
     "device_from_topic",
+    "NON_DEVICE_ACCOUNTS",
+    "RESERVED_PREFIX",
     "heartbeat_topic",
+    "is_device_id",
+    "is_valid_id",
     "parse_device_topic",
     "status_topic",
-    "is_valid_id",
     "parse_vote_topic",
     "results_topic",
     "shared",
@@ -27,6 +30,12 @@ __all__ = [
 
 # docs/protocol.md, Topics: poll and device ids are 1-64 chars of [A-Za-z0-9_-].
 _ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# The broker accounts that are not devices, named for their roles (processor/acl.py). Mosquitto
+# applies an ACL's `pattern` lines (votes/+/%u) to every user, so these names are never device
+# ids: the processor refuses a vote or report under them even if a broker lets it through.
+NON_DEVICE_ACCOUNTS: Final = frozenset({"processor", "dashboard"})
+# Client ids votebox's own programs use; no device id may start with it (docs/protocol.md).
+RESERVED_PREFIX: Final = "votebox-"
 
 # The processor subscribes wider than the contract so that a vote on a wrong topic is rejected
 # and counted instead of vanishing unseen.
@@ -44,6 +53,15 @@ def is_valid_id(value: str) -> bool:
     return _ID.fullmatch(value) is not None
 
 
+def is_device_id(value: str) -> bool:
+    """Whether ``value`` may be a device id: a valid id that no account of votebox's own uses."""
+    return (
+        _ID.fullmatch(value) is not None
+        and value not in NON_DEVICE_ACCOUNTS
+        and not value.startswith(RESERVED_PREFIX)
+    )
+
+
 def parse_vote_topic(topic: str) -> tuple[str, str]:
     """Split ``votes/{poll}/{device}``.
 
@@ -59,13 +77,16 @@ def parse_vote_topic(topic: str) -> tuple[str, str]:
     _, poll, device = parts
     if _ID.fullmatch(poll) is None or _ID.fullmatch(device) is None:
         raise VoteRejected(Reason.BAD_TOPIC, "ids are 1-64 chars of [A-Za-z0-9_-]")
+    if not is_device_id(device):
+        raise VoteRejected(Reason.BAD_TOPIC, f"{device!r} is votebox's own account, not a device")
     return poll, device
 
 
 def device_from_topic(topic: str) -> str | None:
-    """The device id of a vote topic, if it has a valid one, to address an ack for a bad message."""
+    """The device id of a vote topic, if it has a valid one, to address an ack for a bad message.
+    None for an account that is not a device: there is no device to answer."""
     parts = topic.split("/")
-    if len(parts) == 3 and parts[0] == "votes" and _ID.fullmatch(parts[2]):
+    if len(parts) == 3 and parts[0] == "votes" and is_device_id(parts[2]):
         return parts[2]
     return None
 
@@ -113,7 +134,7 @@ def parse_device_topic(topic: str) -> tuple[str, str] | None:
         len(parts) == 3
         and parts[0] == "devices"
         and parts[2] in DEVICE_REPORTS
-        and _ID.fullmatch(parts[1]) is not None
+        and is_device_id(parts[1])
     ):
         return parts[1], parts[2]
     return None

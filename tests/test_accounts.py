@@ -48,6 +48,21 @@ def test_the_mosquitto_acl_file_is_rendered_from_the_one_table() -> None:
     assert (REPO / "broker" / "mosquitto.acl").read_text() == render_mosquitto_acl()
 
 
+def test_the_acl_denies_the_named_accounts_what_the_device_patterns_would_give_them() -> None:
+    # Mosquitto applies `pattern` lines to every user (security_default.c); a user's deny
+    # lines are checked first.
+    blocks = render_mosquitto_acl().split("\nuser ")[1:]
+    denied = {
+        b.split("\n")[0]: {x for x in b.split("\n") if x.startswith("topic deny ")} for b in blocks
+    }
+    for user in ("processor", "dashboard"):
+        assert denied[user] == {
+            f"topic deny votes/+/{user}",
+            f"topic deny devices/{user}/+",
+            f"topic deny acks/{user}",
+        }
+
+
 @pytest.mark.parametrize(
     ("allowed", "requested", "covers"),
     [

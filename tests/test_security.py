@@ -30,11 +30,12 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from devices.encoder import encode_vote
+from devices.encoder import encode_heartbeat, encode_vote
 from harness.services import HOST, ManagedProcess, amqtt_broker, free_port, port_open
 from processor.accounts import AccountStore
 from processor.codec import AckEntry, decode_ack
 from processor.dashboard import serve_dashboard
+from processor.keys import DEVICES_HEALTH, DEVICES_SEEN, DEVICES_STATUS
 from processor.polls import Poll, read_results
 from tests.conftest import REPO, unique_id
 from tests.test_cli import poll_cli
@@ -206,6 +207,49 @@ async def test_a_device_votes_only_as_itself_and_writes_no_results_config_acks_o
         await processor.publish("acks/kiosk-b", b"not yours", qos=1)
         await asyncio.sleep(0.5)
         assert [await _next(kiosk) for _ in range(len(kiosk.messages))] == []
+
+
+async def test_no_account_but_a_device_votes_or_reports_and_nothing_of_theirs_is_counted(
+    secured: Secured,
+    spawn_processor: Callable[..., ManagedProcess],
+    poll: Poll,
+    redis: Redis,
+) -> None:
+    """Mosquitto applies the device patterns (votes/+/%u) to every user; the public dashboard
+    account could vote as "dashboard". Both brokers refuse it, and the processor would not
+    count it if one let it through (tests/test_topics.py)."""
+    url = f"mqtt://processor:pw-processor@{HOST}:{secured.processor_port}"
+    spawn_processor(secured.broker, VOTEBOX_MQTT_URL=url)
+    forgeries = []
+    for user in ("processor", "dashboard"):
+        forgeries += [
+            (user, f"votes/{poll.id}/{user}", encode_vote(1, 1)),
+            (user, f"devices/{user}/status", b"online"),
+            (user, f"devices/{user}/heartbeat", encode_heartbeat(5, 0, 90)),
+        ]
+    async with (
+        secured.client("processor", identifier="x-observer", port=secured.processor_port) as spy,
+        secured.client("processor", identifier="x-forger", port=secured.processor_port) as proc,
+        secured.client("dashboard") as dashboard,
+        secured.client("kiosk-a") as kiosk,
+    ):
+        await spy.subscribe("votes/#", qos=1)
+        await spy.subscribe("devices/+/+", qos=1)
+        await kiosk.subscribe("acks/kiosk-a", qos=1)
+        accounts = {"processor": proc, "dashboard": dashboard}
+        for user, topic, payload in forgeries:
+            with contextlib.suppress(aiomqtt.MqttError):  # MQTT 5 may answer 0x87
+                await accounts[user].publish(topic, payload, qos=1)
+        # The control: a device's vote, sent after every forgery on other connections,
+        # reaches the observer and the processor; the forgeries would have been seen first.
+        await kiosk.publish(f"votes/{poll.id}/kiosk-a", encode_vote(2, 1), qos=1)
+        assert await _next(spy) == (f"votes/{poll.id}/kiosk-a", encode_vote(2, 1))
+        assert decode_ack((await _next(kiosk))[1]) == [AckEntry(0, 1, 0)]
+        assert len(spy.messages) == 0 and len(kiosk.messages) == 0
+    results = (await read_results(redis, [poll.id]))[poll.id]
+    assert (results.total, results.counts) == (1, (0, 0, 1))
+    for key in (DEVICES_STATUS, DEVICES_HEALTH, DEVICES_SEEN):
+        assert await redis.hmget(key, ["processor", "dashboard"]) == [None, None], key
 
 
 async def test_no_device_pushes_another_off_by_taking_its_client_id(secured: Secured) -> None:
