@@ -363,8 +363,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "processor":
         from processor.service import run
+        from processor.supervise import EXIT_FAILED
 
-        asyncio.run(run(settings))
+        try:
+            asyncio.run(run(settings))
+        except VoteboxError:
+            raise
+        except Exception as exc:
+            logging.getLogger("processor").critical("the processor ended: %r", exc, exc_info=exc)
+            return EXIT_FAILED
         return 0
     if args.command == "device":
         return _device(args)

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from processor.config import Settings
 from processor.keys import DEVICES_HEALTH, DEVICES_SEEN, DEVICES_STATUS
 from processor.polls import redis_text
-from processor.tally import redis_errors
+from processor.store import redis_errors
 
 __all__ = ["DeviceHealth", "format_devices", "print_devices", "read_devices"]
 

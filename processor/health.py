@@ -58,10 +58,19 @@ class Health:
         self._facts = facts
         self._clock = clock
         self._last_progress = clock()
+        self._store_failure: str | None = None
 
     def progressed(self) -> None:
         """A batch was committed and acked."""
         self._last_progress = self._clock()
+
+    def store_failed(self, why: str) -> None:
+        """A commit failed because Redis is away (it may still answer PING: READONLY, OOM...)."""
+        self._store_failure = why
+
+    def store_answered(self) -> None:
+        """A commit went through: Redis takes writes again."""
+        self._store_failure = None
 
     async def readiness(self, *, redis_timeout_s: float = 1.0) -> Readiness:
         """Probe Redis, look at the broker connection and the intake."""
@@ -70,7 +79,8 @@ class Health:
         try:
             async with asyncio.timeout(redis_timeout_s):
                 await self._ping_redis()
-            checks["redis"] = "ok"
+            failure = self._store_failure
+            checks["redis"] = "ok" if failure is None else f"the last commit failed: {failure}"
         except TimeoutError:
             checks["redis"] = f"Redis did not answer a PING within {redis_timeout_s} s"
         except Exception as exc:  # any failure of the probe is "not ready", with its words

@@ -30,7 +30,7 @@ from processor.errors import InfluxRejected, InfluxUnavailable, StoreUnavailable
 from processor.keys import PollKeys
 from processor.metrics import Metrics
 from processor.polls import list_polls, load_poll
-from processor.tally import redis_errors
+from processor.store import redis_errors
 
 __all__ = [
     "InfluxDrainer",

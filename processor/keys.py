@@ -76,6 +76,10 @@ class PollKeys:
         self.presses = f"{tag}:presses"
         self.suppressed = f"{tag}:suppressed"
 
+    def commit(self, token: str) -> str:
+        """The answer this poll gave the batch named ``token`` (tally.lua, KEYS[9])."""
+        return f"votebox:{{{self.poll}}}:commit:{token}"
+
     def all_keys(self) -> tuple[str, ...]:
         """The fixed keys, in the order tally.lua expects them as KEYS."""
         return (

@@ -29,7 +29,7 @@ from processor.polls import (
     read_snapshots,
     update_poll,
 )
-from processor.tally import redis_errors
+from processor.store import redis_errors
 from processor.watch import format_results
 
 __all__ = ["load_poll_file", "run_poll_command"]

@@ -28,6 +28,7 @@ from processor import mqtt_packets as packets
 from processor.backoff import backoff_delays
 from processor.config import Settings
 from processor.errors import BrokerUnavailable
+from processor.supervise import supervised
 
 __all__ = ["Delivery", "MqttIntake"]
 
@@ -122,6 +123,8 @@ class MqttIntake:
         settings: broker URL, client id, protocol, receive maximum, keepalive.
         topic_filters: what to subscribe to, at QoS 1, in one SUBSCRIBE.
         on_connect: called with the number of connections so far after each one (1: the first).
+        failed: told when a background loop (keepalive, reconnect) fails, before the failure
+            ends the intake (processor/supervise.py).
     """
 
     def __init__(
@@ -130,8 +133,10 @@ class MqttIntake:
         settings: Settings,
         topic_filters: Sequence[str],
         on_connect: Callable[[int], object] | None = None,
+        failed: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         self._on_connect = on_connect
+        self._failed = failed
         self._settings = settings
         self._filters = tuple(topic_filters)
         self._v5 = settings.mqtt_protocol == "5"
@@ -167,9 +172,15 @@ class MqttIntake:
     async def __aenter__(self) -> Self:
         await self._connect()
         group = await self._stack.enter_async_context(asyncio.TaskGroup())
+        loops = {
+            "votebox.mqtt.keepalive": self._keepalive_loop(),
+            "votebox.mqtt.reconnect": self._reconnect_loop(),
+        }
         self._tasks = [
-            group.create_task(self._keepalive_loop(), name="votebox.mqtt.keepalive"),
-            group.create_task(self._reconnect_loop(), name="votebox.mqtt.reconnect"),
+            group.create_task(
+                supervised(name, loop, failed=self._failed) if self._failed else loop, name=name
+            )
+            for name, loop in loops.items()
         ]
         return self
 

@@ -17,7 +17,7 @@ from processor.errors import ConfigError
 from processor.influx import PointWriter, count_votes
 from processor.keys import PollKeys
 from processor.polls import load_poll, read_fates, read_results
-from processor.tally import redis_errors
+from processor.store import redis_errors
 
 __all__ = ["Recount", "recount"]
 

@@ -15,8 +15,8 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Final
 
-import redis.exceptions
 from redis.asyncio import Redis
 
 from processor.backoff import backoff_delays
@@ -24,7 +24,7 @@ from processor.errors import StoreUnavailable
 from processor.keys import POLLS_CHANGED
 from processor.metrics import Metrics
 from processor.polls import Snapshot, list_deleted, list_polls, note_states, read_snapshots
-from processor.tally import redis_errors
+from processor.store import redis_errors
 from processor.topics import config_topic, results_topic
 
 __all__ = ["ResultsPublisher"]
@@ -32,6 +32,9 @@ __all__ = ["ResultsPublisher"]
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], None]
+
+# How long one wait for an announcement lasts before the listener looks again.
+_LISTEN_WAIT_S: Final = 1.0
 
 
 class ResultsPublisher:
@@ -151,20 +154,28 @@ class ResultsPublisher:
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                async with pubsub:
-                    await pubsub.subscribe(POLLS_CHANGED)
-                    delays = backoff_delays(base_s=0.5, cap_s=10.0)
-                    # Anything announced while we were not listening: rescan everything.
-                    self._force_rescan = True
-                    self._wake.set()
-                    while True:
-                        message = await pubsub.get_message(timeout=None)
-                        if message is not None:
-                            data = message["data"]
-                            self.changed(data.decode() if isinstance(data, bytes) else str(data))
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+                with redis_errors():
+                    async with pubsub:
+                        async with asyncio.timeout(self._timeout_s):
+                            await pubsub.subscribe(POLLS_CHANGED)
+                        delays = backoff_delays(base_s=0.5, cap_s=10.0)
+                        # Anything announced while we were not listening: rescan everything.
+                        self._force_rescan = True
+                        self._wake.set()
+                        while True:
+                            # Never timeout=None: a task cancelled while it waits so can
+                            # hang in "cancelling" for good (redis-py #2028, #2551).
+                            message = await pubsub.get_message(timeout=_LISTEN_WAIT_S)
+                            if message is not None:
+                                data = message["data"]
+                                self.changed(
+                                    data.decode() if isinstance(data, bytes) else str(data)
+                                )
+            except StoreUnavailable as exc:
                 delay = next(delays)
-                log.warning("poll change announcements unavailable (%s); retry in %.1fs", e, delay)
+                log.warning(
+                    "poll change announcements unavailable (%s); retry in %.1fs", exc, delay
+                )
                 await asyncio.sleep(delay)
 
     async def _rescan(self) -> None:

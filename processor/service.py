@@ -7,8 +7,10 @@ stop (SIGTERM) is honoured between batches, never inside one.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import secrets
 import signal
 import time
 from collections import Counter, defaultdict
@@ -42,6 +44,7 @@ from processor.ratelimit import DeviceRateLimiter
 from processor.reasons import Fate, Reason
 from processor.results import ResultsPublisher
 from processor.stats import StatsPublisher
+from processor.supervise import EXIT_FAILED, Watchdog, supervised
 from processor.tally import Tally
 from processor.topics import (
     DEVICES_FILTER,
@@ -57,6 +60,8 @@ __all__ = ["BatchProcessor", "run"]
 
 log = logging.getLogger(__name__)
 
+# How long a process whose part failed may take to end by itself (the watchdog ends it then).
+FAILED_EXIT_S: Final = 5.0
 # How fresh a device's last-seen time (votebox/stats, silent devices) is at worst.
 LAST_SEEN_EVERY_S: Final = 10.0
 _SEEN_MEMORY_MAX: Final = 200_000
@@ -98,6 +103,9 @@ class BatchProcessor:
         self._stop = stop
         self._rejections = RejectionLog(log)
         self._seen_written: dict[str, float] = {}
+        # Names each batch for Redis, the same for all of its retries (Tally.commit).
+        self._token_prefix = secrets.token_hex(6)
+        self._batches = itertools.count()
 
     async def process(self, batch: list[Delivery]) -> None:
         """Commit, ack to devices, settle with the broker, mark results. Retries Redis outages.
@@ -217,6 +225,7 @@ class BatchProcessor:
         if not votes and not unattributed and not seen and not reports:
             return [], {}
         delays = backoff_delays(base_s=0.1, cap_s=5.0)
+        token = f"{self._token_prefix}{next(self._batches):x}"
         while True:
             try:
                 result = await self._tally.commit(
@@ -225,10 +234,15 @@ class BatchProcessor:
                     unattributed=unattributed,
                     seen=seen,
                     reports=reports,
+                    token=token,
                 )
+                if self._health is not None:
+                    self._health.store_answered()
                 return result.codes, result.versions
             except StoreUnavailable as exc:
                 self._metrics.commit_failures.inc()
+                if self._health is not None:
+                    self._health.store_failed(str(exc))
                 if self._stop.is_set():
                     log.warning("stopping in a Redis outage: %d votes left un-acked", len(votes))
                     return None
@@ -375,8 +389,40 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    watchdog = Watchdog()
+    # The drain and the final flush each get half of shutdown_timeout_s; closing the
+    # connections a moment more. Past that the watchdog ends the process from its thread.
+    stop_deadline_s = settings.shutdown_timeout_s + 3.0
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("%s: stopping within %.0f s", sig.name, stop_deadline_s)
+        stop.set()
+        watchdog.arm(stop_deadline_s, sig.name)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    def failed(part: str, exc: BaseException) -> None:
+        log.critical(
+            "%s failed: %r; the processor exits (%d) for its supervisor to restart it",
+            part,
+            exc,
+            EXIT_FAILED,
+            exc_info=exc,
+        )
+        stop.set()
+        watchdog.arm(FAILED_EXIT_S, f"{part} failed")
+
+    try:
+        await _run(settings, stop, failed)
+    finally:
+        watchdog.disarm()
+
+
+async def _run(
+    settings: Settings, stop: asyncio.Event, failed: Callable[[str, BaseException], None]
+) -> None:
+    loop = asyncio.get_running_loop()
     log.info("starting with %r", settings)
     target = settings.influx_target()
     if target is None:
@@ -448,9 +494,12 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
                     shared(DEVICES_FILTER, settings.mqtt_share_group),
                 ],
                 on_connect=lambda n: metrics.mqtt_reconnects.inc() if n > 1 else None,
+                failed=failed,
             ) as intake:
                 live.append(intake)
-                await _serve(settings, intake, tally, drainer, metrics, health, stop, about_me)
+                await _serve(
+                    settings, intake, tally, drainer, metrics, health, stop, about_me, failed
+                )
     finally:
         if writer is not None:
             writer.close()
@@ -466,6 +515,7 @@ async def _serve(
     health: Health,
     stop: asyncio.Event,
     about_me: Callable[[], dict[str, Any]],
+    failed: Callable[[str, BaseException], None],
 ) -> None:
     def publish_retained(topic: str, payload: bytes) -> None:
         intake.publish(topic, payload, qos=1, retain=True)
@@ -501,16 +551,22 @@ async def _serve(
         ),
     )
     log.info("ready: consuming %s", shared(VOTES_FILTER, settings.mqtt_share_group))
+    parts = {"votebox.results": results.run(), "votebox.stats": stats.run()}
+    if drainer is not None:
+        log.info("writing every vote to %r", settings.influx_target())
+        # Points still queued at a stop stay in Redis and are written by the next start.
+        parts["votebox.influx"] = drainer.run()
     async with asyncio.TaskGroup() as tg:
+        # Each part retries its own dependency outages; anything else ends the process.
         background = [
-            tg.create_task(results.run(), name="votebox.results"),
-            tg.create_task(stats.run(), name="votebox.stats"),
+            tg.create_task(supervised(name, part, failed=failed), name=name)
+            for name, part in parts.items()
         ]
-        if drainer is not None:
-            log.info("writing every vote to %r", settings.influx_target())
-            # Points still queued at a stop stay in Redis and are written by the next start.
-            background.append(tg.create_task(drainer.run(), name="votebox.influx"))
-        await consume_votes(intake, processor, stop, batch_max=settings.batch_max)
+        await supervised(
+            "votebox.consume",
+            consume_votes(intake, processor, stop, batch_max=settings.batch_max),
+            failed=failed,
+        )
         log.info("stopping: draining what the broker has sent")
         await drain_votes(
             intake,

@@ -21,7 +21,7 @@ from processor.keys import DEVICES_SEEN, UNATTRIBUTED_FATES, PollKeys
 from processor.metrics import Metrics
 from processor.polls import list_polls, redis_text
 from processor.reasons import Fate
-from processor.tally import redis_errors
+from processor.store import redis_errors
 from processor.topics import STATS_TOPIC
 
 __all__ = ["SILENT_LISTED_MAX", "Stats", "StatsPublisher", "read_stats"]

@@ -12,9 +12,12 @@
 --                                      vote that counts
 -- KEYS[7] votebox:{poll}:presses hash  device -> time (s) of its last counted press (cooldown)
 -- KEYS[8] votebox:{poll}:suppressed  stream of presses inside the cooldown (capped)
+-- KEYS[9] votebox:{poll}:commit:<token>  optional: this batch's answer, kept ARGV[6] ms, so a
+--         retry after a lost reply gets the same answer instead of "duplicate" of itself
 -- ARGV[1] now_ms    ARGV[2] window bits W    ARGV[3] window key prefix votebox:{poll}:win:
 -- ARGV[4] points queue bound (0: InfluxDB is off, queue nothing)   ARGV[5] clock skew, s
--- ARGV[6..] one per vote, tab-separated: device, epoch, seq, choice ("3", or "1,4": values as
+-- ARGV[6] how long the answer is kept under KEYS[9], ms
+-- ARGV[7..] one per vote, tab-separated: device, epoch, seq, choice ("3", or "1,4": values as
 --          the device sent them), device ts in s or "", voter in hex or "". One packed
 --          argument instead of six: packing arguments was 16% of the processor's CPU
 --          (docs/benchmarks.md).
@@ -48,8 +51,21 @@ local W = tonumber(ARGV[2])
 local win_prefix = ARGV[3]
 local queue_max = tonumber(ARGV[4])
 local skew_s = tonumber(ARGV[5])
-local FIRST = 6
+local answer_ms = ARGV[6]
+local FIRST = 7
 local n_votes = #ARGV - FIRST + 1
+local answer_key = KEYS[9]
+
+if answer_key then
+  local answered = redis.call('GET', answer_key)
+  if answered then return cjson.decode(answered) end
+end
+
+-- Remembers the answer (see KEYS[9]) and returns it.
+local function answer(codes)
+  if answer_key then redis.call('SET', answer_key, cjson.encode(codes), 'PX', answer_ms) end
+  return codes
+end
 
 local def = redis.call('HMGET', KEYS[1], 'n_options', 'created_ms', 'type', 'max_choices',
   'scale_min', 'opens_ms', 'closes_ms', 'grace_s', 'one_per_voter', 'cooldown_s')
@@ -78,7 +94,7 @@ if not n_options then
   for _ = 1, n_votes do note(UNKNOWN_POLL) end
   for code, n in pairs(fates) do redis.call('HINCRBY', KEYS[3], NAMES[code], n) end
   codes[1] = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
-  return codes
+  return answer(codes)
 end
 
 -- The option indexes of a choice, or nil and the reason it does not fit the poll.
@@ -322,4 +338,4 @@ if changed then
 else
   codes[1] = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
 end
-return codes
+return answer(codes)

@@ -7,11 +7,10 @@ Redis Cluster), and the per-poll calls travel together in one pipeline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Final
@@ -20,11 +19,11 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from processor.codec import Vote
-from processor.errors import StoreUnavailable
 from processor.keys import DEVICES_SEEN, SET_ASIDE, UNATTRIBUTED_FATES, PollKeys
 from processor.reasons import Reason
+from processor.store import raise_if_away, redis_errors
 
-__all__ = ["DEDUP_WINDOW", "CommitResult", "Tally", "redis_errors"]
+__all__ = ["COMMIT_MEMORY_S", "DEDUP_WINDOW", "CommitResult", "Tally"]
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +31,13 @@ log = logging.getLogger(__name__)
 # poll. An offline kiosk may replay up to this many votes out of order and each counts once.
 DEDUP_WINDOW: Final = 4096
 SET_ASIDE_MAXLEN: Final = 100_000
+# How long a poll remembers the answer it gave a batch (by the batch's token): a commit retried
+# after a lost reply gets the same answer ("accepted", not "duplicate" of itself). Retries come
+# within seconds; ten minutes is a wide margin at one small key per batch and poll.
+COMMIT_MEMORY_S: Final = 600
 
 _SCRIPT: Final = resources.files("processor").joinpath("tally.lua").read_text()
 _SCRIPT_SHA: Final = hashlib.sha1(_SCRIPT.encode()).hexdigest()
-
-
-@contextlib.contextmanager
-def redis_errors() -> Iterator[None]:
-    """Map redis-py's connection failures to `StoreUnavailable` (the one seam for them)."""
-    try:
-        yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-        raise StoreUnavailable(f"Redis: {exc}") from exc
-    except TimeoutError as exc:
-        raise StoreUnavailable("Redis did not answer in time") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +91,7 @@ class Tally:
         unattributed: Counter[Reason] | None = None,
         seen: Iterable[str] = (),
         reports: Mapping[str, Mapping[str, str]] | None = None,
+        token: str | None = None,
     ) -> CommitResult:
         """De-duplicate and count ``votes`` atomically per poll, in one round trip.
 
@@ -110,6 +103,9 @@ class Tally:
             seen: devices heard from in this batch; their last-seen time becomes ``now_ms``.
             reports: devices' latest health reports, by Redis hash (`keys.DEVICES_HEALTH`,
                 `keys.DEVICES_STATUS`), then by device; written in the same round trip.
+            token: names this batch, the same for every retry of it: each poll remembers
+                its answer for `COMMIT_MEMORY_S` and gives it again, so a retry after a lost
+                reply is answered as the first attempt was (not "duplicate" of itself).
 
         Returns:
             One `Fate`/`Reason` code per vote, and each changed poll's new version.
@@ -130,6 +126,7 @@ class Tally:
                 keys.window_prefix,
                 self._points_max,
                 self._clock_skew_s,
+                COMMIT_MEMORY_S * 1000,
             ]
             for index in by_poll[poll]:
                 vote = votes[index]
@@ -139,7 +136,10 @@ class Tally:
                     f"{vote.device}\t{vote.epoch}\t{vote.seq}\t{_choice_arg(vote.choice)}\t{ts}"
                     f"\t{voter}"
                 )
-            calls.append((list(keys.all_keys()), args))
+            call_keys = list(keys.all_keys())
+            if token is not None:
+                call_keys.append(keys.commit(token))
+            calls.append((call_keys, args))
 
         extra = _Extra(
             unattributed or Counter(), {device: now_ms for device in seen}, reports or {}
@@ -151,7 +151,8 @@ class Tally:
         for poll, reply in zip(polls, replies, strict=True):
             indices = by_poll[poll]
             if isinstance(reply, Exception):
-                # A script error happens before its first write (tally.lua, phase 1), so
+                # Only the script's own failure is left here (`_run` raised for Redis being
+                # away). It happens before its first write (tally.lua, phase 1), so
                 # nothing of this poll's share was stored: set the votes aside, never retry
                 # them forever (that would stall every other poll).
                 log.error(
@@ -202,6 +203,11 @@ class Tally:
                     again = await self._pipeline([calls[i] for i in missing], None)
                     for i, reply in zip(missing, again, strict=True):
                         replies[i] = reply
+                # READONLY, OOM, LOADING...: the store is away, not the batch at fault.
+                raise_if_away(replies)
+        for reply in replies[len(calls) :]:
+            if isinstance(reply, Exception):  # last-seen and health: lost until the next one
+                log.warning("device bookkeeping write failed: %s", reply)
         return replies[: len(calls)]
 
     async def _pipeline(

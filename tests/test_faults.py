@@ -27,12 +27,27 @@ async def total_of(redis: Redis, poll: Poll) -> int:
     return (await read_results(redis, [poll.id]))[poll.id].total
 
 
-async def until_total(redis: Redis, poll: Poll, expected: int, timeout_s: float = 60) -> None:
-    async def done() -> bool:
+async def settled_total(
+    redis: Redis, poll: Poll, expected: int, *, timeout_s: float = 60, settle_s: float = 1.0
+) -> int:
+    """The total once it has reached ``expected`` and then stayed put for ``settle_s``: a
+    double count that comes after the total first reaches ``expected`` shows."""
+
+    async def reached() -> bool:
         return await total_of(redis, poll) >= expected
 
-    await eventually(done, timeout_s=timeout_s)
-    assert await total_of(redis, poll) == expected  # and never more
+    await eventually(reached, timeout_s=timeout_s)
+    last = await total_of(redis, poll)
+    while True:
+        await asyncio.sleep(settle_s)
+        now = await total_of(redis, poll)
+        if now == last:
+            return now
+        last = now
+
+
+async def until_total(redis: Redis, poll: Poll, expected: int, timeout_s: float = 60) -> None:
+    assert await settled_total(redis, poll, expected, timeout_s=timeout_s) == expected
 
 
 async def wait_log(

@@ -16,7 +16,7 @@ from processor.errors import StoreUnavailable
 from processor.keys import POLLS_INDEX, SET_ASIDE, PollKeys
 from processor.polls import Poll, create_poll, read_results
 from processor.reasons import Fate, Reason
-from processor.tally import DEDUP_WINDOW, Tally
+from processor.tally import COMMIT_MEMORY_S, DEDUP_WINDOW, Tally
 
 A, D = int(Fate.ACCEPTED), int(Fate.DUPLICATE)
 
@@ -132,6 +132,24 @@ async def test_a_lua_error_writes_nothing_and_sets_votes_aside(
     assert (await read_results(redis, [other.id]))[other.id].total == 1
     aside: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(SET_ASIDE)  # type: ignore[assignment]
     assert [entry[b"device"] for _, entry in aside] == [b"fine", b"broken"]
+
+
+async def test_a_retried_batch_gets_its_first_answer_and_counts_once(
+    tally: Tally, poll: Poll, redis: Redis
+) -> None:
+    # A commit whose reply was lost is retried with the same token: the votes it counted are
+    # "accepted" again, not "duplicate" of themselves; nothing is counted twice.
+    batch = votes(poll, "k1", [1, 2, 2])
+    first = await tally.commit(batch, now_ms=1, token="t-1")
+    retried = await tally.commit(batch, now_ms=2, token="t-1")
+    assert first.codes == retried.codes == [A, A, D]
+    assert first.versions == retried.versions
+    # A later, different batch carrying the same votes (a device's re-send) is a duplicate.
+    assert (await tally.commit(batch, now_ms=3, token="t-2")).codes == [D, D, D]
+    results = (await read_results(redis, [poll.id]))[poll.id]
+    assert results.total == 2 and results.version == first.versions[poll.id]
+    ttl_ms = await redis.pttl(PollKeys(poll.id).commit("t-1"))
+    assert 0 < ttl_ms <= COMMIT_MEMORY_S * 1000
 
 
 async def test_script_cache_flush_is_survived(tally: Tally, poll: Poll, redis: Redis) -> None:

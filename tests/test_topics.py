@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from processor.acl import ROLES
 from processor.errors import VoteRejected
 from processor.reasons import Reason
-from processor.acl import ROLES
 from processor.topics import (
     NON_DEVICE_ACCOUNTS,
     acks_topic,
