@@ -285,7 +285,7 @@ def redis_server(data_dir: Path, *, port: int | None = None) -> Iterator[Managed
         "--appendonly",
         "yes",
         "--appendfsync",
-        "everysec",
+        "always",
         "--save",
         "",
         "--protected-mode",

@@ -1,0 +1,83 @@
+"""What an fsync per commit costs: the tally's commit time with Redis's ``appendfsync
+everysec`` against ``always``, in one run on this machine's disk.
+
+Rule: the same batches (500 votes from 500 devices, one poll, InfluxDB points queued) against a
+fresh redis-server per setting, on loopback, data in a temporary folder on the disk being
+measured. Run: ``.venv/bin/python -m bench.fsync [--batches N] [--dir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import redis as sync_redis
+from redis.asyncio import Redis
+
+from harness.services import redis_server
+from processor.codec import Vote
+from processor.polls import Poll, create_poll
+from processor.tally import Tally
+
+__all__ = ["measure"]
+
+
+async def _commit_times(url: str, batches: int, batch_size: int) -> list[float]:
+    redis = Redis.from_url(url)
+    try:
+        poll = Poll(id="fsync", labels=("a", "b", "c"))
+        await create_poll(redis, poll)
+        tally = Tally(redis, timeout_s=10, points_max=10_000_000)
+        await tally.load()
+        times: list[float] = []
+        for n in range(batches):
+            votes = [
+                Vote(poll.id, f"d{i}", i % 3, n + 1, ts_s=int(time.time()))
+                for i in range(batch_size)
+            ]
+            started = time.perf_counter()
+            await tally.commit(votes, now_ms=int(time.time() * 1000), token=f"b{n}")
+            times.append(time.perf_counter() - started)
+        return times
+    finally:
+        await redis.aclose()
+
+
+def measure(folder: Path, *, batches: int, batch_size: int) -> dict[str, list[float]]:
+    """Commit times in seconds, by appendfsync setting."""
+    out: dict[str, list[float]] = {}
+    for setting in ("everysec", "always"):
+        with redis_server(folder / setting) as proc:
+            # Set at run time, as an operator can, whatever the harness started it with.
+            sync_redis.Redis(port=proc.port).config_set("appendfsync", setting)
+            out[setting] = asyncio.run(_commit_times(proc.url, batches, batch_size))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--dir", default=None, help="where Redis keeps its AOF (default: /tmp)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        results = measure(Path(folder), batches=args.batches, batch_size=args.batch_size)
+    print(
+        f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    )
+    print(f"{args.batches} commits of {args.batch_size} votes each, data in {args.dir or '/tmp'}")
+    for setting, times in results.items():
+        ms = sorted(t * 1000 for t in times)
+        p50, p99 = statistics.median(ms), ms[int(len(ms) * 0.99) - 1]
+        rate = args.batch_size * len(ms) / (sum(ms) / 1000)
+        print(f"appendfsync {setting:8}  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  {rate:8.0f} votes/s")
+
+
+if __name__ == "__main__":
+    main()
