@@ -105,6 +105,19 @@ class Metrics:
         self.mqtt_reconnects = Counter(
             "votebox_mqtt_reconnects", "Connections to the broker after the first.", registry=r
         )
+        self.mqtt_publishes_refused = Counter(
+            "votebox_mqtt_publishes_refused",
+            "Our QoS 1 publishes (results, configs, stats) the broker refused, by MQTT 5 reason"
+            " code (0x95: over the broker's Maximum Packet Size, not sent).",
+            ["reason"],
+            registry=r,
+        )
+        self.mqtt_takeovers = Counter(
+            "votebox_mqtt_session_takeovers",
+            "Times the broker said another client took our session over (MQTT 5 DISCONNECT"
+            " 0x8E): two processors with one client id.",
+            registry=r,
+        )
         self.results_published = Counter(
             "votebox_results_published",
             "Retained results published, by poll (polls are created by operators: bounded).",

@@ -16,6 +16,7 @@ held, and TCP holds back the rest.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import ssl
@@ -35,6 +36,13 @@ __all__ = ["Delivery", "MqttIntake"]
 log = logging.getLogger(__name__)
 
 _SUBSCRIBE_MID: Final = 1
+# The largest packet we take whole (MQTT 5 tells the broker so in CONNECT; on 3.1.1 a larger
+# PUBLISH is read past, acked and rejected as too_large). Votes are at most 4096 bytes of
+# payload; Mosquitto as composed refuses packets over 16 KiB anyway.
+MAX_PACKET_BYTES: Final = 65536
+# MQTT 5 reason codes we act on (MQTT 5, 2.4): a PUBACK or DISCONNECT from 0x80 up is a refusal.
+_SESSION_TAKEN_OVER: Final = 0x8E
+_PACKET_TOO_LARGE: Final = 0x95
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +58,8 @@ class Delivery:
     generation: int
     # Loop time when its bytes arrived (one clock read per read from the socket, not per message).
     received_s: float = 0.0
+    # A message over MAX_PACKET_BYTES: its size; its payload was not read (too_large).
+    too_large: int = 0
 
 
 class _Protocol(asyncio.Protocol):
@@ -64,12 +74,18 @@ class _Protocol(asyncio.Protocol):
         self._out: list[bytes] = []
         self.closed = asyncio.get_running_loop().create_future()
         self.paused = False
+        # Bytes of an oversized PUBLISH still to arrive, dropped unread (parse_packets).
+        self._skip = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
         self._buffer += data
         self.take_packets()
 
@@ -80,12 +96,16 @@ class _Protocol(asyncio.Protocol):
         if room == 0:
             return
         try:
-            incoming = packets.parse_packets(self._buffer, v5=self._v5, limit=room)
+            incoming = packets.parse_packets(
+                self._buffer, v5=self._v5, limit=room, max_bytes=MAX_PACKET_BYTES
+            )
         except packets.PacketError as exc:
-            log.error("closing the connection: %s", exc)
+            # A broker that breaks the protocol: nothing it says next can be trusted.
+            log.error("protocol error from the broker, reconnecting: %s", exc)
             self.close()
             return
         if incoming:
+            self._skip = incoming[-1].skip
             now = asyncio.get_running_loop().time()
             for packet in incoming:
                 self._intake._handle(packet, self._generation, now)
@@ -123,6 +143,9 @@ class MqttIntake:
         settings: broker URL, client id, protocol, receive maximum, keepalive.
         topic_filters: what to subscribe to, at QoS 1, in one SUBSCRIBE.
         on_connect: called with the number of connections so far after each one (1: the first).
+        on_refused: called with the topic and reason code of each of our QoS 1 publishes the
+            broker refused (MQTT 5 PUBACK reason 0x80 and up), or that was too large to send.
+        on_takeover: called when the broker says another client took our session over.
         failed: told when a background loop (keepalive, reconnect) fails, before the failure
             ends the intake (processor/supervise.py).
     """
@@ -133,9 +156,13 @@ class MqttIntake:
         settings: Settings,
         topic_filters: Sequence[str],
         on_connect: Callable[[int], object] | None = None,
+        on_refused: Callable[[str, int], object] | None = None,
+        on_takeover: Callable[[], object] | None = None,
         failed: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         self._on_connect = on_connect
+        self._on_refused = on_refused
+        self._on_takeover = on_takeover
         self._failed = failed
         self._settings = settings
         self._filters = tuple(topic_filters)
@@ -157,6 +184,16 @@ class MqttIntake:
         self._pingresp_due: float | None = None
         # Our QoS 1 publishes not yet acknowledged by the broker: resent after a reconnect.
         self._unacked_out: dict[int, tuple[str, bytes, bool]] = {}
+        # Of those, the ones sent on this connection, and the ones waiting for room: the broker
+        # takes at most its Receive Maximum un-acked at once (MQTT-4.9.0-1).
+        self._in_flight: set[int] = set()
+        self._waiting: collections.deque[int] = collections.deque()
+        self._sent_before: set[int] = set()
+        # What the broker said in its CONNACK (MQTT 5, 3.2.2.3); 3.1.1 says nothing.
+        self._keepalive_s = settings.mqtt_keepalive_s
+        self._send_quota = 65535
+        self._broker_max_packet: int | None = None
+        self._connack_properties: dict[int, int | bytes] = {}
         self._next_mid = 1
         self._drained = asyncio.Event()
         self._drained.set()
@@ -166,6 +203,8 @@ class MqttIntake:
         self._interrupted = False
         # Successful connections so far; more than one means reconnects (a metric).
         self.connections = 0
+        # Times the broker said another client took our session over (MQTT 5 DISCONNECT 0x8E).
+        self.takeovers = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -262,16 +301,64 @@ class MqttIntake:
     # -- output ----------------------------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Send a message. QoS 1 ones are kept until the broker acks them, across reconnects."""
-        mid = 0
+        """Send a message. QoS 1 ones are kept until the broker acks them, across reconnects,
+        and sent as the broker's Receive Maximum allows."""
         if qos:
             mid = self._take_mid()
             self._unacked_out[mid] = (topic, payload, retain)
             self._drained.clear()
-        if self._protocol is not None and self._connected.is_set():
-            self._protocol.send(
-                packets.publish(topic, payload, qos=qos, retain=retain, mid=mid, v5=self._v5)
+            self._waiting.append(mid)
+            self._send_waiting()
+        elif self._protocol is not None and self._connected.is_set():
+            packet = packets.publish(topic, payload, qos=0, retain=retain, mid=0, v5=self._v5)
+            if self._fits(topic, packet):
+                self._protocol.send(packet)
+
+    def _send_waiting(self) -> None:
+        protocol = self._protocol
+        if protocol is None or not self._connected.is_set():
+            return
+        while self._waiting and len(self._in_flight) < self._send_quota:
+            mid = self._waiting.popleft()
+            if mid not in self._unacked_out:
+                continue
+            topic, payload, retain = self._unacked_out[mid]
+            packet = packets.publish(
+                topic,
+                payload,
+                qos=1,
+                retain=retain,
+                mid=mid,
+                v5=self._v5,
+                dup=mid in self._sent_before,  # MQTT-3.3.1-1: a resend says so
             )
+            if not self._fits(topic, packet):
+                self._settled_out(mid)
+                continue
+            self._in_flight.add(mid)
+            self._sent_before.add(mid)
+            protocol.send(packet)
+
+    def _fits(self, topic: str, packet: bytes) -> bool:
+        limit = self._broker_max_packet
+        if limit is None or len(packet) <= limit:
+            return True
+        log.error(
+            "not sent to %s: %d bytes, over the broker's Maximum Packet Size %d",
+            topic,
+            len(packet),
+            limit,
+        )
+        if self._on_refused is not None:
+            self._on_refused(topic, _PACKET_TOO_LARGE)
+        return False
+
+    def _settled_out(self, mid: int) -> None:
+        self._unacked_out.pop(mid, None)
+        self._in_flight.discard(mid)
+        self._sent_before.discard(mid)
+        if not self._unacked_out:
+            self._drained.set()
 
     async def wait_unacked_below(self, limit: int, *, timeout_s: float) -> None:
         """Wait until fewer than ``limit`` of our QoS 1 publishes await the broker's PUBACK
@@ -333,6 +420,7 @@ class MqttIntake:
                         password=s.mqtt_url.password,
                         session_expiry_s=s.mqtt_session_expiry_s,
                         receive_maximum=s.mqtt_receive_max,
+                        maximum_packet_size=MAX_PACKET_BYTES if self._v5 else None,
                     )
                 )
                 session_present = await self._connack
@@ -369,18 +457,23 @@ class MqttIntake:
         finally:
             self._handshaking = False
         self._pingresp_due = None
+        self._take_connack_properties()
+        if not session_present and self.connections:
+            log.warning(
+                "the broker had no session for %s: whatever it held for us is gone (the "
+                "devices send it again, unacknowledged); subscribed again",
+                s.mqtt_client_id,
+            )
         self._disconnected.clear()
         self._connected.set()
         self.connections += 1
         if self._on_connect is not None:
             self._on_connect(self.connections)
-        # MQTT-4.4.0-1: on a resumed session, resend un-acked QoS 1 publishes with DUP set.
-        for mid, (topic, payload, retain) in list(self._unacked_out.items()):
-            protocol.send(
-                packets.publish(
-                    topic, payload, qos=1, retain=retain, mid=mid, v5=self._v5, dup=True
-                )
-            )
+        # MQTT-4.4.0-1: on a resumed session, resend un-acked QoS 1 publishes (DUP set), as
+        # many as the broker takes at once; the rest as its PUBACKs come.
+        self._in_flight.clear()
+        self._waiting = collections.deque(self._unacked_out)
+        self._send_waiting()
         self._pause_if_full(protocol)
         log.info(
             "connected to %s as %s (session %s)",
@@ -388,6 +481,28 @@ class MqttIntake:
             s.mqtt_client_id,
             "resumed" if session_present else "new",
         )
+
+    def _take_connack_properties(self) -> None:
+        """Honour the broker's CONNACK (MQTT 5, 3.2.2.3): its keepalive replaces ours
+        (MQTT-3.2.2-21), its Receive Maximum bounds our un-acked publishes, its Maximum Packet
+        Size bounds what we send. We send no topic aliases, so its Topic Alias Maximum asks
+        nothing of us."""
+        props = self._connack_properties
+        keepalive = props.get(packets.SERVER_KEEP_ALIVE)
+        self._keepalive_s = (
+            keepalive if isinstance(keepalive, int) else self._settings.mqtt_keepalive_s
+        )
+        quota = props.get(packets.RECEIVE_MAXIMUM)
+        self._send_quota = quota if isinstance(quota, int) and quota > 0 else 65535
+        size = props.get(packets.MAXIMUM_PACKET_SIZE)
+        self._broker_max_packet = size if isinstance(size, int) and size > 0 else None
+        if isinstance(keepalive, int) and keepalive != self._settings.mqtt_keepalive_s:
+            log.info("the broker sets the keepalive to %d s", keepalive)
+
+    @property
+    def send_quota(self) -> int:
+        """How many of our QoS 1 publishes the broker takes un-acked at once."""
+        return self._send_quota
 
     async def _reconnect_loop(self) -> None:
         while True:
@@ -405,21 +520,23 @@ class MqttIntake:
     async def _keepalive_loop(self) -> None:
         # MQTT-3.1.2-24: the broker drops us after 1.5 keepalives of silence; a PINGREQ every
         # half keepalive is well inside that. No PINGRESP within a keepalive: the link is dead.
-        interval = self._settings.mqtt_keepalive_s / 2
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.5, self._keepalive_s / 2))
             protocol = self._protocol
             if protocol is None or not self._connected.is_set():
                 continue
             now = self._loop.time()
-            if self._pingresp_due is not None and now > self._pingresp_due:
-                log.warning(
-                    "no PINGRESP within %d s: reconnecting", self._settings.mqtt_keepalive_s
-                )
+            if protocol.paused:
+                # Reading is held back (Redis stalled, intake full), so a PINGRESP cannot be
+                # read: keep the broker's keepalive with PINGREQs, judge the link once reading
+                # resumes. Nothing can be committed meanwhile, so nothing is lost by waiting.
+                self._pingresp_due = None
+            elif self._pingresp_due is not None and now > self._pingresp_due:
+                log.warning("no PINGRESP within %d s: reconnecting", self._keepalive_s)
                 protocol.close()
                 continue
-            if self._pingresp_due is None:
-                self._pingresp_due = now + self._settings.mqtt_keepalive_s
+            if self._pingresp_due is None and not protocol.paused:
+                self._pingresp_due = now + max(1, self._keepalive_s)
             protocol.send(packets.PINGREQ)
 
     # -- packets ---------------------------------------------------------------------------
@@ -434,16 +551,30 @@ class MqttIntake:
             except UnicodeDecodeError:
                 topic = ""  # MQTT-1.5.3-1 forbids it; parse_vote_topic rejects it as bad_topic
             self._pending.append(
-                Delivery(topic, packet.payload, packet.mid, packet.qos, generation, now)
+                Delivery(
+                    topic,
+                    packet.payload,
+                    packet.mid,
+                    packet.qos,
+                    generation,
+                    now,
+                    packet.oversized,
+                )
             )
             self._held += 1
             self._has_pending.set()
             if self._protocol is not None:
                 self._pause_if_full(self._protocol)
         elif kind == packets.PUBACK:
-            self._unacked_out.pop(packet.mid, None)
-            if not self._unacked_out:
-                self._drained.set()
+            if packet.code >= 0x80:
+                topic = self._unacked_out.get(packet.mid, ("?", b"", False))[0]
+                log.warning(
+                    "the broker refused our publish to %s (reason 0x%02x)", topic, packet.code
+                )
+                if self._on_refused is not None:
+                    self._on_refused(topic, packet.code)
+            self._settled_out(packet.mid)
+            self._send_waiting()
         elif kind == packets.PINGRESP:
             self._pingresp_due = None
         elif kind == packets.CONNACK:
@@ -451,7 +582,19 @@ class MqttIntake:
         elif kind == packets.SUBACK:
             self._resolve_suback(packet)
         elif kind == packets.DISCONNECT:
-            log.warning("the broker disconnected us (reason %d)", packet.code)
+            if packet.code == _SESSION_TAKEN_OVER:
+                log.error(
+                    "another client connected with our client id %s and took our session "
+                    "over: two processors with one VOTEBOX_MQTT_CLIENT_ID fight over one "
+                    "session. Give each processor its own client id (and the same "
+                    "VOTEBOX_MQTT_SHARE_GROUP to share the votes)",
+                    self._settings.mqtt_client_id,
+                )
+                self.takeovers += 1
+                if self._on_takeover is not None:
+                    self._on_takeover()
+            else:
+                log.warning("the broker disconnected us (reason 0x%02x)", packet.code)
 
     def _room(self) -> int | None:
         """How many more packets to take now; None while handshaking (never held back)."""
@@ -469,6 +612,7 @@ class MqttIntake:
         future = self._connack
         if future is None or future.done():
             return
+        self._connack_properties = packet.properties
         if packet.code:
             future.set_exception(
                 BrokerUnavailable(f"broker refused the connection (CONNACK code {packet.code})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 __all__ = [
@@ -21,6 +21,11 @@ __all__ = [
     "PUBLISH",
     "SUBACK",
     "Incoming",
+    "MAXIMUM_PACKET_SIZE",
+    "RECEIVE_MAXIMUM",
+    "REASON_STRING",
+    "SERVER_KEEP_ALIVE",
+    "TOPIC_ALIAS_MAXIMUM",
     "PacketError",
     "connect",
     "disconnect",
@@ -48,8 +53,8 @@ class PacketError(Exception):
 @dataclass(frozen=True, slots=True)
 class Incoming:
     """One packet from the broker. For PUBLISH, ``topic``, ``payload``, ``qos`` and ``mid``
-    are set; for acks, ``mid``; for CONNACK, ``session_present`` and ``code``; for SUBACK,
-    ``codes``."""
+    are set; for PUBACK, ``mid`` and ``code`` (MQTT 5's reason, 0 on 3.1.1); for CONNACK,
+    ``session_present``, ``code`` and ``properties``; for SUBACK, ``codes``."""
 
     kind: int
     mid: int = 0
@@ -59,6 +64,12 @@ class Incoming:
     code: int = 0
     session_present: bool = False
     codes: bytes = b""
+    # MQTT 5 properties of a CONNACK or DISCONNECT, by identifier.
+    properties: dict[int, int | bytes] = field(default_factory=dict)
+    # A PUBLISH over the maximum packet size: its remaining length, and how many of its bytes
+    # the caller must still drop as they arrive (parse_packets).
+    oversized: int = 0
+    skip: int = 0
 
 
 def _varint(n: int) -> bytes:
@@ -87,13 +98,17 @@ def connect(
     password: str | None,
     session_expiry_s: int,
     receive_maximum: int,
+    maximum_packet_size: int | None = None,
 ) -> bytes:
     """CONNECT without clean start/session: the session persists (3.1.2.4, 3.1.2.11.2)."""
     flags = (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
     body = _string(b"MQTT") + bytes([5 if v5 else 4, flags]) + _U16.pack(keepalive_s)
     if v5:
-        # 0x11 Session Expiry Interval (four bytes), 0x21 Receive Maximum (two bytes).
+        # 0x11 Session Expiry Interval (four bytes), 0x21 Receive Maximum (two bytes), 0x27
+        # Maximum Packet Size (four bytes): the broker drops, for us, what is larger.
         props = b"\x11" + struct.pack("!I", session_expiry_s) + b"\x21" + _U16.pack(receive_maximum)
+        if maximum_packet_size is not None:
+            props += b"\x27" + struct.pack("!I", maximum_packet_size)
         body += _varint(len(props)) + props
     body += _string(client_id.encode())
     if username is not None:
@@ -129,55 +144,161 @@ def disconnect() -> bytes:
     return b"\xe0\x00"
 
 
-def _skip_properties(data: bytes, at: int) -> int:
-    length, shift = 0, 0
+# MQTT 5, 2.2.2.2: each property's identifier and the form of its value.
+_BYTE, _TWO, _FOUR, _VARINT, _STRING, _BINARY, _PAIR = range(7)
+_PROPERTY_FORMS: Final = {
+    0x01: _BYTE, 0x02: _FOUR, 0x03: _STRING, 0x08: _STRING, 0x09: _BINARY, 0x0B: _VARINT,
+    0x11: _FOUR, 0x12: _STRING, 0x13: _TWO, 0x15: _STRING, 0x16: _BINARY, 0x17: _BYTE,
+    0x18: _FOUR, 0x19: _BYTE, 0x1A: _STRING, 0x1C: _STRING, 0x1F: _STRING, 0x21: _TWO,
+    0x22: _TWO, 0x23: _TWO, 0x24: _BYTE, 0x25: _BYTE, 0x26: _PAIR, 0x27: _FOUR, 0x28: _BYTE,
+    0x29: _BYTE, 0x2A: _BYTE,
+}  # fmt: skip
+# CONNACK properties the processor acts on (MQTT 5, 3.2.2.3).
+SERVER_KEEP_ALIVE: Final = 0x13
+RECEIVE_MAXIMUM: Final = 0x21
+MAXIMUM_PACKET_SIZE: Final = 0x27
+TOPIC_ALIAS_MAXIMUM: Final = 0x22
+REASON_STRING: Final = 0x1F
+
+
+def _varint_at(data: bytes, at: int, end: int) -> tuple[int, int]:
+    value, shift = 0, 0
     while True:
-        if at >= len(data):
-            raise PacketError("truncated properties")
+        if at >= end:
+            raise PacketError("truncated variable byte integer")
         byte = data[at]
         at += 1
-        length |= (byte & 0x7F) << shift
+        value |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            return at + length
+            return value, at
         shift += 7
         if shift > 21:
-            raise PacketError("properties length over four bytes")
+            raise PacketError("variable byte integer over four bytes")
 
 
-def _decode(first: int, body: bytes, v5: bool) -> Incoming | None:
-    kind = first >> 4
+def _properties(data: bytes, at: int) -> tuple[dict[int, int | bytes], int]:
+    """Read a property block at ``at``; returns the properties (the last of a repeated one;
+    user properties are dropped) and where the block ends."""
+    length, at = _varint_at(data, at, len(data))
+    end = at + length
+    if end > len(data):
+        raise PacketError("properties overrun the packet")
+    found: dict[int, int | bytes] = {}
+    while at < end:
+        ident = data[at]
+        at += 1
+        form = _PROPERTY_FORMS.get(ident)
+        if form is None:
+            raise PacketError(f"unknown property 0x{ident:02x}")
+        if form in (_BYTE, _TWO, _FOUR):
+            size = (1, 2, 4)[form]
+            if at + size > end:
+                raise PacketError(f"property 0x{ident:02x} overruns its block")
+            found[ident] = int.from_bytes(data[at : at + size], "big")
+            at += size
+        elif form == _VARINT:
+            found[ident], at = _varint_at(data, at, end)
+        else:
+            value = b""
+            for _ in range(2 if form == _PAIR else 1):
+                if at + 2 > end:
+                    raise PacketError(f"property 0x{ident:02x} overruns its block")
+                (size,) = _U16.unpack_from(data, at)
+                if at + 2 + size > end:
+                    raise PacketError(f"property 0x{ident:02x} overruns its block")
+                value = data[at + 2 : at + 2 + size]
+                at += 2 + size
+            if form != _PAIR:
+                found[ident] = value
+    return found, end
+
+
+def _skip_properties(data: bytes, at: int) -> int:
+    length, at = _varint_at(data, at, len(data))
+    if at + length > len(data):
+        raise PacketError("properties overrun the packet")
+    return at + length
+
+
+def _need(body: bytes, size: int, what: str) -> None:
+    if len(body) < size:
+        raise PacketError(f"{what} of {len(body)} bytes is too short")
+
+
+def _decode(first: int, body: bytes, v5: bool) -> Incoming:
+    kind, flags = first >> 4, first & 0x0F
     if kind == PUBLISH:
-        qos = (first >> 1) & 0x03
+        qos = (flags >> 1) & 0x03
+        if qos == 3:
+            raise PacketError("PUBLISH with QoS 3 (MQTT-3.3.1-4)")
+        _need(body, 2, "PUBLISH")
         (topic_len,) = _U16.unpack_from(body, 0)
         at = 2 + topic_len
+        _need(body, at + (2 if qos else 0), "PUBLISH")
         topic = body[2:at]
+        if not topic or b"+" in topic or b"#" in topic:
+            raise PacketError("PUBLISH to an empty or wildcard topic (MQTT-3.3.2-2)")
         mid = 0
         if qos:
             (mid,) = _U16.unpack_from(body, at)
             at += 2
+            if mid == 0:
+                raise PacketError("PUBLISH with packet id 0 (MQTT-2.2.1-3)")
         if v5:
             at = _skip_properties(body, at)
         return Incoming(PUBLISH, mid=mid, topic=topic, payload=body[at:], qos=qos)
+    if flags:
+        raise PacketError(f"packet type {kind} with reserved flags {flags:#x} (MQTT-2.2.2-2)")
     if kind == PUBACK:
-        return Incoming(PUBACK, mid=_U16.unpack_from(body, 0)[0])
+        _need(body, 2, "PUBACK")
+        if not v5 and len(body) != 2:
+            raise PacketError("PUBACK is 2 bytes in MQTT 3.1.1")
+        code = body[2] if len(body) > 2 else 0
+        if len(body) > 3:
+            _properties(body, 3)
+        return Incoming(PUBACK, mid=_U16.unpack_from(body, 0)[0], code=code)
     if kind == CONNACK:
-        return Incoming(CONNACK, session_present=bool(body[0] & 1), code=body[1])
+        _need(body, 3 if v5 else 2, "CONNACK")
+        if body[0] & 0xFE:
+            raise PacketError("CONNACK with reserved flags (MQTT-3.2.2-1)")
+        props: dict[int, int | bytes] = {}
+        if v5:
+            props, end = _properties(body, 2)
+            if end != len(body):
+                raise PacketError("CONNACK with bytes after its properties")
+        elif len(body) != 2:
+            raise PacketError("CONNACK is 2 bytes in MQTT 3.1.1")
+        return Incoming(CONNACK, session_present=bool(body[0] & 1), code=body[1], properties=props)
     if kind == SUBACK:
         at = 2 if not v5 else _skip_properties(body, 2)
+        _need(body, max(3, at + 1), "SUBACK")
         return Incoming(SUBACK, mid=_U16.unpack_from(body, 0)[0], codes=body[at:])
     if kind == PINGRESP:
+        if body:
+            raise PacketError("PINGRESP with a body")
         return Incoming(PINGRESP)
-    if kind == DISCONNECT:
-        return Incoming(DISCONNECT, code=body[0] if body else 0)
-    return None  # PUBREC & co.: never asked for (we use QoS 1 at most)
+    if kind == DISCONNECT and v5:
+        code = body[0] if body else 0
+        props = _properties(body, 1)[0] if len(body) > 1 else {}
+        return Incoming(DISCONNECT, code=code, properties=props)
+    # CONNECT, SUBSCRIBE, PINGREQ... come from clients; PUBREC & co. and UNSUBACK answer what
+    # we never send; 0 and 15 (AUTH: we ask for no enhanced authentication) are reserved.
+    raise PacketError(f"packet type {kind} is not one a broker sends us")
 
 
-def parse_packets(buffer: bytearray, *, v5: bool, limit: int | None = None) -> list[Incoming]:
+def parse_packets(
+    buffer: bytearray, *, v5: bool, limit: int | None = None, max_bytes: int | None = None
+) -> list[Incoming]:
     """Take every complete packet (at most ``limit``) off the front of ``buffer``, which keeps
     the rest.
 
+    A packet whose remaining length is over ``max_bytes`` is not buffered: a PUBLISH among them
+    comes out as soon as its header is in, with ``skip`` set to how many of its bytes are still
+    to come (the caller drops them as they arrive) and an empty payload, so that it can be
+    acknowledged and rejected as too large; it is the last packet of the list.
+
     Raises:
-        PacketError: the bytes cannot be MQTT.
+        PacketError: the bytes cannot be MQTT from a broker.
     """
     out: list[Incoming] = []
     at, end = 0, len(buffer)
@@ -194,15 +315,40 @@ def parse_packets(buffer: bytearray, *, v5: bool, limit: int | None = None) -> l
             shift += 7
             if shift > 21:
                 raise PacketError("remaining length over four bytes")
-        if not complete or pos + length > end:
+        if not complete:
+            break
+        if max_bytes is not None and length > max_bytes:
+            oversized = _oversized(first, buffer, pos, length, v5)
+            if oversized is None:
+                break  # its header has not arrived yet
+            del buffer[: min(end, pos + length)]
+            return [*out, oversized]
+        if pos + length > end:
             break  # the rest of this packet has not arrived yet
         body = bytes(buffer[pos : pos + length])
         at = pos + length
         try:
-            packet = _decode(first, body, v5)
+            out.append(_decode(first, body, v5))
         except (struct.error, IndexError) as exc:
             raise PacketError(f"malformed packet type {first >> 4}: {exc}") from None
-        if packet is not None:
-            out.append(packet)
     del buffer[:at]
     return out
+
+
+def _oversized(first: int, buffer: bytearray, pos: int, length: int, v5: bool) -> Incoming | None:
+    if first >> 4 != PUBLISH:
+        raise PacketError(f"packet type {first >> 4} of {length} bytes: over our maximum")
+    qos = (first >> 1) & 0x03
+    if len(buffer) - pos < 2:
+        return None
+    (topic_len,) = _U16.unpack_from(buffer, pos)
+    header = 2 + topic_len + (2 if qos else 0)
+    if len(buffer) - pos < header:
+        return None
+    # Decoded as an empty message: the same checks, without the payload's bytes.
+    head = _decode(first, bytes(buffer[pos : pos + header]) + (b"\x00" if v5 else b""), v5)
+    here = len(buffer) - pos
+    return Incoming(
+        PUBLISH, mid=head.mid, topic=head.topic, qos=head.qos, skip=max(0, length - here),
+        oversized=length,
+    )  # fmt: skip

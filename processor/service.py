@@ -141,6 +141,9 @@ class BatchProcessor:
                 # Not read: the device keeps the votes in its outbox and sends them again.
                 reject(device, VoteRejected(Reason.RATE_LIMITED, "over VOTEBOX_DEVICE_RATE"))
                 continue
+            if delivery.too_large:  # read past, never buffered (processor/mqtt.py)
+                reject(device, VoteRejected(Reason.TOO_LARGE, f"{delivery.too_large} bytes"))
+                continue
             try:
                 items = decode_message(delivery.payload, poll=poll, device=device)
             except VoteRejected as error:
@@ -494,6 +497,10 @@ async def _run(
                     shared(DEVICES_FILTER, settings.mqtt_share_group),
                 ],
                 on_connect=lambda n: metrics.mqtt_reconnects.inc() if n > 1 else None,
+                on_refused=lambda _topic, code: metrics.mqtt_publishes_refused.labels(
+                    f"0x{code:02x}"
+                ).inc(),
+                on_takeover=metrics.mqtt_takeovers.inc,
                 failed=failed,
             ) as intake:
                 live.append(intake)
@@ -527,7 +534,7 @@ async def _serve(
         rescan_s=settings.polls_rescan_s,
         timeout_s=settings.redis_timeout_s,
         metrics=metrics,
-        pace=lambda: intake.wait_unacked_below(100, timeout_s=5.0),
+        pace=lambda: intake.wait_unacked_below(min(100, intake.send_quota), timeout_s=5.0),
     )
     stats = StatsPublisher(
         redis=tally.redis,
