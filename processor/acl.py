@@ -64,6 +64,7 @@ GRANTS: Final[Mapping[Role, tuple[Grant, ...]]] = {
         Grant("write", "acks/#"),
         Grant("readwrite", "polls/#"),
         Grant("write", "votebox/#"),
+        Grant("read", "votebox/probe/+"),
     ),
     "dashboard": (
         Grant("read", "polls/+/results"),

@@ -126,6 +126,11 @@ ENV_VARS: Final = (
     ("VOTEBOX_MQTT_SHARE_GROUP", "mqtt_share_group", "MQTT 5 shared-subscription group"),
     ("VOTEBOX_MQTT_RECEIVE_MAX", "mqtt_receive_max", "un-acked votes in flight, default 1000"),
     (
+        "VOTEBOX_MQTT_KEEPALIVE_S",
+        "mqtt_keepalive_s",
+        "MQTT keepalive; a silent link is found within it, default 30",
+    ),
+    (
         "VOTEBOX_MQTT_CA_FILE",
         "mqtt_ca_file",
         "CA certificate(s) for mqtts://, default the system's",
@@ -235,6 +240,8 @@ class Settings:
             )
         if not 1 <= self.mqtt_receive_max <= 65535:
             raise ConfigError("VOTEBOX_MQTT_RECEIVE_MAX must be 1 to 65535 (an MQTT limit)")
+        if not 1 <= self.mqtt_keepalive_s <= 65535:
+            raise ConfigError("VOTEBOX_MQTT_KEEPALIVE_S must be 1 to 65535 seconds (an MQTT limit)")
         if not 1 <= self.batch_max <= 10_000:
             raise ConfigError("VOTEBOX_BATCH_MAX must be 1 to 10000")
         if self.results_interval_s <= 0:

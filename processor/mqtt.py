@@ -43,6 +43,13 @@ MAX_PACKET_BYTES: Final = 65536
 # MQTT 5 reason codes we act on (MQTT 5, 2.4): a PUBACK or DISCONNECT from 0x80 up is a refusal.
 _SESSION_TAKEN_OVER: Final = 0x8E
 _PACKET_TOO_LARGE: Final = 0x95
+# A connection the broker closes within this time of making it is a short one; this many
+# short ones within the window are a tug of war over our client id.
+_SHORT_CONNECTION_S: Final = 5.0
+_FLAPPING_COUNT: Final = 3
+_FLAPPING_WINDOW_S: Final = 60.0
+# Keepalives to wait for a probe that has never come back on this broker.
+_UNPROVEN_PROBE_KEEPALIVES: Final = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +153,11 @@ class MqttIntake:
         on_refused: called with the topic and reason code of each of our QoS 1 publishes the
             broker refused (MQTT 5 PUBACK reason 0x80 and up), or that was too large to send.
         on_takeover: called when the broker says another client took our session over.
+        probe_topic: a topic only this client reads (processor/topics.py). Subscribed to with
+            the filters; a message sent there whenever nothing has arrived for half a
+            keepalive shows that the broker still routes to our session. Once it has come back
+            on this broker, a keepalive with neither it nor anything else arriving means the
+            session was lost or taken over without a word (amqtt does that): reconnect.
         failed: told when a background loop (keepalive, reconnect) fails, before the failure
             ends the intake (processor/supervise.py).
     """
@@ -159,13 +171,21 @@ class MqttIntake:
         on_refused: Callable[[str, int], object] | None = None,
         on_takeover: Callable[[], object] | None = None,
         failed: Callable[[str, BaseException], None] | None = None,
+        probe_topic: str | None = None,
     ) -> None:
+        self._probe_topic = probe_topic
+        self._probe_bytes = probe_topic.encode() if probe_topic else b""
+        # Loop time of the last PUBLISH from the broker, and of the probe in flight (if any);
+        # whether a probe ever came back here (a broker whose ACL withholds it is not judged).
+        self._last_delivery = 0.0
+        self._probe_sent: float | None = None
+        self._probe_works = False
         self._on_connect = on_connect
         self._on_refused = on_refused
         self._on_takeover = on_takeover
         self._failed = failed
         self._settings = settings
-        self._filters = tuple(topic_filters)
+        self._filters = tuple(topic_filters) + ((probe_topic,) if probe_topic else ())
         self._v5 = settings.mqtt_protocol == "5"
         self._loop = asyncio.get_running_loop()
         self._pending: list[Delivery] = []
@@ -203,8 +223,11 @@ class MqttIntake:
         self._interrupted = False
         # Successful connections so far; more than one means reconnects (a metric).
         self.connections = 0
-        # Times the broker said another client took our session over (MQTT 5 DISCONNECT 0x8E).
+        # Times another client with our client id was found (DISCONNECT 0x8E, or the broker
+        # closing connection after connection): two processors with one client id.
         self.takeovers = 0
+        self._connected_at = 0.0
+        self._short_connections: collections.deque[float] = collections.deque()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -456,7 +479,8 @@ class MqttIntake:
             raise
         finally:
             self._handshaking = False
-        self._pingresp_due = None
+        self._pingresp_due = self._probe_sent = None
+        self._last_delivery = self._connected_at = self._loop.time()
         self._take_connack_properties()
         if not session_present and self.connections:
             log.warning(
@@ -475,6 +499,8 @@ class MqttIntake:
         self._waiting = collections.deque(self._unacked_out)
         self._send_waiting()
         self._pause_if_full(protocol)
+        # At once, whatever arrives: that the broker routes the probe is learnt early.
+        self._probe_if_quiet(protocol, self._loop.time(), now_too=True)
         log.info(
             "connected to %s as %s (session %s)",
             s.mqtt_url,
@@ -530,14 +556,50 @@ class MqttIntake:
                 # Reading is held back (Redis stalled, intake full), so a PINGRESP cannot be
                 # read: keep the broker's keepalive with PINGREQs, judge the link once reading
                 # resumes. Nothing can be committed meanwhile, so nothing is lost by waiting.
-                self._pingresp_due = None
+                self._pingresp_due = self._probe_sent = None
             elif self._pingresp_due is not None and now > self._pingresp_due:
                 log.warning("no PINGRESP within %d s: reconnecting", self._keepalive_s)
+                protocol.close()
+                continue
+            elif self._session_lost(now):
+                log.error(
+                    "nothing from the broker for %.0f s, not even our probe on %s: it no longer "
+                    "routes to our session (taken over by a client with our id?%s); reconnecting",
+                    now - self._last_delivery,
+                    self._probe_topic,
+                    ""
+                    if self._probe_works
+                    else " or the broker's ACL does not let the processor read votebox/probe/+:"
+                    " render it again with `votebox device add`",
+                )
+                self._note_short_connection()
                 protocol.close()
                 continue
             if self._pingresp_due is None and not protocol.paused:
                 self._pingresp_due = now + max(1, self._keepalive_s)
             protocol.send(packets.PINGREQ)
+            if not protocol.paused:
+                self._probe_if_quiet(protocol, now)
+
+    def _session_lost(self, now: float) -> bool:
+        sent = self._probe_sent
+        if sent is None:
+            return False
+        # A probe that never came back here may be the ACL's doing (an old one without
+        # votebox/probe/+ for the processor): judged more slowly, and the log says so.
+        limit = self._keepalive_s * (1 if self._probe_works else _UNPROVEN_PROBE_KEEPALIVES)
+        return now - sent > limit and now - self._last_delivery > limit
+
+    def _probe_if_quiet(self, protocol: _Protocol, now: float, *, now_too: bool = False) -> None:
+        # Under load deliveries show the session is served; a probe only when it is quiet.
+        if self._probe_topic is None or self._probe_sent is not None:
+            return
+        if not now_too and now - self._last_delivery < self._keepalive_s / 2:
+            return
+        self._probe_sent = now
+        protocol.send(
+            packets.publish(self._probe_topic, b"", qos=0, retain=False, mid=0, v5=self._v5)
+        )
 
     # -- packets ---------------------------------------------------------------------------
 
@@ -546,6 +608,16 @@ class MqttIntake:
             return
         kind = packet.kind
         if kind == packets.PUBLISH:
+            self._last_delivery = now
+            if packet.topic == self._probe_bytes:
+                self._probe_sent = None
+                if not self._probe_works:
+                    self._probe_works = True
+                    log.info(
+                        "the broker routes our probe: a lost session is found within %d s",
+                        self._keepalive_s,
+                    )
+                return
             try:
                 topic = packet.topic.decode()
             except UnicodeDecodeError:
@@ -583,16 +655,7 @@ class MqttIntake:
             self._resolve_suback(packet)
         elif kind == packets.DISCONNECT:
             if packet.code == _SESSION_TAKEN_OVER:
-                log.error(
-                    "another client connected with our client id %s and took our session "
-                    "over: two processors with one VOTEBOX_MQTT_CLIENT_ID fight over one "
-                    "session. Give each processor its own client id (and the same "
-                    "VOTEBOX_MQTT_SHARE_GROUP to share the votes)",
-                    self._settings.mqtt_client_id,
-                )
-                self.takeovers += 1
-                if self._on_takeover is not None:
-                    self._on_takeover()
+                self._said_taken_over("the broker said so: DISCONNECT 0x8E, session taken over")
             else:
                 log.warning("the broker disconnected us (reason 0x%02x)", packet.code)
 
@@ -658,3 +721,34 @@ class MqttIntake:
                     "disconnected from the broker (%s); un-acked votes will be resent",
                     exc or "closed by the broker",
                 )
+                self._note_short_connection()
+
+    def _note_short_connection(self) -> None:
+        """A broker that closes one connection after another moments after they are made is
+        most often handing our session to another client with our client id, and back:
+        Mosquitto before 2.0.15 and amqtt say nothing else of a takeover."""
+        now = self._loop.time()
+        if now - self._connected_at > _SHORT_CONNECTION_S:
+            return
+        recent = self._short_connections
+        recent.append(now)
+        while recent and now - recent[0] > _FLAPPING_WINDOW_S:
+            recent.popleft()
+        if len(recent) >= _FLAPPING_COUNT:
+            recent.clear()
+            self._said_taken_over(
+                f"the broker closed {_FLAPPING_COUNT} connections within "
+                f"{_FLAPPING_WINDOW_S:.0f} s, each moments after it was made"
+            )
+
+    def _said_taken_over(self, evidence: str) -> None:
+        log.error(
+            "another client is using our client id %s (%s): two processors with one "
+            "VOTEBOX_MQTT_CLIENT_ID fight over one session. Give each processor its own client "
+            "id (and the same VOTEBOX_MQTT_SHARE_GROUP to share the votes)",
+            self._settings.mqtt_client_id,
+            evidence,
+        )
+        self.takeovers += 1
+        if self._on_takeover is not None:
+            self._on_takeover()

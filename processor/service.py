@@ -53,6 +53,7 @@ from processor.topics import (
     device_from_topic,
     parse_device_topic,
     parse_vote_topic,
+    probe_topic,
     shared,
 )
 
@@ -502,6 +503,7 @@ async def _run(
                 ).inc(),
                 on_takeover=metrics.mqtt_takeovers.inc,
                 failed=failed,
+                probe_topic=probe_topic(settings.mqtt_client_id),
             ) as intake:
                 live.append(intake)
                 await _serve(

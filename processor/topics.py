@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Final
 
@@ -23,6 +24,7 @@ __all__ = [
     "parse_device_topic",
     "status_topic",
     "parse_vote_topic",
+    "probe_topic",
     "results_topic",
     "shared",
     "vote_topic",
@@ -109,6 +111,13 @@ def results_topic(poll: str) -> str:
 def shared(topic_filter: str, group: str | None) -> str:
     """Prefix ``$share/{group}/`` (an MQTT 5 shared subscription) when a group is set."""
     return f"$share/{group}/{topic_filter}" if group else topic_filter
+
+
+def probe_topic(client_id: str) -> str:
+    """``votebox/probe/{hash of the client id}``: where a processor sends itself a message to
+    learn that the broker still routes to its session (processor/mqtt.py). Hashed, because a
+    client id may hold characters a topic level may not."""
+    return f"votebox/probe/{hashlib.sha1(client_id.encode()).hexdigest()[:16]}"
 
 
 def config_topic(poll: str) -> str:

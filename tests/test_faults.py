@@ -14,11 +14,12 @@ from collections.abc import Callable
 import pytest
 from redis.asyncio import Redis
 
-from harness.services import ManagedProcess
+from harness.services import ManagedProcess, end_session
 from processor.polls import Poll, read_results
 from processor.watch import wait_for_results
-from tests.conftest import eventually
+from tests.conftest import eventually, unique_id
 from tests.fleet import Fleet, results_url
+from tests.proxy import proxy_to
 
 pytestmark = pytest.mark.e2e
 
@@ -289,3 +290,131 @@ async def test_intake_stays_bounded_while_redis_is_stuck_and_loses_nothing(
             await eventually(lambda: fleet.unacked() == 0, timeout_s=30)
     finally:
         resume()
+
+
+async def resend_until_acked(fleet: Fleet, *, every_s: float = 2.0, timeout_s: float = 60) -> None:
+    """What a device does when no ack comes: send its outbox again, until all is answered."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while fleet.unacked():
+        assert asyncio.get_running_loop().time() < deadline, f"{fleet.unacked()} never acked"
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(fleet.resend_unacked)
+
+
+async def test_a_client_that_takes_the_processors_session_costs_no_vote_and_is_said(
+    broker: ManagedProcess,
+    poll: Poll,
+    redis: Redis,
+    spawn_processor: Callable[..., ManagedProcess],
+    request: pytest.FixtureRequest,
+) -> None:
+    proc = spawn_processor(broker, VOTEBOX_MQTT_KEEPALIVE_S="2")
+    with Fleet(broker, poll.id, 4) as fleet:
+        await send(fleet, poll, 20)
+        await until_total(redis, poll, 20)
+        # Someone connects under the processor's client id with a clean session and leaves:
+        # the broker drops the processor's session. Mosquitto disconnects the processor and
+        # says why (MQTT 5); amqtt says nothing and stops routing to it, which the processor's
+        # probe finds out within a keepalive.
+        await asyncio.to_thread(end_session, broker, unique_id(request, "-0"))
+        await wait_log(proc, "no session for")
+        await send(fleet, poll, 20)
+        await resend_until_acked(fleet)
+        await until_total(redis, poll, 40)
+
+
+async def test_a_partition_between_the_processor_and_redis_loses_and_doubles_nothing(
+    mosquitto_proc: ManagedProcess,
+    redis_proc: ManagedProcess,
+    poll: Poll,
+    redis: Redis,
+    spawn_processor: Callable[..., ManagedProcess],
+) -> None:
+    """Redis stops answering the processor, and only the processor, without a closed socket:
+    a commit in flight may reach Redis after the processor gave up on it; its retry gets the
+    first answer (accepted), nothing is acked during the partition, all counted once."""
+    async with proxy_to(redis_proc.port) as proxy:
+        # Started from a thread: the proxy runs on this loop and must forward meanwhile.
+        proc = await asyncio.to_thread(
+            spawn_processor,
+            mosquitto_proc,
+            VOTEBOX_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0",
+        )
+        await wait_log(proc, "ready: consuming")
+        with Fleet(mosquitto_proc, poll.id, 5) as fleet:
+            await send(fleet, poll, 100)
+            await until_total(redis, poll, 100)
+            await eventually(lambda: fleet.unacked() == 0, timeout_s=30)
+            proxy.hold()
+            try:
+                await send(fleet, poll, 200)
+                await wait_log(proc, lambda log: log.count("none acked") >= 1, timeout_s=30)
+                assert fleet.unacked() == 200  # nothing acked while Redis is away
+            finally:
+                proxy.release()
+            await until_total(redis, poll, 300)
+            await eventually(lambda: fleet.unacked() == 0, timeout_s=30)
+            assert set(fleet.codes()) == {0}, fleet.codes()  # accepted, even after a retry
+
+
+async def test_a_partition_between_the_processor_and_the_broker_loses_nothing(
+    mosquitto_proc: ManagedProcess,
+    poll: Poll,
+    redis: Redis,
+    spawn_processor: Callable[..., ManagedProcess],
+) -> None:
+    """The broker stops reaching the processor, and only it: the processor finds out by its
+    keepalive, reconnects when it can, resumes its session, and the votes devices sent
+    meanwhile (queued in the session) all count once."""
+    async with proxy_to(mosquitto_proc.port) as proxy:
+        proc = await asyncio.to_thread(
+            spawn_processor,
+            mosquitto_proc,
+            VOTEBOX_MQTT_URL=f"mqtt://processor@127.0.0.1:{proxy.port}",
+            VOTEBOX_MQTT_KEEPALIVE_S="2",
+        )
+        await wait_log(proc, "ready: consuming")
+        with Fleet(mosquitto_proc, poll.id, 5) as fleet:
+            await send(fleet, poll, 50)
+            await until_total(redis, poll, 50)
+            proxy.hold()
+            try:
+                await send(fleet, poll, 100)
+                await wait_log(proc, "no PINGRESP", timeout_s=30)
+            finally:
+                proxy.release()
+            await wait_log(proc, lambda log: log.count("connected to") >= 2, timeout_s=60)
+            await resend_until_acked(fleet)
+            await until_total(redis, poll, 150)
+
+
+async def test_two_processors_with_one_client_id_are_said_loudly_and_count_exactly(
+    broker: ManagedProcess,
+    poll: Poll,
+    redis: Redis,
+    spawn_processor: Callable[..., ManagedProcess],
+    request: pytest.FixtureRequest,
+) -> None:
+    """Started by mistake with the same client id, two processors push each other off the one
+    session: each says so at error level (Mosquitto 2.0.15 and later tell with DISCONNECT 0x8E;
+    before that, and on amqtt, the
+    probe finds the session gone, or the broker closes connection after connection), and with
+    the devices' re-sends every vote counts once."""
+    same = {"VOTEBOX_MQTT_CLIENT_ID": unique_id(request, "-same"), "VOTEBOX_MQTT_KEEPALIVE_S": "2"}
+    first = spawn_processor(broker, **same)
+    second = spawn_processor(broker, **same)
+    try:
+        with Fleet(broker, poll.id, 4) as fleet:
+            await send(fleet, poll, 40)
+
+            def loud() -> bool:
+                logs = first.log_text(since_start=True) + second.log_text(since_start=True)
+                return "level=error" in logs and "another client is using our client id" in logs
+
+            await eventually(loud, timeout_s=30)
+            await resend_until_acked(fleet)
+            await until_total(redis, poll, 40)
+    finally:
+        second.stop()
+        first.stop()
+        end_session(broker, same["VOTEBOX_MQTT_CLIENT_ID"])
