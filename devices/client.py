@@ -26,13 +26,15 @@ from devices.ack import RATE_LIMITED, AckError, decode_ack
 from devices.encoder import encode_batch, encode_heartbeat
 from devices.outbox import Outbox, Pending
 
-__all__ = ["DeviceClient", "DeviceConfig"]
+__all__ = ["SEQ_WINDOW", "DeviceClient", "DeviceConfig"]
 
 log = logging.getLogger(__name__)
 
 # docs/protocol.md, Limits: a message is at most 4096 bytes; a batch's array head takes 3.
 _MAX_PAYLOAD: Final = 4096 - 3
 _MAX_BATCH: Final = 256
+# docs/protocol.md, De-duplication: the processor remembers the last 4096 seqs of a device.
+SEQ_WINDOW: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,7 +380,7 @@ class DeviceClient:
             return
         due = [
             p
-            for p in self.outbox.pending()
+            for p in _inside_window(self.outbox.pending())
             if self._sent_at.get((p.epoch, p.seq), waiting - 1) <= waiting
         ][:room]
         for poll, group in _batches(due, cfg.batch_votes):
@@ -400,6 +402,18 @@ class DeviceClient:
         payload = encode_heartbeat(int(now - self._started), self.outbox.depth(), battery)
         # QoS 0: a lost heartbeat is replaced by the next one.
         self._client.publish(f"devices/{self.config.device}/heartbeat", payload, qos=0)
+
+
+def _inside_window(pending: list[Pending]) -> Iterator[Pending]:
+    """The votes that may go now: in each epoch, those less than the processor's de-duplication
+    window above the oldest one still unanswered (docs/protocol.md, the device's rule 5). A
+    lost batch then always comes back inside the window, however long the replay."""
+    oldest: dict[int, int] = {}
+    for p in pending:
+        oldest[p.epoch] = min(p.seq, oldest.get(p.epoch, p.seq))
+    for p in pending:
+        if p.seq - oldest[p.epoch] < SEQ_WINDOW:
+            yield p
 
 
 def _batches(entries: list[Pending], most: int) -> Iterator[tuple[str, list[Pending]]]:

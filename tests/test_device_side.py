@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.ack import CODE_NAMES, AckError, code_name, decode_ack
-from devices.client import DeviceClient, DeviceConfig, _batches
+from devices.client import SEQ_WINDOW, DeviceClient, DeviceConfig, _batches, _inside_window
 from devices.encoder import encode_heartbeat, encode_vote
 from devices.kiosk import parse_choice, render_config
 from devices.outbox import Outbox, Pending
@@ -27,6 +27,7 @@ from processor.codec import MAX_PAYLOAD_BYTES, Heartbeat, decode_heartbeat, deco
 from processor.device_health import DeviceHealth, format_devices
 from processor.errors import VoteRejected
 from processor.reasons import Fate, Reason
+from processor.tally import DEDUP_WINDOW
 
 
 def test_outbox_gives_increasing_seqs_and_keeps_them_across_a_reopen(tmp_path: Path) -> None:
@@ -246,3 +247,17 @@ def test_reconnect_delays_grow_with_full_jitter_up_to_the_cap(tmp_path: Path) ->
     assert max(delays[:3]) < 4 and max(delays[10:]) > 6  # grows, up to the cap
     assert len(set(delays)) == len(delays)  # jittered: no two clients in lockstep
     client.outbox.close()
+
+
+def test_the_window_equals_the_processors_and_holds_back_what_is_too_far_above() -> None:
+    assert SEQ_WINDOW == DEDUP_WINDOW
+    pending = [Pending(0, seq, "p", b"") for seq in (5, 6, 4100, 4101)] + [
+        Pending(1, seq, "p", b"") for seq in (1, 5000)
+    ]
+    # Epoch 0: 4101 - 5 = 4096 is one too far; epoch 1 has its own oldest (1).
+    assert [(p.epoch, p.seq) for p in _inside_window(pending)] == [
+        (0, 5),
+        (0, 6),
+        (0, 4100),
+        (1, 1),
+    ]

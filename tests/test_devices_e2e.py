@@ -326,3 +326,39 @@ async def test_one_loop_runs_devices_whose_sockets_select_cannot_watch(
     finally:
         for fd in filler:
             os.close(fd)
+
+
+async def test_a_day_of_offline_votes_replayed_with_a_batch_lost_is_never_seq_too_old(
+    mosquitto_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    poll: Poll,
+    redis: Redis,
+    tmp_path: Path,
+) -> None:
+    """10,000 stored votes, more than the 4,096-seq de-duplication window; the first batch
+    sent is lost on the way. The device never has a vote outstanding 4,096 or more above its
+    oldest unanswered one (docs/protocol.md, De-duplication), so the lost batch, sent again
+    after its ack timeout, is still inside the window: counted, not seq_too_old."""
+    spawn_processor(mosquitto_proc)
+    device = f"{poll.id[:50]}-k"
+    outbox = Outbox(tmp_path / "kiosk.outbox")
+    for i in range(10_000):
+        outbox.add(poll.id, i % 3)
+    client = DeviceClient(
+        _config(mosquitto_proc, device, ack_timeout_s=3.0, in_flight_votes=1024), outbox
+    )
+    real_publish = client.mqtt.publish
+    lost: list[str] = []
+
+    def publish_losing_the_first_batch(topic: str, payload: bytes, **options: Any) -> Any:
+        if topic.startswith("votes/") and not lost:
+            lost.append(topic)  # it never reaches the broker; the device does not know
+            return None
+        return real_publish(topic, payload, **options)
+
+    client.mqtt.publish = publish_losing_the_first_batch  # type: ignore[method-assign,assignment]
+    with client.running():
+        assert await asyncio.to_thread(client.wait_drained, 120)
+    fates = outbox.fates()
+    assert lost and fates == Counter({0: 10_000}), fates
+    assert await _total(redis, poll.id) == 10_000
