@@ -136,6 +136,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("poll", help="poll id: 1-64 chars of A-Z a-z 0-9 _ -")
     c.add_argument(
+        "--reuse-deleted-id",
+        action="store_true",
+        help="take the id of a deleted poll: votes cast for the deleted one that are still "
+        "queued (broker, device outboxes) count into this one",
+    )
+    c.add_argument(
         "--option",
         action="append",
         default=[],

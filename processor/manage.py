@@ -20,6 +20,8 @@ from processor.polls import (
     close_poll,
     create_poll,
     delete_poll,
+    deleted_id_message,
+    list_deleted,
     list_polls,
     load_poll,
     open_poll,
@@ -112,7 +114,7 @@ async def run_poll_command(redis: Redis, action: str, args: Mapping[str, Any]) -
     with redis_errors():
         if action == "create":
             poll = _poll_from_flags(args)
-            await create_poll(redis, poll)
+            await create_poll(redis, poll, reuse_deleted=bool(args.get("reuse_deleted_id")))
             print(f"created poll {poll.id}, {_describe(poll)}")
             return 0
         if action == "apply":
@@ -137,6 +139,10 @@ async def run_poll_command(redis: Redis, action: str, args: Mapping[str, Any]) -
 async def _apply(redis: Redis, path: Path) -> int:
     polls = load_poll_file(path)  # every definition valid before anything is written
     existing = {poll.id: await load_poll(redis, poll.id) for poll in polls}
+    retired = set(await list_deleted(redis))
+    for poll in polls:  # checked before anything is written: all or nothing
+        if existing[poll.id] is None and poll.id in retired:
+            raise ConfigError(deleted_id_message(poll.id))
     plans = {  # and every update allowed: a refusal writes nothing at all
         poll.id: await plan_update(redis, poll) for poll in polls if existing[poll.id]
     }

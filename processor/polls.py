@@ -32,6 +32,7 @@ __all__ = [
     "close_poll",
     "create_poll",
     "delete_poll",
+    "deleted_id_message",
     "list_deleted",
     "list_polls",
     "load_poll",
@@ -400,12 +401,24 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-async def create_poll(redis: Redis, poll: Poll, *, now_ms: int | None = None) -> None:
+async def create_poll(
+    redis: Redis, poll: Poll, *, now_ms: int | None = None, reuse_deleted: bool = False
+) -> None:
     """Store a new poll.
 
+    Args:
+        redis: where polls live.
+        poll: the new poll.
+        now_ms: its creation time (default now).
+        reuse_deleted: take an id of a deleted poll, accepting that votes cast for the deleted
+            one, still in the broker's queue or in device outboxes, count into this one.
+
     Raises:
-        ConfigError: a poll with that id exists (its votes would no longer match its options).
+        ConfigError: a poll with that id exists (its votes would no longer match its options),
+            or existed and was deleted (unless ``reuse_deleted``).
     """
+    if not reuse_deleted and await redis.sismember(POLLS_DELETED, poll.id):
+        raise ConfigError(deleted_id_message(poll.id))
     keys = PollKeys(poll.id)
     created = await redis.hsetnx(keys.definition, "n_options", len(poll.labels))
     if not created:
@@ -420,6 +433,15 @@ async def create_poll(redis: Redis, poll: Poll, *, now_ms: int | None = None) ->
         pipe.srem(POLLS_DELETED, poll.id)
         pipe.publish(POLLS_CHANGED, poll.id)
         await pipe.execute()
+
+
+def deleted_id_message(poll_id: str) -> str:
+    """Why a deleted poll's id is not taken again, and what to do."""
+    return (
+        f"poll {poll_id!r} was deleted; votes cast for it may still wait in the broker's queue "
+        "or in device outboxes, and would count into a new poll of that id. Pick another id, "
+        "or accept that with `votebox poll create --reuse-deleted-id`"
+    )
 
 
 # Fields a poll with votes may not change: its votes would no longer mean what they meant.

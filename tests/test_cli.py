@@ -215,3 +215,27 @@ async def test_poll_list_open_close_and_delete(
     assert await redis.sismember("votebox:polls:deleted", poll_id)
     missing = votebox("poll", "close", poll_id, *url)
     assert missing.returncode == 2 and "no poll" in missing.stderr
+
+
+async def test_a_deleted_poll_id_is_not_created_again_unless_the_operator_accepts_old_votes(
+    redis_proc: ManagedProcess, redis: Redis, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Votes for a deleted poll may still wait in the broker's queue or in device outboxes;
+    under a new poll of the same id they would count (shared/reliability-cases.md, case 40).
+    So the id stays retired unless the operator says otherwise."""
+    poll_id = unique_id(request)
+    url = ["--redis-url", redis_proc.url]
+    options = ["--option", "a", "--option", "b"]
+    assert votebox("poll", "create", poll_id, *options, *url).returncode == 0
+    assert votebox("poll", "delete", poll_id, "--yes", *url).returncode == 0
+    again = votebox("poll", "create", poll_id, *options, *url)
+    assert again.returncode == 2 and "--reuse-deleted-id" in again.stderr, again.stderr
+    assert await load_poll(redis, poll_id) is None
+    path = tmp_path / "polls.toml"
+    path.write_text(f'[polls.{poll_id}]\noptions = ["a", "b"]\n')
+    applied = votebox("poll", "apply", str(path), *url)
+    assert applied.returncode == 2 and "deleted" in applied.stderr, applied.stderr
+    assert await load_poll(redis, poll_id) is None
+    reused = votebox("poll", "create", poll_id, *options, "--reuse-deleted-id", *url)
+    assert reused.returncode == 0, reused.stderr
+    assert not await redis.sismember("votebox:polls:deleted", poll_id)
