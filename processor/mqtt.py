@@ -515,15 +515,18 @@ class MqttIntake:
         nothing of us."""
         props = self._connack_properties
         keepalive = props.get(packets.SERVER_KEEP_ALIVE)
+        # 0 turns the broker's side of keepalive off; our own checks still need a period.
         self._keepalive_s = (
-            keepalive if isinstance(keepalive, int) else self._settings.mqtt_keepalive_s
+            keepalive
+            if isinstance(keepalive, int) and keepalive > 0
+            else self._settings.mqtt_keepalive_s
         )
         quota = props.get(packets.RECEIVE_MAXIMUM)
         self._send_quota = quota if isinstance(quota, int) and quota > 0 else 65535
         size = props.get(packets.MAXIMUM_PACKET_SIZE)
         self._broker_max_packet = size if isinstance(size, int) and size > 0 else None
-        if isinstance(keepalive, int) and keepalive != self._settings.mqtt_keepalive_s:
-            log.info("the broker sets the keepalive to %d s", keepalive)
+        if self._keepalive_s != self._settings.mqtt_keepalive_s:
+            log.info("the broker sets the keepalive to %d s", self._keepalive_s)
 
     @property
     def send_quota(self) -> int:
