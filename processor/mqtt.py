@@ -555,6 +555,10 @@ class MqttIntake:
             if protocol is None or not self._connected.is_set():
                 continue
             now = self._loop.time()
+            if self._held:
+                # Deliveries wait for a commit (Redis may be stalled): the broker has served
+                # the session; whether it still does is judged once they are settled.
+                self._last_delivery, self._probe_sent = now, None
             if protocol.paused:
                 # Reading is held back (Redis stalled, intake full), so a PINGRESP cannot be
                 # read: keep the broker's keepalive with PINGREQs, judge the link once reading

@@ -292,3 +292,29 @@ async def test_a_malformed_packet_from_the_broker_drops_the_connection() -> None
         async with MqttIntake(settings=settings(port), topic_filters=["votes/#"]) as intake:
             await eventually(lambda: not (intake.connections < 2), timeout_s=10)
             assert len(peers) == 2
+
+
+async def test_deliveries_held_for_a_stalled_commit_are_not_taken_for_a_lost_session() -> None:
+    """Our probe stops coming back while a delivery waits for its commit (a broker may hold
+    what it would send us behind it): that is our stall, not a lost session."""
+
+    async def script(peer: Peer, n: int) -> None:
+        await peer.handshake()
+        probe = await peer.expect(3)  # the first probe, at connect: echoed
+        peer.send(bytes([0x30, len(probe.body)]) + probe.body)
+        await asyncio.sleep(0.2)
+        peer.publish("votes/p/k", b"\x01", 1)
+        while True:  # PINGREQs answered; later probes swallowed
+            packet = await peer.read(30)
+            if packet.kind == 12:
+                peer.send(b"\xd0\x00")
+
+    async with scripted_broker(script) as (port, peers):
+        s = settings(port, mqtt_receive_max=10)
+        async with MqttIntake(
+            settings=s, topic_filters=["votes/#"], probe_topic="votebox/probe/test"
+        ) as intake:
+            [held] = await intake.next_batch(10)
+            await asyncio.sleep(4.0)  # over three keepalives, the delivery still held
+            assert intake.connections == 1 and len(peers) == 1
+            intake.settle([held])
