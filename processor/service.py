@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import secrets
 import signal
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -26,17 +25,13 @@ from processor.backoff import backoff_delays
 from processor.codec import (
     AckEntry,
     Vote,
-    decode_heartbeat,
-    decode_message,
-    decode_status,
     encode_ack,
 )
 from processor.config import Settings
 from processor.endpoint import serve_endpoint
-from processor.errors import StoreUnavailable, VoteRejected
+from processor.errors import StoreUnavailable
 from processor.health import Health
 from processor.influx import InfluxDrainer, make_writer
-from processor.keys import DEVICES_HEALTH, DEVICES_STATUS
 from processor.logs import RejectionLog
 from processor.metrics import Metrics
 from processor.mqtt import Delivery, MqttIntake
@@ -50,12 +45,10 @@ from processor.topics import (
     DEVICES_FILTER,
     VOTES_FILTER,
     acks_topic,
-    device_from_topic,
-    parse_device_topic,
-    parse_vote_topic,
     probe_topic,
     shared,
 )
+from processor.triage import triage
 
 __all__ = ["BatchProcessor", "run"]
 
@@ -114,62 +107,25 @@ class BatchProcessor:
         When a stop is requested during an outage the batch is left un-acked: the broker
         redelivers it to the next processor.
         """
-        votes: list[Vote] = []
-        # Per device, the ack entries in arrival order; votes fill their slot after the commit.
-        acks: defaultdict[str, list[AckEntry]] = defaultdict(list)
-        slots: list[tuple[str, int]] = []
-        unattributed: Counter[Reason] = Counter()
-        seen: set[str] = set()
-        reports = _DeviceReports()
-
-        def reject(device: str | None, error: VoteRejected) -> None:
-            unattributed[error.reason] += 1
-            self._rejections.rejected(error.reason.code, device, error.detail)
-            if device is not None:
-                acks[device].append(AckEntry.rejected(error))
-
-        for delivery in batch:
-            if delivery.topic.startswith("devices/"):
-                reports.add(delivery, self._rejections)
-                continue
-            try:
-                poll, device = parse_vote_topic(delivery.topic)
-            except VoteRejected as error:
-                reject(device_from_topic(delivery.topic), error)
-                continue
-            seen.add(device)
-            if self._limiter is not None and not self._limiter.allow(device):
-                # Not read: the device keeps the votes in its outbox and sends them again.
-                reject(device, VoteRejected(Reason.RATE_LIMITED, "over VOTEBOX_DEVICE_RATE"))
-                continue
-            if delivery.too_large:  # read past, never buffered (processor/mqtt.py)
-                reject(device, VoteRejected(Reason.TOO_LARGE, f"{delivery.too_large} bytes"))
-                continue
-            try:
-                items = decode_message(delivery.payload, poll=poll, device=device)
-            except VoteRejected as error:
-                reject(device, error)
-                continue
-            for item in items:
-                if isinstance(item, VoteRejected):
-                    reject(device, item)
-                else:
-                    slots.append((device, len(acks[device])))
-                    acks[device].append(AckEntry(item.epoch, item.seq, -1))
-                    votes.append(item)
+        limiter = self._limiter
+        t = triage(batch, allow=limiter.allow if limiter is not None else None)
+        for rejection in t.rejections:
+            error = rejection.error
+            self._rejections.rejected(error.reason.code, rejection.device, error.detail)
+        votes, acks, reports = t.votes, t.acks, t.reports
 
         started = time.monotonic()
         result = await self._commit_until_done(
             votes,
-            unattributed,
-            self._due_seen(seen),
+            t.unattributed,
+            self._due_seen(t.seen),
             reports.latest(now_ms=int(time.time() * 1000)),
         )
         if result is None:
             return
         codes, versions = result
         committed_s, now_s = time.monotonic(), time.time()
-        for (device, slot), vote, code in zip(slots, votes, codes, strict=True):
+        for (device, slot), vote, code in zip(t.slots, votes, codes, strict=True):
             acks[device][slot] = AckEntry(vote.epoch, vote.seq, code)
             if code >= 16:
                 self._rejections.rejected(Reason(code).code, device, f"poll {vote.poll}")
@@ -191,7 +147,7 @@ class BatchProcessor:
         m.batch_size.observe(len(batch) - reports.count)
         m.acks.inc(len(acks))
         fates = Counter(codes)
-        fates.update({int(reason): n for reason, n in unattributed.items()})
+        fates.update({int(reason): n for reason, n in t.unattributed.items()})
         m.count_codes(fates)
         if votes:
             m.commit_seconds.observe(committed_s - started)
@@ -263,56 +219,6 @@ class BatchProcessor:
                         await self._stop.wait()
                 except TimeoutError:
                     pass
-
-
-class _DeviceReports:
-    """The status and heartbeat messages of one batch: the latest of each device, as the JSON
-    that `votebox devices` reads (docs/protocol.md, Device health). A report never gets an ack:
-    a lost one is replaced by the next."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.outcomes: Counter[tuple[str, str]] = Counter()
-        self._status: dict[str, dict[str, Any]] = {}
-        self._health: dict[str, dict[str, Any]] = {}
-
-    def add(self, delivery: Delivery, rejections: RejectionLog) -> None:
-        self.count += 1
-        parsed = parse_device_topic(delivery.topic)
-        if parsed is None:
-            # Only when a broker without the ACL lets a device publish a wrong devices/ topic.
-            self.outcomes["status", "refused"] += 1
-            rejections.rejected(Reason.BAD_TOPIC.code, None, delivery.topic[:80])
-            return
-        device, kind = parsed
-        try:
-            if kind == "status":
-                if not delivery.payload:
-                    return  # an operator cleared the retained status of a removed device
-                self._status[device] = {"state": decode_status(delivery.payload)}
-            else:
-                beat = decode_heartbeat(delivery.payload)
-                self._health[device] = {
-                    "uptime_s": beat.uptime_s,
-                    "outbox": beat.outbox,
-                    "battery": beat.battery,
-                }
-        except VoteRejected as error:
-            self.outcomes[kind, "refused"] += 1
-            rejections.rejected(error.reason.code, device, f"{kind}: {error.detail}")
-            return
-        self.outcomes[kind, "recorded"] += 1
-
-    def latest(self, *, now_ms: int) -> dict[str, dict[str, str]]:
-        """The Redis hashes to write, by key, then by device."""
-        out: dict[str, dict[str, str]] = {}
-        for key, reports in ((DEVICES_STATUS, self._status), (DEVICES_HEALTH, self._health)):
-            if reports:
-                out[key] = {
-                    device: json.dumps({**report, "at_ms": now_ms}, separators=(",", ":"))
-                    for device, report in reports.items()
-                }
-        return out
 
 
 async def consume_votes(
