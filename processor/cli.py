@@ -424,27 +424,22 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _poll_command(args: argparse.Namespace, settings: Settings) -> int:
-    from redis.asyncio import Redis
-
     from processor import manage
+    from processor.store import open_redis
 
-    redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
-    try:
+    async with open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s) as redis:
         return await manage.run_poll_command(redis, args.poll_command, vars(args))
-    finally:
-        await redis.aclose()
 
 
 async def _recount(poll: str, settings: Settings) -> int:
-    from redis.asyncio import Redis
-
     from processor.influx import make_writer
     from processor.recount import recount
+    from processor.store import connect
 
     target = settings.influx_target()
     if target is None:
         raise ConfigError("recount reads InfluxDB: set VOTEBOX_INFLUX_URL (and its friends)")
-    redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
+    redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
     writer = make_writer(target)
     try:
         result = await recount(redis, writer, poll)
@@ -562,15 +557,11 @@ def _redis_tally(redis_url: str, poll: str) -> ResultsSnapshot:
     from devices.simulator import ResultsSnapshot
 
     async def read() -> ResultsSnapshot:
-        from redis.asyncio import Redis
-
         from processor.polls import read_results
+        from processor.store import open_redis
 
-        redis = Redis.from_url(redis_url)
-        try:
+        async with open_redis(redis_url) as redis:
             found = (await read_results(redis, [poll])).get(poll)
-        finally:
-            await redis.aclose()
         return ResultsSnapshot(found.total, found.counts) if found else ResultsSnapshot()
 
     return asyncio.run(read())

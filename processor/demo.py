@@ -15,8 +15,6 @@ import tempfile
 import threading
 from pathlib import Path
 
-from redis.asyncio import Redis
-
 from devices.simulator import SimulationSummary, fleet_ids, simulate
 from harness.services import amqtt_broker, influxdb, processor, redis_server
 from processor.accounts import AccountStore
@@ -27,6 +25,7 @@ from processor.errors import ConfigError, VoteboxError
 from processor.influx import make_writer
 from processor.polls import Poll, create_poll
 from processor.recount import recount
+from processor.store import connect, open_redis
 from processor.watch import watch_polls
 
 __all__ = ["run_demo"]
@@ -40,12 +39,9 @@ _POLL = Poll(
 
 
 async def _create_poll(redis_url: str) -> None:
-    redis = Redis.from_url(redis_url)
-    try:
+    async with open_redis(redis_url) as redis:
         with contextlib.suppress(ConfigError):
             await create_poll(redis, _POLL)
-    finally:
-        await redis.aclose()
 
 
 async def _print_live(url: MqttUrl, stop: threading.Event) -> None:
@@ -126,7 +122,7 @@ def _recount(redis_url: str, env: dict[str, str]) -> str:
     assert target is not None
 
     async def run() -> str:
-        redis = Redis.from_url(redis_url)
+        redis = connect(redis_url)
         writer = make_writer(target)
         try:
             for _ in range(50):  # the drainer writes within its flush interval

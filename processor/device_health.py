@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from processor.config import Settings
 from processor.keys import DEVICES_HEALTH, DEVICES_SEEN, DEVICES_STATUS
 from processor.polls import redis_text
-from processor.store import redis_errors
+from processor.store import open_redis, redis_errors
 
 __all__ = ["DeviceHealth", "format_devices", "print_devices", "read_devices"]
 
@@ -122,12 +122,9 @@ def format_devices(devices: list[DeviceHealth], *, now_ms: int) -> str:
 
 async def print_devices(settings: Settings, *, as_json: bool, out: TextIO = sys.stdout) -> int:
     """Print every device; returns the exit code."""
-    redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s)
-    try:
+    async with open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s) as redis:
         now_ms = int(time.time() * 1000)
         devices = await read_devices(redis, now_ms=now_ms, silent_after_s=settings.silent_after_s)
-    finally:
-        await redis.aclose()
     if as_json:
         for d in devices:
             print(json.dumps(asdict(d), separators=(",", ":")), file=out)

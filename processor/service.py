@@ -16,11 +16,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Final
 
-from redis import exceptions as redis_exceptions
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from processor.backoff import backoff_delays
 from processor.codec import (
     AckEntry,
@@ -39,6 +34,7 @@ from processor.ratelimit import DeviceRateLimiter
 from processor.reasons import Fate, Reason
 from processor.results import ResultsPublisher
 from processor.stats import StatsPublisher
+from processor.store import connect
 from processor.supervise import EXIT_FAILED, Watchdog, supervised
 from processor.tally import Tally
 from processor.topics import (
@@ -337,16 +333,8 @@ async def _run(
     target = settings.influx_target()
     if target is None:
         log.info("InfluxDB not configured (VOTEBOX_INFLUX_URL unset): tallying in Redis only")
-    redis = Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        # After a Redis restart each pooled connection fails once before it is replaced: try
-        # again at once on a new one. (A commit retried this way is safe: a batch committed
-        # twice is answered "duplicate" the second time and counted once.)
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[redis_exceptions.ConnectionError],
-    )
+    # A commit retried on a fresh connection is answered as its first try (Tally.commit).
+    redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s, retry_once=True)
     writer = make_writer(target) if target else None
     metrics = Metrics()
     started = loop.time()

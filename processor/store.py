@@ -1,4 +1,5 @@
-"""The seam to Redis. Rule: the only module that decides what a redis-py error means.
+"""The seam to Redis. Rule: the only module that makes a Redis client and the only one that
+decides what a redis-py error means.
 
 Redis being away is one condition, whatever words it uses: refused or dropped connections,
 timeouts, and the error replies a healthy server gives while it cannot take writes (READONLY
@@ -11,14 +12,17 @@ acknowledged, the caller retries. Any other error reply is a fault of the comman
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Final
 
 import redis.exceptions
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from processor.errors import StoreUnavailable
 
-__all__ = ["raise_if_away", "redis_errors", "store_is_away"]
+__all__ = ["connect", "open_redis", "raise_if_away", "redis_errors", "store_is_away"]
 
 # The first word of an error reply that means "not now" rather than "not this command".
 _AWAY_CODES: Final = frozenset(
@@ -36,6 +40,37 @@ _AWAY_CODES: Final = frozenset(
         "MASTERDOWN",
     }
 )
+
+
+def connect(url: str, *, timeout_s: float | None = None, retry_once: bool = False) -> Redis:
+    """A client for ``url``; the caller closes it (``aclose``).
+
+    Args:
+        url: ``redis://``, ``rediss://`` or ``unix://``.
+        timeout_s: deadline of connecting and of each reply; None waits as long as it takes.
+        retry_once: after a Redis restart each pooled connection fails once before it is
+            replaced: try again at once on a new one. For callers whose commands are safe to
+            repeat (a commit retried so is answered as its first try and counted once).
+    """
+    if not retry_once:
+        return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis.exceptions.ConnectionError],
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_redis(url: str, *, timeout_s: float | None = None) -> AsyncIterator[Redis]:
+    """`connect`, closed when the block ends: for the commands a person runs."""
+    client = connect(url, timeout_s=timeout_s)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 def store_is_away(error: BaseException) -> bool:
