@@ -20,7 +20,7 @@ import collections
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
@@ -213,7 +213,7 @@ class MqttIntake:
         self._keepalive_s = settings.mqtt_keepalive_s
         self._send_quota = 65535
         self._broker_max_packet: int | None = None
-        self._connack_properties: dict[int, int | bytes] = {}
+        self._connack_properties: Mapping[int, int | bytes] = {}
         self._next_mid = 1
         self._drained = asyncio.Event()
         self._drained.set()
@@ -682,7 +682,7 @@ class MqttIntake:
         future = self._connack
         if future is None or future.done():
             return
-        self._connack_properties = packet.properties
+        self._connack_properties = packet.properties or {}
         if packet.code:
             future.set_exception(
                 BrokerUnavailable(f"broker refused the connection (CONNACK code {packet.code})")

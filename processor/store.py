@@ -52,14 +52,13 @@ def connect(url: str, *, timeout_s: float | None = None, retry_once: bool = Fals
             replaced: try again at once on a new one. For callers whose commands are safe to
             repeat (a commit retried so is answered as its first try and counted once).
     """
-    if not retry_once:
-        return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    retry = Retry(NoBackoff(), 1 if retry_once else 0)
     return Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[redis.exceptions.ConnectionError],
+        retry=retry,
+        retry_on_error=[redis.exceptions.ConnectionError] if retry_once else [],
     )
 
 
