@@ -22,7 +22,14 @@ from redis.backoff import NoBackoff
 
 from processor.errors import StoreUnavailable
 
-__all__ = ["connect", "open_redis", "raise_if_away", "redis_errors", "store_is_away"]
+__all__ = [
+    "connect",
+    "is_noscript",
+    "open_redis",
+    "raise_if_away",
+    "redis_errors",
+    "store_is_away",
+]
 
 # The first word of an error reply that means "not now" rather than "not this command".
 _AWAY_CODES: Final = frozenset(
@@ -86,6 +93,14 @@ def store_is_away(error: BaseException) -> bool:
     # (ReadOnlyError, OutOfMemoryError, MovedError...); other replies keep their first word.
     code = getattr(error, "status_code", None) or str(error).split(" ", 1)[0]
     return code in _AWAY_CODES
+
+
+def is_noscript(reply: object) -> bool:
+    """Whether a pipeline's reply says the script is not in Redis's cache (a restart or a
+    SCRIPT FLUSH): load it and run it again."""
+    return isinstance(reply, redis.exceptions.NoScriptError) or (
+        isinstance(reply, redis.exceptions.ResponseError) and str(reply).startswith("NOSCRIPT")
+    )
 
 
 def raise_if_away(replies: Iterable[object]) -> None:

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Final
 
-import redis.exceptions
 from redis.asyncio import Redis
 
 from processor.codec import Vote
 from processor.keys import DEVICES_SEEN, SET_ASIDE, UNATTRIBUTED_FATES, PollKeys
 from processor.reasons import Reason
-from processor.store import raise_if_away, redis_errors
+from processor.store import is_noscript, raise_if_away, redis_errors
 
 __all__ = ["COMMIT_MEMORY_S", "DEDUP_WINDOW", "CommitResult", "Tally"]
 
@@ -196,7 +195,7 @@ class Tally:
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):
                 replies = await self._pipeline(calls, extra)
-                missing = [i for i, r in enumerate(replies) if _is_noscript(r)]
+                missing = [i for i, r in enumerate(replies) if is_noscript(r)]
                 if missing:
                     # Redis restarted or flushed its script cache: load and rerun only those.
                     await self._redis.script_load(_SCRIPT)
@@ -236,9 +235,3 @@ class _Extra:
     unattributed: Counter[Reason]
     seen: dict[str, int]
     reports: Mapping[str, Mapping[str, str]]
-
-
-def _is_noscript(reply: object) -> bool:
-    return isinstance(reply, redis.exceptions.NoScriptError) or (
-        isinstance(reply, redis.exceptions.ResponseError) and str(reply).startswith("NOSCRIPT")
-    )
