@@ -1,7 +1,7 @@
 """The embedded amqtt broker enforces the accounts and topic table the production Mosquitto does.
 
 Rule: no rule of its own. Passwords are checked against the accounts file `votebox device add`
-writes (the same $7$ hashes Mosquitto reads), topics against processor/acl.py (the table
+writes (the same $7$ hashes Mosquitto reads), topics against broker/acl.py (the table
 broker/mosquitto.acl is rendered from), client ids against `client_id_allowed`. amqtt loads
 these from broker/embedded.py's config: ``plugins: {dotted.class.path: {accounts_file: ...}}``.
 """
@@ -18,8 +18,8 @@ from typing import Any
 from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
-from processor.accounts import Account, load_accounts, verify_mosquitto_hash
-from processor.acl import Access, client_id_allowed, permitted
+from broker.accounts import Account, load_accounts, verify_mosquitto_hash
+from broker.acl import Access, client_id_allowed, permitted
 from processor.errors import ConfigError
 
 __all__ = ["AccountsAuthPlugin", "AccountsTopicPlugin"]

@@ -140,7 +140,7 @@ def read_results(
 
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
-        # The dashboard account may use only dashboard client ids (processor/acl.py).
+        # The dashboard account may use only dashboard client ids (broker/acl.py).
         client_id=f"votebox-watch-sim-{random.randrange(1 << 32):08x}",
         protocol=paho.MQTTv311,
     )

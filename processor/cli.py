@@ -453,7 +453,7 @@ async def _recount(poll: str, settings: Settings) -> int:
 def _device(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from processor.accounts import AccountStore
+    from broker.accounts import AccountStore
 
     store = AccountStore(Path(args.accounts), Path(args.passwd), Path(args.acl))
     written = f"{args.passwd} and {args.acl} rewritten"
@@ -508,7 +508,7 @@ def _simulate(args: argparse.Namespace) -> int:
     url = MqttUrl.parse(args.mqtt_url)
     passwords = None
     if args.accounts:
-        from processor.accounts import AccountStore
+        from broker.accounts import AccountStore
 
         accounts = Path(args.accounts)
         store = AccountStore(

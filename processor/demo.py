@@ -15,10 +15,10 @@ import tempfile
 import threading
 from pathlib import Path
 
+from broker.accounts import AccountStore
+from broker.acl import Role
 from devices.simulator import SimulationSummary, fleet_ids, simulate
 from harness.services import amqtt_broker, influxdb, processor, redis_server
-from processor.accounts import AccountStore
-from processor.acl import Role
 from processor.config import MqttUrl, Settings
 from processor.dashboard import serve_dashboard
 from processor.errors import ConfigError, VoteboxError

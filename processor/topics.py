@@ -32,7 +32,7 @@ __all__ = [
 
 # docs/protocol.md, Topics: poll and device ids are 1-64 chars of [A-Za-z0-9_-].
 _ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# The broker accounts that are not devices, named for their roles (processor/acl.py). Mosquitto
+# The broker accounts that are not devices, named for their roles (broker/acl.py). Mosquitto
 # applies an ACL's `pattern` lines (votes/+/%u) to every user, so these names are never device
 # ids: the processor refuses a vote or report under them even if a broker lets it through.
 NON_DEVICE_ACCOUNTS: Final = frozenset({"processor", "dashboard"})

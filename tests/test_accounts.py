@@ -12,9 +12,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from broker.accounts import AccountStore, mosquitto_hash, verify_mosquitto_hash
+from broker.acl import client_id_allowed, filter_covers, permitted, render_mosquitto_acl
 from harness.services import HOST, ManagedProcess, free_port, port_open
-from processor.accounts import AccountStore, mosquitto_hash, verify_mosquitto_hash
-from processor.acl import client_id_allowed, filter_covers, permitted, render_mosquitto_acl
 from processor.errors import ConfigError
 from tests.conftest import REPO
 from tests.test_cli import votebox

@@ -30,9 +30,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from broker.accounts import AccountStore
 from devices.encoder import encode_heartbeat, encode_vote
 from harness.services import HOST, ManagedProcess, amqtt_broker, free_port, port_open
-from processor.accounts import AccountStore
 from processor.codec import AckEntry, decode_ack
 from processor.dashboard import serve_dashboard
 from processor.keys import DEVICES_HEALTH, DEVICES_SEEN, DEVICES_STATUS

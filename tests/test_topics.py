@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from processor.acl import ROLES
+from broker.acl import ROLES
 from processor.errors import VoteRejected
 from processor.reasons import Reason
 from processor.topics import (

@@ -1,7 +1,7 @@
 """Broker accounts: one JSON file is the source of truth, the Mosquitto password file is written
 from it. Rule: passwords are never stored, only hashes; a generated password is shown once.
 
-The roles are those of processor/acl.py: a device's username is its device id; the
+The roles are those of broker/acl.py: a device's username is its device id; the
 `processor` and `dashboard` roles have accounts of their own names.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from processor.acl import ROLES, Role, render_mosquitto_acl
+from broker.acl import ROLES, Role, render_mosquitto_acl
 from processor.errors import ConfigError
 from processor.topics import NON_DEVICE_ACCOUNTS, RESERVED_PREFIX, is_valid_id
 
@@ -85,7 +85,7 @@ class AccountStore:
     Args:
         path: the JSON source of truth.
         passwd_path: the password file Mosquitto reads (rewritten on every change).
-        acl_path: the ACL file Mosquitto reads, rendered from processor/acl.py on every change
+        acl_path: the ACL file Mosquitto reads, rendered from broker/acl.py on every change
             (so a deployment's ACL follows the table of the votebox that provisions it); None
             to leave it alone.
     """

@@ -131,7 +131,7 @@ _HEADER: Final = """\
 # a username from the password file (votebox device add); a device's username is its device
 # id, so "processor" and "dashboard" are not valid device ids.
 #
-# GENERATED from processor/acl.py, the one table both brokers enforce (the embedded amqtt
+# GENERATED from broker/acl.py, the one table both brokers enforce (the embedded amqtt
 # broker through broker/amqtt_plugins.py): change it there. `votebox device add` and
 # `votebox device remove` rewrite this file along with the password file.
 #
