@@ -36,10 +36,10 @@ from harness.services import (
     redis_server,
     rss_mb,
 )
+from processor.commands.watch import results_stream
 from processor.config import MqttUrl
 from processor.keys import PollKeys
 from processor.polls import Poll, create_poll, read_results
-from processor.watch import results_stream
 
 __all__ = ["BenchConfig", "main", "run_bench"]
 

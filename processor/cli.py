@@ -382,7 +382,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "device":
         return _device(args)
     if args.command == "status":
-        from processor.status import print_status
+        from processor.commands.status import print_status
 
         url = args.url or f"http://{settings.metrics_host}:{settings.metrics_port}"
         return print_status(url)
@@ -395,7 +395,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command in ("kiosk", "button"):
         return _run_device(args)
     if args.command == "devices":
-        from processor.device_health import print_devices
+        from processor.commands.devices import print_devices
 
         return asyncio.run(print_devices(settings, as_json=args.json))
     if args.command == "recount":
@@ -403,7 +403,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dashboard":
         return _dashboard(args)
     if args.command == "watch":
-        from processor.watch import watch_polls
+        from processor.commands.watch import watch_polls
 
         url = MqttUrl.parse(args.mqtt_url)
         asyncio.run(watch_polls(url, args.poll, out=sys.stdout, in_place=sys.stdout.isatty()))
@@ -417,14 +417,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             smoke=args.smoke, out=Path(args.out), soak_s=args.soak, soak_rate=args.soak_rate
         )
     if args.command == "demo":
-        from processor.demo import run_demo
+        from processor.commands.demo import run_demo
 
         return run_demo(duration_s=args.duration, devices=args.devices, rate=args.rate)
     raise AssertionError(args.command)  # pragma: no cover
 
 
 async def _poll_command(args: argparse.Namespace, settings: Settings) -> int:
-    from processor import manage
+    from processor.commands import poll as manage
     from processor.store import open_redis
 
     async with open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s) as redis:
@@ -432,8 +432,8 @@ async def _poll_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _recount(poll: str, settings: Settings) -> int:
+    from processor.commands.recount import recount
     from processor.influx import make_writer
-    from processor.recount import recount
     from processor.store import connect
 
     target = settings.influx_target()
@@ -474,7 +474,7 @@ def _device(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from processor.dashboard import serve_dashboard
+    from processor.commands.dashboard import serve_dashboard
 
     with serve_dashboard(
         host=args.host,

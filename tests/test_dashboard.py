@@ -17,10 +17,10 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from harness.services import ManagedProcess
-from processor import dashboard
-from processor.dashboard import serve_dashboard
+from processor.commands import dashboard
+from processor.commands.dashboard import serve_dashboard
+from processor.commands.watch import watch_polls
 from processor.errors import ConfigError
-from processor.watch import watch_polls
 from tests.conftest import REPO, unique_id
 from tests.fleet import Fleet, results_url
 from tests.test_cli import poll_cli

@@ -24,7 +24,7 @@ from devices.kiosk import parse_choice, render_config
 from devices.outbox import Outbox, Pending
 from devices.simulator import ResultsSnapshot, SimulationSummary
 from processor.codec import MAX_PAYLOAD_BYTES, Heartbeat, decode_heartbeat, decode_message
-from processor.device_health import DeviceHealth, format_devices
+from processor.commands.devices import DeviceHealth, format_devices
 from processor.errors import VoteRejected
 from processor.reasons import Fate, Reason
 from processor.tally import DEDUP_WINDOW

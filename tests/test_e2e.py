@@ -13,8 +13,8 @@ import pytest
 from redis.asyncio import Redis
 
 from harness.services import ManagedProcess
+from processor.commands.watch import results_stream, wait_for_results
 from processor.polls import Poll, read_fates, read_results
-from processor.watch import results_stream, wait_for_results
 from tests.fleet import Fleet, results_url
 
 pytestmark = pytest.mark.e2e

@@ -15,8 +15,8 @@ import pytest
 from redis.asyncio import Redis
 
 from harness.services import ManagedProcess, end_session
+from processor.commands.watch import wait_for_results
 from processor.polls import Poll, read_results
-from processor.watch import wait_for_results
 from tests.conftest import eventually, unique_id
 from tests.fleet import Fleet, results_url
 from tests.proxy import proxy_to

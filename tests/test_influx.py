@@ -23,11 +23,11 @@ from redis.asyncio import Redis
 
 from harness.services import HOST, ManagedProcess, influxdb
 from processor.codec import Vote
+from processor.commands.recount import recount
 from processor.config import InfluxTarget
 from processor.influx import InfluxDrainer, PointWriter, QueuedPoint, line_for, make_writer
 from processor.keys import PollKeys
 from processor.polls import Poll, PollType, create_poll
-from processor.recount import recount
 from processor.tally import Tally
 from tests.conftest import eventually, unique_id
 from tests.fleet import Fleet

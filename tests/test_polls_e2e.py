@@ -14,11 +14,11 @@ import pytest
 from redis.asyncio import Redis
 
 from harness.services import ManagedProcess
+from processor.commands.watch import wait_for_results
 from processor.polls import Poll, close_poll, create_poll
 from processor.reasons import Fate, Reason
 from processor.results import ResultsPublisher
 from processor.topics import config_topic, results_topic
-from processor.watch import wait_for_results
 from tests.conftest import eventually, unique_id
 from tests.fleet import Fleet, first_message, results_url
 from tests.test_cli import poll_cli, votebox
@@ -202,7 +202,7 @@ async def test_a_scheduled_poll_opens_and_closes_by_itself(
     states: list[str] = []
 
     async def follow() -> None:
-        from processor.watch import results_stream
+        from processor.commands.watch import results_stream
 
         async for document in results_stream(results_url(broker), poll_id):
             if not states or states[-1] != document["state"]:

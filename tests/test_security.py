@@ -34,7 +34,7 @@ from broker.accounts import AccountStore
 from devices.encoder import encode_heartbeat, encode_vote
 from harness.services import HOST, ManagedProcess, amqtt_broker, free_port, port_open
 from processor.codec import AckEntry, decode_ack
-from processor.dashboard import serve_dashboard
+from processor.commands.dashboard import serve_dashboard
 from processor.keys import DEVICES_HEALTH, DEVICES_SEEN, DEVICES_STATUS
 from processor.polls import Poll, read_results
 from tests.conftest import REPO, unique_id

@@ -21,7 +21,7 @@ __all__ = ["DASHBOARD_DIR", "MQTT_BROWSER_BUILD", "serve_dashboard"]
 
 log = logging.getLogger(__name__)
 
-DASHBOARD_DIR: Final = Path(__file__).resolve().parents[1] / "dashboard"
+DASHBOARD_DIR: Final = Path(__file__).resolve().parents[2] / "dashboard"
 # Installed by scripts/setup (npm ci in dashboard/), never copied into the repository.
 MQTT_BROWSER_BUILD: Final = DASHBOARD_DIR / "node_modules" / "mqtt" / "dist" / "mqtt.min.js"
 

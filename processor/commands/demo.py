@@ -19,14 +19,14 @@ from broker.accounts import AccountStore
 from broker.acl import Role
 from devices.simulator import SimulationSummary, fleet_ids, simulate
 from harness.services import amqtt_broker, influxdb, processor, redis_server
+from processor.commands.dashboard import serve_dashboard
+from processor.commands.recount import recount
+from processor.commands.watch import watch_polls
 from processor.config import MqttUrl, Settings
-from processor.dashboard import serve_dashboard
 from processor.errors import ConfigError, VoteboxError
 from processor.influx import make_writer
 from processor.polls import Poll, create_poll
-from processor.recount import recount
 from processor.store import connect, open_redis
-from processor.watch import watch_polls
 
 __all__ = ["run_demo"]
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from processor.commands.watch import format_results
 from processor.errors import ConfigError
 from processor.keys import PollKeys
 from processor.polls import (
@@ -32,7 +33,6 @@ from processor.polls import (
     update_poll,
 )
 from processor.store import redis_errors
-from processor.watch import format_results
 
 __all__ = ["load_poll_file", "run_poll_command"]
 

@@ -1,0 +1,1 @@
+"""What operators run: one module per ``votebox`` command, each registering its own flags."""
