@@ -6,18 +6,22 @@ saying where the broker's WebSockets listener is. No vote or result passes throu
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Final
 
+from processor.commands import Commands, add_command
+from processor.config import Settings
 from processor.errors import ConfigError
 
-__all__ = ["DASHBOARD_DIR", "MQTT_BROWSER_BUILD", "serve_dashboard"]
+__all__ = ["DASHBOARD_DIR", "MQTT_BROWSER_BUILD", "register", "serve_dashboard"]
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +109,40 @@ def serve_dashboard(
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def register(commands: Commands) -> None:
+    """Add ``votebox dashboard``."""
+    p = add_command(
+        commands,
+        "dashboard",
+        _run,
+        help="serve the live results web page (it reads the broker's WebSockets listener)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
+    p.add_argument(
+        "--ws-url",
+        default="ws://127.0.0.1:9001",
+        help="the broker's WebSockets listener as browsers reach it (default ws://127.0.0.1:9001)",
+    )
+    p.add_argument("--username", default="dashboard", help="MQTT account of the page")
+    p.add_argument(
+        "--password",
+        default=os.environ.get("VOTEBOX_DASHBOARD_PASSWORD"),
+        help="its password (env VOTEBOX_DASHBOARD_PASSWORD); every browser gets it, so give "
+        "the account read access only",
+    )
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    with serve_dashboard(
+        host=args.host,
+        port=args.port,
+        ws_url=args.ws_url,
+        username=args.username,
+        password=args.password,
+    ) as url:
+        print(f"votebox dashboard on {url} (broker {args.ws_url}); Ctrl-C stops", flush=True)
+        threading.Event().wait()
+    return 0  # pragma: no cover (Ctrl-C ends it)

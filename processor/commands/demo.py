@@ -6,6 +6,7 @@ is stopped, by PID, when the demo ends.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -19,6 +20,7 @@ from broker.accounts import AccountStore
 from broker.acl import Role
 from devices.simulator import SimulationSummary, fleet_ids, simulate
 from harness.services import amqtt_broker, influxdb, processor, redis_server
+from processor.commands import Commands, add_command
 from processor.commands.dashboard import serve_dashboard
 from processor.commands.recount import recount
 from processor.commands.watch import watch_polls
@@ -28,7 +30,7 @@ from processor.influx import make_writer
 from processor.polls import Poll, create_poll
 from processor.store import connect, open_redis
 
-__all__ = ["run_demo"]
+__all__ = ["register", "run_demo"]
 
 _KIOSKS = "kiosk"  # the kiosks' device ids: kiosk-0000 and up (fleet_ids)
 _POLL = Poll(
@@ -211,3 +213,23 @@ def _vote_and_watch(
     if summary:
         print("\n" + "\n".join(summary[0].lines()))
     return 0
+
+
+def register(commands: Commands) -> None:
+    """Add ``votebox demo``."""
+    p = add_command(
+        commands,
+        "demo",
+        _run,
+        help="everything on embedded defaults: amqtt, Redis, the "
+        "processor, a demo poll and simulated kiosks",
+    )
+    p.add_argument(
+        "--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)"
+    )
+    p.add_argument("--devices", type=int, default=12, help="simulated kiosks (default 12)")
+    p.add_argument("--rate", type=float, default=40.0, help="votes per second (default 40)")
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    return run_demo(duration_s=args.duration, devices=args.devices, rate=args.rate)

@@ -6,6 +6,8 @@ DEVICES_HEALTH), read in one round trip; it never asks the devices or the broker
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import sys
 import time
@@ -14,12 +16,13 @@ from typing import Any, TextIO
 
 from redis.asyncio import Redis
 
+from processor.commands import Commands, add_command
 from processor.config import Settings
 from processor.keys import DEVICES_HEALTH, DEVICES_SEEN, DEVICES_STATUS
 from processor.polls import redis_text
 from processor.store import open_redis, redis_errors
 
-__all__ = ["DeviceHealth", "format_devices", "print_devices", "read_devices"]
+__all__ = ["DeviceHealth", "format_devices", "print_devices", "read_devices", "register"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,3 +134,19 @@ async def print_devices(settings: Settings, *, as_json: bool, out: TextIO = sys.
     else:
         print(format_devices(devices, now_ms=now_ms), file=out)
     return 0
+
+
+def register(commands: Commands) -> None:
+    """Add ``votebox devices``."""
+    p = add_command(
+        commands,
+        "devices",
+        _run,
+        help="every device: last seen, online or not, outbox depth, battery",
+    )
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(print_devices(settings, as_json=args.json))

@@ -4,6 +4,8 @@ given before it writes anything, and says what it did in one line per poll.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import sys
 import tomllib
@@ -13,7 +15,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from processor.commands import Commands, add_command
 from processor.commands.watch import format_results
+from processor.config import Settings
 from processor.errors import ConfigError
 from processor.keys import PollKeys
 from processor.polls import (
@@ -34,7 +38,7 @@ from processor.polls import (
 )
 from processor.store import redis_errors
 
-__all__ = ["load_poll_file", "run_poll_command"]
+__all__ = ["load_poll_file", "register", "run_poll_command"]
 
 
 def load_poll_file(path: Path) -> list[Poll]:
@@ -215,3 +219,97 @@ async def _show(redis: Redis, poll_id: str) -> int:
             ", ".join(f"{k}={n}" for k, n in sorted(unattributed.items())),
         )
     return 0
+
+
+def register(commands: Commands) -> None:
+    """Add ``votebox poll`` and its actions."""
+    p = add_command(
+        commands,
+        "poll",
+        _run,
+        env_epilog=True,
+        help="create, open, close, list, show, delete polls; apply a TOML file of polls",
+    )
+    actions = p.add_subparsers(dest="poll_command", required=True, metavar="ACTION")
+    c = actions.add_parser(
+        "create",
+        help="create a poll (open for votes now, unless --opens-at is later)",
+        description="Types: single (one option), multiple (up to --max-choices options), "
+        "rating (a value of --scale, such as 1-5), nps (a rating 0-10 with its Net Promoter "
+        "Score). Times are ISO 8601 with a UTC offset, e.g. 2026-12-01T18:00:00Z.",
+    )
+    c.add_argument("poll", help="poll id: 1-64 chars of A-Z a-z 0-9 _ -")
+    c.add_argument(
+        "--reuse-deleted-id",
+        action="store_true",
+        help="take the id of a deleted poll: votes cast for the deleted one that are still "
+        "queued (broker, device outboxes) count into this one",
+    )
+    c.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="an option label; repeat for each option, in order (index 0 first); not for "
+        "rating and nps polls",
+    )
+    c.add_argument("--title", default="", help="the question shown on kiosks")
+    c.add_argument("--type", default="single", choices=["single", "multiple", "rating", "nps"])
+    c.add_argument("--max-choices", type=int, default=None, help="multiple: options per vote")
+    c.add_argument("--scale", default=None, metavar="MIN-MAX", help="rating: e.g. 1-5")
+    c.add_argument("--opens-at", default=None, metavar="TIME", help="opens then, not now")
+    c.add_argument("--closes-at", default=None, metavar="TIME", help="closes by itself then")
+    c.add_argument(
+        "--grace-s",
+        type=int,
+        default=None,
+        help="after the close, votes cast while open still count if they arrive within this "
+        "(default 300)",
+    )
+    c.add_argument(
+        "--one-per-voter",
+        action="store_true",
+        help="votes carry a voter token; each voter's latest vote counts",
+    )
+    c.add_argument(
+        "--cooldown-s",
+        type=int,
+        default=None,
+        help="presses of one device this close together count once (the rest: suppressed)",
+    )
+    c.add_argument(
+        "--hide-results-until-close",
+        action="store_true",
+        help="retained results carry totals only while the poll is open",
+    )
+    for name, text in (
+        ("open", "open a poll now (reopens a closed one)"),
+        ("close", "close a poll now; it publishes its final result at once"),
+        ("show", "print a poll, its tally and the fates of its votes"),
+    ):
+        a = actions.add_parser(name, help=text)
+        a.add_argument("poll")
+    actions.add_parser("list", help="every poll, a line each")
+    d = actions.add_parser(
+        "delete", help="delete a poll and its tally; its retained topics are cleared"
+    )
+    d.add_argument("poll")
+    d.add_argument("--yes", action="store_true", help="yes, delete its votes too")
+    f = actions.add_parser(
+        "apply",
+        help="create or update the polls a TOML file declares (docs/polls.md); all or nothing",
+    )
+    f.add_argument("file")
+    for action in actions.choices.values():
+        action.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_run_async(args, settings))
+
+
+async def _run_async(args: argparse.Namespace, settings: Settings) -> int:
+    from processor.store import open_redis
+
+    async with open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s) as redis:
+        return await run_poll_command(redis, args.poll_command, vars(args))

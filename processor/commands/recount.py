@@ -6,6 +6,7 @@ differs is a mismatch, printed option by option.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections import Counter
 from dataclasses import dataclass
@@ -13,13 +14,15 @@ from typing import cast
 
 from redis.asyncio import Redis
 
+from processor.commands import Commands, add_command
+from processor.config import Settings
 from processor.errors import ConfigError
 from processor.influx import PointWriter, count_votes
 from processor.keys import PollKeys
 from processor.polls import load_poll, read_fates, read_results
 from processor.store import redis_errors
 
-__all__ = ["Recount", "recount"]
+__all__ = ["Recount", "recount", "register"]
 
 _CHUNK = 10_000
 _ATTEMPTS = 10
@@ -115,3 +118,40 @@ async def recount(redis: Redis, writer: PointWriter, poll: str) -> Recount:
         dropped=fates.get("point_dropped", 0),
         refused=int(refused),
     )
+
+
+def register(commands: Commands) -> None:
+    """Add ``votebox recount``."""
+    p = add_command(
+        commands,
+        "recount",
+        _run,
+        env_epilog=True,
+        help="recompute a poll's tally from InfluxDB and compare it with Redis (exit 1 if they "
+        "differ)",
+    )
+    p.add_argument("poll")
+    p.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
+    p.add_argument("--influx-url", dest="influx_url", metavar="VOTEBOX_INFLUX_URL")
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_recount(args.poll, settings))
+
+
+async def _recount(poll: str, settings: Settings) -> int:
+    from processor.influx import make_writer
+    from processor.store import connect
+
+    target = settings.influx_target()
+    if target is None:
+        raise ConfigError("recount reads InfluxDB: set VOTEBOX_INFLUX_URL (and its friends)")
+    redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    writer = make_writer(target)
+    try:
+        result = await recount(redis, writer, poll)
+    finally:
+        writer.close()
+        await redis.aclose()
+    print(result.report())
+    return 0 if result.matches else 1

@@ -4,14 +4,24 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import urllib.error
 import urllib.request
 from typing import Any, Final
 
+from processor.commands import Commands, add_command
+from processor.config import Settings
 from processor.errors import VoteboxError
 
-__all__ = ["EXIT_NOT_READY", "EXIT_READY", "fetch_readiness", "format_status", "print_status"]
+__all__ = [
+    "EXIT_NOT_READY",
+    "EXIT_READY",
+    "fetch_readiness",
+    "format_status",
+    "print_status",
+    "register",
+]
 
 EXIT_READY: Final = 0
 EXIT_NOT_READY: Final = 1
@@ -69,3 +79,24 @@ def print_status(url: str) -> int:
     answer = fetch_readiness(url)
     print(format_status(url, answer))
     return EXIT_READY if answer.get("ready") else EXIT_NOT_READY
+
+
+def register(commands: Commands) -> None:
+    """Add ``votebox status``."""
+    p = add_command(
+        commands,
+        "status",
+        _run,
+        help="ask a running processor whether it is ready (exit 0 ready, 1 not ready, 2 no answer)",
+    )
+    p.add_argument(
+        "--url",
+        default=None,
+        help="its endpoint, default http://VOTEBOX_METRICS_HOST:VOTEBOX_METRICS_PORT "
+        "(127.0.0.1:9100)",
+    )
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    url = args.url or f"http://{settings.metrics_host}:{settings.metrics_port}"
+    return print_status(url)

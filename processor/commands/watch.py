@@ -5,18 +5,29 @@ Rule: only the MQTT topics, never Redis, so what it shows is what every subscrib
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TextIO
 
 import aiomqtt
 
-from processor.config import MqttUrl
+from processor.commands import Commands, add_command
+from processor.config import DEFAULT_MQTT_URL, MqttUrl, Settings
 from processor.topics import results_topic
 
-__all__ = ["format_results", "results_stream", "results_updates", "wait_for_results", "watch_polls"]
+__all__ = [
+    "format_results",
+    "register",
+    "results_stream",
+    "results_updates",
+    "wait_for_results",
+    "watch_polls",
+]
 
 
 async def results_updates(
@@ -118,3 +129,20 @@ def format_results(document: dict[str, Any], *, width: int = 30) -> str:
         bar = "#" * round(share * width)
         lines.append(f"  {label:<{label_width}} {bar:<{width}} {count:>7} {share:6.1%}")
     return "\n".join(lines)
+
+
+def register(commands: Commands) -> None:
+    """Add ``votebox watch``."""
+    p = add_command(commands, "watch", _run, help="live results in the terminal, updated in place")
+    p.add_argument("poll", nargs="?", default=None, help="one poll (default: every poll)")
+    p.add_argument(
+        "--mqtt-url",
+        default=os.environ.get("VOTEBOX_MQTT_URL", DEFAULT_MQTT_URL),
+        help="broker URL (env VOTEBOX_MQTT_URL); the user name defaults to dashboard",
+    )
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    url = MqttUrl.parse(args.mqtt_url)
+    asyncio.run(watch_polls(url, args.poll, out=sys.stdout, in_place=sys.stdout.isatty()))
+    return 0
