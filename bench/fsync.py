@@ -22,7 +22,8 @@ from redis.asyncio import Redis
 
 from harness.services import redis_server
 from processor.codec import Vote
-from processor.polls import Poll, create_poll
+from processor.poll import Poll
+from processor.poll_store import create_poll
 from processor.tally import Tally
 
 __all__ = ["measure"]

@@ -39,7 +39,8 @@ from harness.services import (
 from processor.commands.watch import results_stream
 from processor.config import MqttUrl
 from processor.keys import PollKeys
-from processor.polls import Poll, create_poll, read_results
+from processor.poll import Poll
+from processor.poll_store import create_poll, read_results
 
 __all__ = ["BenchConfig", "main", "run_bench"]
 

@@ -29,7 +29,7 @@ from processor.config import InfluxTarget
 from processor.errors import InfluxRejected, InfluxUnavailable, StoreUnavailable
 from processor.keys import PollKeys
 from processor.metrics import Metrics
-from processor.polls import list_polls, load_poll
+from processor.poll_store import list_polls, load_poll
 from processor.store import redis_errors
 
 __all__ = [

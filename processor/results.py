@@ -23,7 +23,7 @@ from processor.backoff import backoff_delays
 from processor.errors import StoreUnavailable
 from processor.keys import POLLS_CHANGED
 from processor.metrics import Metrics
-from processor.polls import Snapshot, list_deleted, list_polls, note_states, read_snapshots
+from processor.poll_store import Snapshot, list_deleted, list_polls, note_states, read_snapshots
 from processor.store import redis_errors
 from processor.topics import config_topic, results_topic
 

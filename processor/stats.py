@@ -19,9 +19,9 @@ from redis.asyncio import Redis
 from processor.errors import StoreUnavailable
 from processor.keys import DEVICES_SEEN, UNATTRIBUTED_FATES, PollKeys
 from processor.metrics import Metrics
-from processor.polls import list_polls, redis_text
+from processor.poll_store import list_polls
 from processor.reasons import Fate
-from processor.store import redis_errors
+from processor.store import redis_errors, redis_text
 from processor.topics import STATS_TOPIC
 
 __all__ = ["SILENT_LISTED_MAX", "Stats", "StatsPublisher", "read_stats"]

@@ -28,6 +28,7 @@ __all__ = [
     "open_redis",
     "raise_if_away",
     "redis_errors",
+    "redis_text",
     "store_is_away",
 ]
 
@@ -135,3 +136,8 @@ def redis_errors() -> Iterator[None]:
 def _describe(error: BaseException) -> str:
     code = getattr(error, "status_code", None)
     return f"{code} {error}" if code else str(error)
+
+
+def redis_text(value: object) -> str:
+    """A Redis reply value as text (the clients here do not decode replies)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

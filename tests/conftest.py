@@ -32,7 +32,8 @@ from harness.services import (
     processor,
     redis_server,
 )
-from processor.polls import Poll, create_poll
+from processor.poll import Poll
+from processor.poll_store import create_poll
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ from redis.asyncio import Redis
 from devices.encoder import encode_vote
 from processor.metrics import Metrics
 from processor.mqtt import Delivery, MqttIntake
-from processor.polls import Poll, read_results
+from processor.poll import Poll
+from processor.poll_store import read_results
 from processor.results import ResultsPublisher
 from processor.service import BatchProcessor
 from processor.tally import Tally

@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from harness.services import MOSQUITTO_MAX_QUEUED_MESSAGES, ManagedProcess, mosquitto
-from processor.polls import Poll
+from processor.poll import Poll
 from tests.fleet import Fleet
 from tests.test_faults import resend_until_acked, until_total, wait_log
 

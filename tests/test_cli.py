@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from harness.services import ManagedProcess
 from processor.codec import Vote
 from processor.config import ENV_VARS
-from processor.polls import load_poll
+from processor.poll_store import load_poll
 from processor.tally import Tally
 from tests.conftest import REPO, unique_id
 

@@ -25,7 +25,9 @@ from devices.fleet_loop import running_together
 from devices.outbox import Outbox
 from harness.services import ManagedProcess
 from processor.keys import DEVICES_HEALTH, DEVICES_STATUS
-from processor.polls import Poll, read_fates, read_results, redis_text
+from processor.poll import Poll
+from processor.poll_store import read_fates, read_results
+from processor.store import redis_text
 from tests.conftest import REPO, eventually
 
 pytestmark = pytest.mark.e2e

@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 
 from harness.services import ManagedProcess
 from processor.commands.watch import results_stream, wait_for_results
-from processor.polls import Poll, read_fates, read_results
+from processor.poll import Poll
+from processor.poll_store import read_fates, read_results
 from tests.fleet import Fleet, results_url
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,8 @@ from redis.asyncio import Redis
 
 from harness.services import ManagedProcess, end_session
 from processor.commands.watch import wait_for_results
-from processor.polls import Poll, read_results
+from processor.poll import Poll
+from processor.poll_store import read_results
 from tests.conftest import eventually, unique_id
 from tests.fleet import Fleet, results_url
 from tests.proxy import proxy_to

@@ -15,7 +15,8 @@ from redis.asyncio import Redis
 from devices.encoder import encode_vote
 from harness.services import ManagedProcess, rss_mb
 from processor.codec import MAX_PAYLOAD_BYTES
-from processor.polls import Poll, read_fates, read_results
+from processor.poll import Poll
+from processor.poll_store import read_fates, read_results
 from processor.reasons import Reason
 from tests.conftest import eventually
 from tests.fleet import Fleet

@@ -27,7 +27,8 @@ from processor.commands.recount import recount
 from processor.config import InfluxTarget
 from processor.influx import InfluxDrainer, PointWriter, QueuedPoint, line_for, make_writer
 from processor.keys import PollKeys
-from processor.polls import Poll, PollType, create_poll
+from processor.poll import Poll, PollType
+from processor.poll_store import create_poll
 from processor.tally import Tally
 from tests.conftest import eventually, unique_id
 from tests.fleet import Fleet

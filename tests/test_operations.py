@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from harness.services import HOST, ManagedProcess, free_port
-from processor.polls import Poll, read_fates, read_results
+from processor.poll import Poll
+from processor.poll_store import read_fates, read_results
 from processor.topics import STATS_TOPIC
 from tests.conftest import eventually
 from tests.fleet import Fleet, first_message

@@ -13,7 +13,8 @@ from redis.asyncio import Redis
 
 from processor.codec import Vote
 from processor.keys import POLLS_INDEX, PollKeys
-from processor.polls import Poll, PollType, create_poll, read_fates, read_results
+from processor.poll import Poll, PollType
+from processor.poll_store import create_poll, read_fates, read_results
 from processor.reasons import Fate, Reason
 from processor.tally import DEDUP_WINDOW, Tally
 from tests.conftest import unique_id

@@ -15,7 +15,8 @@ from redis.asyncio import Redis
 
 from harness.services import ManagedProcess
 from processor.commands.watch import wait_for_results
-from processor.polls import Poll, close_poll, create_poll
+from processor.poll import Poll
+from processor.poll_store import close_poll, create_poll
 from processor.reasons import Fate, Reason
 from processor.results import ResultsPublisher
 from processor.topics import config_topic, results_topic

@@ -36,7 +36,8 @@ from harness.services import HOST, ManagedProcess, amqtt_broker, free_port, port
 from processor.codec import AckEntry, decode_ack
 from processor.commands.dashboard import serve_dashboard
 from processor.keys import DEVICES_HEALTH, DEVICES_SEEN, DEVICES_STATUS
-from processor.polls import Poll, read_results
+from processor.poll import Poll
+from processor.poll_store import read_results
 from tests.conftest import REPO, unique_id
 from tests.test_cli import poll_cli
 from tests.test_dashboard import wait_for

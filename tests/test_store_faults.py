@@ -27,7 +27,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from harness.services import ManagedProcess, free_port, redis_server
 from processor.codec import Vote
 from processor.errors import StoreUnavailable
-from processor.polls import Poll, create_poll, read_results
+from processor.poll import Poll
+from processor.poll_store import create_poll, read_results
 from processor.reasons import Fate, Reason
 from processor.store import redis_errors, store_is_away
 from processor.tally import Tally

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from harness.services import ManagedProcess
 from processor.keys import PollKeys
-from processor.polls import Poll
+from processor.poll import Poll
 from processor.supervise import EXIT_FAILED, EXIT_STUCK, Watchdog, supervised
 from tests.test_faults import wait_log
 

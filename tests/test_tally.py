@@ -14,7 +14,8 @@ from harness.services import free_port
 from processor.codec import MAX_UINT, Vote
 from processor.errors import StoreUnavailable
 from processor.keys import POLLS_INDEX, SET_ASIDE, PollKeys
-from processor.polls import Poll, create_poll, read_results
+from processor.poll import Poll
+from processor.poll_store import create_poll, read_results
 from processor.reasons import Fate, Reason
 from processor.tally import COMMIT_MEMORY_S, DEDUP_WINDOW, Tally
 

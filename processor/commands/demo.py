@@ -27,7 +27,8 @@ from processor.commands.watch import watch_polls
 from processor.config import MqttUrl, Settings
 from processor.errors import ConfigError, VoteboxError
 from processor.influx import make_writer
-from processor.polls import Poll, create_poll
+from processor.poll import Poll
+from processor.poll_store import create_poll
 from processor.store import connect, open_redis
 
 __all__ = ["register", "run_demo"]

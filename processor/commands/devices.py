@@ -19,8 +19,7 @@ from redis.asyncio import Redis
 from processor.commands import Commands, add_command
 from processor.config import Settings
 from processor.keys import DEVICES_HEALTH, DEVICES_SEEN, DEVICES_STATUS
-from processor.polls import redis_text
-from processor.store import open_redis, redis_errors
+from processor.store import open_redis, redis_errors, redis_text
 
 __all__ = ["DeviceHealth", "format_devices", "print_devices", "read_devices", "register"]
 

@@ -20,8 +20,8 @@ from processor.commands.watch import format_results
 from processor.config import Settings
 from processor.errors import ConfigError
 from processor.keys import PollKeys
-from processor.polls import (
-    Poll,
+from processor.poll import Poll
+from processor.poll_store import (
     close_poll,
     create_poll,
     delete_poll,

@@ -19,7 +19,7 @@ from processor.config import Settings
 from processor.errors import ConfigError
 from processor.influx import PointWriter, count_votes
 from processor.keys import PollKeys
-from processor.polls import load_poll, read_fates, read_results
+from processor.poll_store import load_poll, read_fates, read_results
 from processor.store import redis_errors
 
 __all__ = ["Recount", "recount", "register"]

@@ -126,7 +126,7 @@ def _redis_tally(redis_url: str, poll: str) -> ResultsSnapshot:
     from devices.simulator import ResultsSnapshot
 
     async def read() -> ResultsSnapshot:
-        from processor.polls import read_results
+        from processor.poll_store import read_results
         from processor.store import open_redis
 
         async with open_redis(redis_url) as redis:

@@ -1,0 +1,321 @@
+"""Polls in Redis: their definitions, lifecycle and result snapshots.
+
+Rule: definitions are written here and by nothing else; the tally script only reads them. Every
+change bumps the poll's version and is announced on `POLLS_CHANGED`, so processors republish
+its config and results at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Final
+
+from redis.asyncio import Redis
+
+from processor.errors import ConfigError
+from processor.keys import POLLS_CHANGED, POLLS_DELETED, POLLS_INDEX, UNATTRIBUTED_FATES, PollKeys
+from processor.poll import Poll
+from processor.poll_results import Results
+from processor.store import redis_text
+
+__all__ = [
+    "Snapshot",
+    "close_poll",
+    "create_poll",
+    "delete_poll",
+    "deleted_id_message",
+    "list_deleted",
+    "list_polls",
+    "load_poll",
+    "load_polls",
+    "note_states",
+    "open_poll",
+    "plan_update",
+    "read_fates",
+    "read_results",
+    "read_snapshots",
+    "update_poll",
+]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def create_poll(
+    redis: Redis, poll: Poll, *, now_ms: int | None = None, reuse_deleted: bool = False
+) -> None:
+    """Store a new poll.
+
+    Args:
+        redis: where polls live.
+        poll: the new poll.
+        now_ms: its creation time (default now).
+        reuse_deleted: take an id of a deleted poll, accepting that votes cast for the deleted
+            one, still in the broker's queue or in device outboxes, count into this one.
+
+    Raises:
+        ConfigError: a poll with that id exists (its votes would no longer match its options),
+            or existed and was deleted (unless ``reuse_deleted``).
+    """
+    if not reuse_deleted and await redis.sismember(POLLS_DELETED, poll.id):
+        raise ConfigError(deleted_id_message(poll.id))
+    keys = PollKeys(poll.id)
+    created = await redis.hsetnx(keys.definition, "n_options", len(poll.labels))
+    if not created:
+        raise ConfigError(f"poll {poll.id!r} exists already; pick another id")
+    now_ms = now_ms if now_ms is not None else _now_ms()
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.definition, mapping={**poll.to_hash(), "created_ms": now_ms})
+        pipe.hsetnx(keys.tally, "version", 0)
+        pipe.hsetnx(keys.tally, "updated_ms", now_ms)
+        pipe.hset(keys.tally, "state_seen", poll.state_at(now_ms))
+        pipe.sadd(POLLS_INDEX, poll.id)
+        pipe.srem(POLLS_DELETED, poll.id)
+        pipe.publish(POLLS_CHANGED, poll.id)
+        await pipe.execute()
+
+
+def deleted_id_message(poll_id: str) -> str:
+    """Why a deleted poll's id is not taken again, and what to do."""
+    return (
+        f"poll {poll_id!r} was deleted; votes cast for it may still wait in the broker's queue "
+        "or in device outboxes, and would count into a new poll of that id. Pick another id, "
+        "or accept that with `votebox poll create --reuse-deleted-id`"
+    )
+
+
+# Fields a poll with votes may not change: its votes would no longer mean what they meant.
+_FIXED_ONCE_VOTED: Final = ("labels", "type", "scale", "one_per_voter")
+
+
+async def plan_update(redis: Redis, poll: Poll) -> list[str]:
+    """The names of the fields an update to ``poll`` would change; writes nothing.
+
+    Raises:
+        ConfigError: there is no such poll, or it has votes and the change would alter what
+            they mean (options, type, scale, one vote per voter).
+    """
+    old = await load_poll(redis, poll.id)
+    if old is None:
+        raise ConfigError(f"no poll {poll.id!r}; create it first")
+    changed = [f.name for f in fields(Poll) if getattr(old, f.name) != getattr(poll, f.name)]
+    if not changed:
+        return []
+    total = int(await redis.hget(PollKeys(poll.id).tally, "total") or 0)
+    frozen = [name for name in changed if name in _FIXED_ONCE_VOTED]
+    if total and frozen:
+        raise ConfigError(
+            f"poll {poll.id} has {total} votes: its {', '.join(frozen)} cannot change "
+            "(make a new poll instead)"
+        )
+    return changed
+
+
+async def update_poll(redis: Redis, poll: Poll, *, now_ms: int | None = None) -> list[str]:
+    """Change an existing poll's definition; returns the names of the fields that changed.
+
+    Raises:
+        ConfigError: as `plan_update`; then nothing is written.
+    """
+    changed = await plan_update(redis, poll)
+    if changed:
+        await _store(redis, poll, now_ms if now_ms is not None else _now_ms())
+    return changed
+
+
+async def _store(redis: Redis, poll: Poll, now_ms: int) -> None:
+    keys = PollKeys(poll.id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.definition, mapping=poll.to_hash())
+        # A new state or definition is a new result: dashboards see a higher version.
+        pipe.hincrby(keys.tally, "version", 1)
+        pipe.hset(keys.tally, mapping={"state_seen": poll.state_at(now_ms), "updated_ms": now_ms})
+        pipe.publish(POLLS_CHANGED, poll.id)
+        await pipe.execute()
+
+
+async def open_poll(redis: Redis, poll_id: str, *, now_ms: int | None = None) -> Poll:
+    """Open a poll now (also reopens a closed one); returns the new definition.
+
+    Raises:
+        ConfigError: there is no such poll.
+    """
+    now_ms = now_ms if now_ms is not None else _now_ms()
+    poll = await _must_load(redis, poll_id)
+    opens = poll.opens_ms if poll.opens_ms and poll.opens_ms <= now_ms else now_ms
+    closes = poll.closes_ms if poll.closes_ms > now_ms else 0
+    opened = replace(poll, opens_ms=opens, closes_ms=closes)
+    await _store(redis, opened, now_ms)
+    return opened
+
+
+async def close_poll(redis: Redis, poll_id: str, *, now_ms: int | None = None) -> Poll:
+    """Close a poll now; votes cast before now may still arrive within its grace period.
+
+    Raises:
+        ConfigError: there is no such poll, or it never opened.
+    """
+    now_ms = now_ms if now_ms is not None else _now_ms()
+    poll = await _must_load(redis, poll_id)
+    if poll.state_at(now_ms) == "scheduled":
+        raise ConfigError(f"poll {poll_id} has not opened yet; nothing to close")
+    if poll.state_at(now_ms) == "closed":
+        return poll
+    closed = replace(poll, closes_ms=now_ms)
+    await _store(redis, closed, now_ms)
+    return closed
+
+
+async def delete_poll(redis: Redis, poll_id: str) -> int:
+    """Delete a poll and everything stored about it; processors clear its retained topics.
+
+    Returns:
+        How many points were still queued for InfluxDB and are dropped with it.
+
+    Raises:
+        ConfigError: there is no such poll.
+    """
+    await _must_load(redis, poll_id)
+    keys = PollKeys(poll_id)
+    queued = int(await redis.xlen(keys.points))
+    windows = [key async for key in redis.scan_iter(match=keys.window_prefix + "*", count=1000)]
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(*keys.every_key(), *windows)
+        pipe.srem(POLLS_INDEX, poll_id)
+        pipe.sadd(POLLS_DELETED, poll_id)
+        pipe.publish(POLLS_CHANGED, poll_id)
+        await pipe.execute()
+    return queued
+
+
+def _definition(poll_id: str, stored: Mapping[Any, Any]) -> Poll | None:
+    return Poll.from_hash(poll_id, {redis_text(k): redis_text(v) for k, v in stored.items()})
+
+
+async def _must_load(redis: Redis, poll_id: str) -> Poll:
+    poll = await load_poll(redis, poll_id)
+    if poll is None:
+        raise ConfigError(f"no poll {poll_id!r}; votebox poll list shows the polls there are")
+    return poll
+
+
+async def load_poll(redis: Redis, poll_id: str) -> Poll | None:
+    """The poll's definition, or None when there is no such poll."""
+    return _definition(poll_id, await redis.hgetall(PollKeys(poll_id).definition))
+
+
+async def load_polls(redis: Redis, poll_ids: Iterable[str]) -> dict[str, Poll]:
+    """Several definitions in one round trip; polls that do not exist are left out."""
+    ids = list(poll_ids)
+    async with redis.pipeline(transaction=False) as pipe:
+        for poll_id in ids:
+            pipe.hgetall(PollKeys(poll_id).definition)
+        replies = await pipe.execute()
+    out = {}
+    for poll_id, stored in zip(ids, replies, strict=True):
+        poll = _definition(poll_id, stored)
+        if poll is not None:
+            out[poll_id] = poll
+    return out
+
+
+async def list_polls(redis: Redis) -> list[str]:
+    """Every poll id, sorted."""
+    members = await redis.smembers(POLLS_INDEX)
+    return sorted(redis_text(m) for m in members)
+
+
+async def list_deleted(redis: Redis) -> list[str]:
+    """Ids of deleted polls (whose retained topics processors clear), sorted."""
+    members = await redis.smembers(POLLS_DELETED)
+    return sorted(redis_text(m) for m in members)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A poll's definition and results read together, and the state its version last counted."""
+
+    poll: Poll
+    results: Results
+    state_seen: str | None
+
+
+async def read_snapshots(
+    redis: Redis, poll_ids: Iterable[str], *, now_ms: int | None = None
+) -> dict[str, Snapshot]:
+    """Definitions and results of several polls in one round trip; missing polls left out."""
+    now_ms = now_ms if now_ms is not None else _now_ms()
+    ids: Sequence[str] = list(poll_ids)
+    async with redis.pipeline(transaction=False) as pipe:
+        for poll_id in ids:
+            keys = PollKeys(poll_id)
+            pipe.hgetall(keys.definition)
+            pipe.hgetall(keys.tally)
+        replies = await pipe.execute()
+    out: dict[str, Snapshot] = {}
+    for i, poll_id in enumerate(ids):
+        poll = _definition(poll_id, replies[2 * i])
+        if poll is None:
+            continue
+        tally = replies[2 * i + 1]
+        state = poll.state_at(now_ms)
+        results = Results(
+            poll=poll_id,
+            title=poll.title,
+            state=state,
+            version=int(tally.get(b"version", 0)),
+            total=int(tally.get(b"total", 0)),
+            counts=tuple(int(tally.get(f"c:{i}".encode(), 0)) for i in range(len(poll.labels))),
+            labels=poll.labels,
+            updated_ms=int(tally.get(b"updated_ms", 0)),
+            type=poll.type,
+            scale=poll.scale,
+            hidden=poll.hide_results_until_close and state != "closed",
+            opens_ms=poll.opens_ms,
+            closes_ms=poll.closes_ms,
+        )
+        seen = tally.get(b"state_seen")
+        out[poll_id] = Snapshot(poll, results, redis_text(seen) if seen is not None else None)
+    return out
+
+
+async def read_results(
+    redis: Redis, poll_ids: Iterable[str], *, now_ms: int | None = None
+) -> dict[str, Results]:
+    """Results of several polls in one round trip; polls that do not exist are left out."""
+    snapshots = await read_snapshots(redis, poll_ids, now_ms=now_ms)
+    return {poll_id: snap.results for poll_id, snap in snapshots.items()}
+
+
+_STATE_BUMP: Final = """
+if redis.call('HGET', KEYS[1], 'state_seen') == ARGV[1] then return false end
+redis.call('HSET', KEYS[1], 'state_seen', ARGV[1], 'updated_ms', ARGV[2])
+return redis.call('HINCRBY', KEYS[1], 'version', 1)
+"""
+
+
+async def note_states(redis: Redis, states: Mapping[str, str], *, now_ms: int) -> None:
+    """Bump the version of each poll whose state (by its times) is not the one its version
+    last counted: a scheduled open or close is a new result, and dashboards go by version.
+    Several processors may race here; the script makes only the first bump count."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for poll_id, state in states.items():
+            pipe.eval(_STATE_BUMP, 1, PollKeys(poll_id).tally, state, now_ms)
+        await pipe.execute()
+
+
+def _counts(stored: dict[Any, Any]) -> dict[str, int]:
+    return {redis_text(k): int(v) for k, v in stored.items()}
+
+
+async def read_fates(redis: Redis, poll_id: str) -> tuple[dict[str, int], dict[str, int]]:
+    """How many votes of the poll met each fate, and how many messages naming no valid poll
+    were rejected, by reason code (docs/protocol.md, Acks)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(PollKeys(poll_id).fates)
+        pipe.hgetall(UNATTRIBUTED_FATES)
+        per_poll, unattributed = await pipe.execute()
+    return _counts(per_poll), _counts(unattributed)
