@@ -31,9 +31,12 @@ from processor.config import Settings
 from processor.errors import BrokerUnavailable
 from processor.supervise import supervised
 
-__all__ = ["Delivery", "MqttIntake"]
+__all__ = ["Delivery", "MqttIntake", "Publish"]
 
 log = logging.getLogger(__name__)
+
+# What the results and stats publishers are handed: a retained QoS 1 publish of the intake.
+Publish = Callable[[str, bytes], None]
 
 _SUBSCRIBE_MID: Final = 1
 # The largest packet we take whole (MQTT 5 tells the broker so in CONNECT; on 3.1.1 a larger

@@ -1,4 +1,5 @@
-"""What ``polls/{poll}/results`` carries: a poll's counts, its figures and their JSON. Pure."""
+"""What ``polls/{poll}/results`` carries: a poll's counts, its figures, their JSON, and the
+terminal form of that JSON (``votebox watch``, ``votebox poll show``). Pure."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from processor.poll import PollType, iso_time
 
-__all__ = ["Results"]
+__all__ = ["Results", "format_results"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,3 +78,23 @@ class Results:
             body["counts"] = list(self.counts)
             body.update(self.figures())
         return json.dumps(body, separators=(",", ":")).encode()
+
+
+def format_results(document: dict[str, Any], *, width: int = 30) -> str:
+    """A few lines of text bars for one results document."""
+    total = document.get("total", 0)
+    lines = [
+        f"{document.get('title') or document.get('poll', '?')}  [{document.get('state', '?')}]  "
+        f"total {total}  v{document.get('version', 0)}  {document.get('updated_at', '')}"
+    ]
+    if document.get("counts") is None:
+        lines.append("  results hidden until the poll closes")
+        return "\n".join(lines)
+    labels = document.get("labels") or []
+    label_width = max((len(label) for label in labels), default=0)
+    # A document from another publisher may be short of counts: draw what there is.
+    for label, count in zip(labels, document["counts"], strict=False):
+        share = count / total if total else 0.0
+        bar = "#" * round(share * width)
+        lines.append(f"  {label:<{label_width}} {bar:<{width}} {count:>7} {share:6.1%}")
+    return "\n".join(lines)

@@ -23,6 +23,7 @@ from processor.backoff import backoff_delays
 from processor.errors import StoreUnavailable
 from processor.keys import POLLS_CHANGED
 from processor.metrics import Metrics
+from processor.mqtt import Publish
 from processor.poll_store import Snapshot, list_deleted, list_polls, note_states, read_snapshots
 from processor.store import redis_errors
 from processor.topics import config_topic, results_topic
@@ -31,7 +32,6 @@ __all__ = ["ResultsPublisher"]
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes], None]
 
 # How long one wait for an announcement lasts before the listener looks again.
 _LISTEN_WAIT_S: Final = 1.0

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from processor.errors import StoreUnavailable
 from processor.keys import DEVICES_SEEN, UNATTRIBUTED_FATES, PollKeys
 from processor.metrics import Metrics
+from processor.mqtt import Publish
 from processor.poll_store import list_polls
 from processor.reasons import Fate
 from processor.store import redis_errors, redis_text
@@ -120,9 +121,6 @@ async def read_stats(redis: Redis, *, now_ms: int, silent_after_s: float) -> Sta
         silent=silent[:SILENT_LISTED_MAX],
         silent_count=len(silent),
     )
-
-
-Publish = Callable[[str, bytes], None]
 
 
 class StatsPublisher:

@@ -16,11 +16,11 @@ from typing import Any
 from redis.asyncio import Redis
 
 from processor.commands import Commands, add_command
-from processor.commands.watch import format_results
 from processor.config import Settings
 from processor.errors import ConfigError
 from processor.keys import PollKeys
 from processor.poll import Poll
+from processor.poll_results import format_results
 from processor.poll_store import (
     close_poll,
     create_poll,

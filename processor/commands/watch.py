@@ -18,10 +18,10 @@ import aiomqtt
 
 from processor.commands import Commands, add_command
 from processor.config import DEFAULT_MQTT_URL, MqttUrl, Settings
+from processor.poll_results import format_results
 from processor.topics import results_topic
 
 __all__ = [
-    "format_results",
     "register",
     "results_stream",
     "results_updates",
@@ -109,26 +109,6 @@ async def wait_for_results(
     except TimeoutError:
         raise TimeoutError(f"results of {poll} never matched; last seen: {last}") from None
     raise TimeoutError(f"results stream of {poll} ended; last seen: {last}")
-
-
-def format_results(document: dict[str, Any], *, width: int = 30) -> str:
-    """A few lines of text bars for one results document."""
-    total = document.get("total", 0)
-    lines = [
-        f"{document.get('title') or document.get('poll', '?')}  [{document.get('state', '?')}]  "
-        f"total {total}  v{document.get('version', 0)}  {document.get('updated_at', '')}"
-    ]
-    if document.get("counts") is None:
-        lines.append("  results hidden until the poll closes")
-        return "\n".join(lines)
-    labels = document.get("labels") or []
-    label_width = max((len(label) for label in labels), default=0)
-    # A document from another publisher may be short of counts: draw what there is.
-    for label, count in zip(labels, document["counts"], strict=False):
-        share = count / total if total else 0.0
-        bar = "#" * round(share * width)
-        lines.append(f"  {label:<{label_width}} {bar:<{width}} {count:>7} {share:6.1%}")
-    return "\n".join(lines)
 
 
 def register(commands: Commands) -> None:
