@@ -26,7 +26,7 @@ from processor.commands import (
     status,
     watch,
 )
-from processor.config import ENV_VARS, Settings
+from processor.config import SETTING_NAMES, Settings
 from processor.errors import VoteboxError
 from processor.logs import configure_logging
 
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # The command's own flags that name a setting (--redis-url...) override the environment.
         settings = Settings.from_env(os.environ).with_overrides(
-            {name: getattr(args, name, None) for _, name, _ in ENV_VARS}
+            {name: getattr(args, name, None) for name in SETTING_NAMES}
         )
         configure_logging(settings.log_level, settings.log_format)
         code: int = args.run(args, settings)

@@ -6,9 +6,10 @@ Rule: nothing reads os.environ except `Settings.from_env`, and only when the CLI
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 from urllib.parse import unquote, urlsplit
 
 from processor.errors import ConfigError
@@ -19,6 +20,7 @@ __all__ = [
     "ENV_VARS",
     "InfluxTarget",
     "MqttUrl",
+    "SETTING_NAMES",
     "Settings",
 ]
 
@@ -118,115 +120,172 @@ def _mask(url: str) -> str:
     return url
 
 
-# (variable, field, help). `votebox --help` prints this table, so it is the one list of them.
-ENV_VARS: Final = (
-    ("VOTEBOX_MQTT_URL", "mqtt_url", f"broker URL, default {DEFAULT_MQTT_URL}"),
-    ("VOTEBOX_MQTT_PROTOCOL", "mqtt_protocol", "5 (default) or 3.1.1 (the embedded amqtt broker)"),
-    ("VOTEBOX_MQTT_CLIENT_ID", "mqtt_client_id", "fixed client id of the persistent session"),
-    ("VOTEBOX_MQTT_SHARE_GROUP", "mqtt_share_group", "MQTT 5 shared-subscription group"),
-    ("VOTEBOX_MQTT_RECEIVE_MAX", "mqtt_receive_max", "un-acked votes in flight, default 1000"),
-    (
-        "VOTEBOX_MQTT_KEEPALIVE_S",
-        "mqtt_keepalive_s",
-        "MQTT keepalive; a silent link is found within it, default 30",
-    ),
-    (
-        "VOTEBOX_MQTT_CA_FILE",
-        "mqtt_ca_file",
-        "CA certificate(s) for mqtts://, default the system's",
-    ),
-    ("VOTEBOX_REDIS_URL", "redis_url", f"Redis URL, default {DEFAULT_REDIS_URL}"),
-    ("VOTEBOX_INFLUX_URL", "influx_url", "InfluxDB URL, http://host:8086; unset: Redis only"),
-    (
-        "VOTEBOX_INFLUX_API",
-        "influx_api",
-        "v2 (token, org, bucket) or v1 (/write); default v2 when a token is set",
-    ),
-    ("VOTEBOX_INFLUX_TOKEN", "influx_token", "InfluxDB 2 API token"),
-    ("VOTEBOX_INFLUX_ORG", "influx_org", "InfluxDB 2 organization"),
-    ("VOTEBOX_INFLUX_BUCKET", "influx_bucket", "InfluxDB 2 bucket"),
-    ("VOTEBOX_INFLUX_DB", "influx_db", "InfluxDB 1.x database, default votebox"),
-    ("VOTEBOX_INFLUX_RP", "influx_rp", "InfluxDB 1.x retention policy, default the database's"),
-    ("VOTEBOX_INFLUX_USER", "influx_user", "InfluxDB 1.x user"),
-    ("VOTEBOX_INFLUX_PASSWORD", "influx_password", "InfluxDB 1.x password"),
-    (
-        "VOTEBOX_INFLUX_QUEUE_MAX",
-        "influx_queue_max",
-        "points queued per poll at most, default 1000000",
-    ),
-    ("VOTEBOX_INFLUX_BATCH_MAX", "influx_batch_max", "points per InfluxDB write, default 5000"),
-    ("VOTEBOX_INFLUX_FLUSH_S", "influx_flush_s", "InfluxDB write interval, default 1.0"),
-    ("VOTEBOX_CLOCK_SKEW_S", "clock_skew_s", "device clock error tolerated, default 300"),
-    ("VOTEBOX_RESULTS_INTERVAL_S", "results_interval_s", "results publish interval, default 0.1"),
-    ("VOTEBOX_BATCH_MAX", "batch_max", "votes per Redis round trip at most, default 500"),
-    (
-        "VOTEBOX_DEVICE_RATE",
-        "device_rate",
-        "messages/s per device, beyond: rate_limited; 0 (default) off",
-    ),
-    ("VOTEBOX_DEVICE_BURST", "device_burst", "messages a device may send at once, default 300"),
-    ("VOTEBOX_LOG_LEVEL", "log_level", "DEBUG, INFO (default), WARNING"),
-    ("VOTEBOX_LOG_FORMAT", "log_format", "logfmt (key=value, default) or json"),
-    (
-        "VOTEBOX_METRICS_HOST",
-        "metrics_host",
-        "address of /metrics /healthz /readyz, default 127.0.0.1",
-    ),
-    ("VOTEBOX_METRICS_PORT", "metrics_port", "port of /metrics /healthz /readyz, default 9100"),
-    ("VOTEBOX_STATS_INTERVAL_S", "stats_interval_s", "retained votebox/stats every, default 5"),
-    ("VOTEBOX_SILENT_AFTER_S", "silent_after_s", "a device is silent after, default 300"),
-    ("VOTEBOX_STALL_S", "stall_s", "not ready when votes wait this long uncommitted, default 30"),
-)
+def _setting(
+    default: Any = None,
+    *,
+    env: str,
+    help: str,
+    default_help: str | None = None,
+    processor: bool = True,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A field of `Settings` that the operator sets: its variable, its help, its scope.
+
+    Args:
+        default: its value when unset.
+        env: the ``VOTEBOX_*`` variable that sets it (and names it in errors).
+        help: what it is, for ``--help``; the default is appended unless ``default_help`` says
+            it better, or the default is None.
+        default_help: the default as ``--help`` shows it, when the value alone says too little.
+        processor: a setting of ``votebox processor`` (a flag of its own); False for what only
+            the other commands read (the passwords of the dashboard and of a device).
+        factory: builds the default, for a default that is not a plain value.
+    """
+    metadata = {
+        "env": env,
+        "help": help,
+        "default_help": default_help,
+        "processor": processor,
+    }
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything the processor needs to run."""
+    """Everything the processor needs to run, and the little the other commands read.
 
-    mqtt_url: MqttUrl = dataclasses.field(default_factory=lambda: MqttUrl.parse(DEFAULT_MQTT_URL))
-    mqtt_protocol: MqttProtocol = "5"
-    mqtt_client_id: str = "votebox-processor"
-    mqtt_share_group: str | None = None
+    Rule: this class is the one table of settings. A field made with `_setting` has a
+    ``VOTEBOX_*`` variable and, for the processor, a flag; ``ENV_VARS``, ``--help``, the
+    conversion of strings and the names in error messages are all derived from it. Fields
+    without one are tuning that only code and tests set.
+    """
+
+    mqtt_url: MqttUrl = _setting(
+        env="VOTEBOX_MQTT_URL",
+        help="broker URL",
+        default_help=DEFAULT_MQTT_URL,
+        factory=lambda: MqttUrl.parse(DEFAULT_MQTT_URL),
+    )
+    mqtt_protocol: MqttProtocol = _setting(
+        "5", env="VOTEBOX_MQTT_PROTOCOL", help="5 or 3.1.1 (the embedded amqtt broker)"
+    )
+    mqtt_client_id: str = _setting(
+        "votebox-processor",
+        env="VOTEBOX_MQTT_CLIENT_ID",
+        help="fixed client id of the persistent session",
+    )
+    mqtt_share_group: str | None = _setting(
+        env="VOTEBOX_MQTT_SHARE_GROUP", help="MQTT 5 shared-subscription group"
+    )
     # MQTT 5 Receive Maximum: how many un-acked votes the broker may push at us. It bounds the
     # intake's memory and, divided by the commit time, its throughput.
-    mqtt_receive_max: int = 1000
-    mqtt_keepalive_s: int = 30
-    mqtt_ca_file: str | None = None
+    mqtt_receive_max: int = _setting(
+        1000, env="VOTEBOX_MQTT_RECEIVE_MAX", help="un-acked votes in flight"
+    )
+    mqtt_keepalive_s: int = _setting(
+        30,
+        env="VOTEBOX_MQTT_KEEPALIVE_S",
+        help="MQTT keepalive; a silent link is found within it",
+    )
+    mqtt_ca_file: str | None = _setting(
+        env="VOTEBOX_MQTT_CA_FILE",
+        help="CA certificate(s) for mqtts://",
+        default_help="the system's",
+    )
     # MQTT 5: 0 would end the session on disconnect, so votes sent while we are down would be lost.
     mqtt_session_expiry_s: int = 7 * 24 * 3600
     mqtt_connect_timeout_s: float = 10.0
-    redis_url: str = DEFAULT_REDIS_URL
+    redis_url: str = _setting(DEFAULT_REDIS_URL, env="VOTEBOX_REDIS_URL", help="Redis URL")
     redis_timeout_s: float = 5.0
-    influx_url: str | None = None
-    influx_api: str | None = None
-    influx_token: str | None = None
-    influx_org: str | None = None
-    influx_bucket: str | None = None
-    influx_db: str = "votebox"
-    influx_rp: str | None = None
-    influx_user: str | None = None
-    influx_password: str | None = None
+    influx_url: str | None = _setting(
+        env="VOTEBOX_INFLUX_URL", help="InfluxDB URL, http://host:8086; unset: Redis only"
+    )
+    influx_api: str | None = _setting(
+        env="VOTEBOX_INFLUX_API",
+        help="v2 (token, org, bucket) or v1 (/write)",
+        default_help="v2 when a token is set",
+    )
+    influx_token: str | None = _setting(env="VOTEBOX_INFLUX_TOKEN", help="InfluxDB 2 API token")
+    influx_org: str | None = _setting(env="VOTEBOX_INFLUX_ORG", help="InfluxDB 2 organization")
+    influx_bucket: str | None = _setting(env="VOTEBOX_INFLUX_BUCKET", help="InfluxDB 2 bucket")
+    influx_db: str = _setting("votebox", env="VOTEBOX_INFLUX_DB", help="InfluxDB 1.x database")
+    influx_rp: str | None = _setting(
+        env="VOTEBOX_INFLUX_RP",
+        help="InfluxDB 1.x retention policy",
+        default_help="the database's",
+    )
+    influx_user: str | None = _setting(env="VOTEBOX_INFLUX_USER", help="InfluxDB 1.x user")
+    influx_password: str | None = _setting(
+        env="VOTEBOX_INFLUX_PASSWORD", help="InfluxDB 1.x password"
+    )
     # 1,000,000 points of about 150 bytes: some 150 MB of Redis per poll when InfluxDB is away
     # for long (docs/analytics.md, When InfluxDB is down).
-    influx_queue_max: int = 1_000_000
-    influx_batch_max: int = 5000
-    influx_flush_s: float = 1.0
-    clock_skew_s: int = 300
-    results_interval_s: float = 0.1
+    influx_queue_max: int = _setting(
+        1_000_000, env="VOTEBOX_INFLUX_QUEUE_MAX", help="points queued per poll at most"
+    )
+    influx_batch_max: int = _setting(
+        5000, env="VOTEBOX_INFLUX_BATCH_MAX", help="points per InfluxDB write"
+    )
+    influx_flush_s: float = _setting(
+        1.0, env="VOTEBOX_INFLUX_FLUSH_S", help="InfluxDB write interval"
+    )
+    clock_skew_s: int = _setting(
+        300, env="VOTEBOX_CLOCK_SKEW_S", help="device clock error tolerated"
+    )
+    results_interval_s: float = _setting(
+        0.1, env="VOTEBOX_RESULTS_INTERVAL_S", help="results publish interval"
+    )
     polls_rescan_s: float = 2.0
-    batch_max: int = 500
+    batch_max: int = _setting(
+        500, env="VOTEBOX_BATCH_MAX", help="votes per Redis round trip at most"
+    )
     # docs/security.md, Floods: off unless set, because tests and benchmarks flood on purpose.
-    device_rate: float = 0.0
-    device_burst: float = 300.0
+    device_rate: float = _setting(
+        0.0,
+        env="VOTEBOX_DEVICE_RATE",
+        help="messages/s per device, beyond: rate_limited",
+        default_help="0 (off)",
+    )
+    device_burst: float = _setting(
+        300.0, env="VOTEBOX_DEVICE_BURST", help="messages a device may send at once"
+    )
     shutdown_timeout_s: float = 10.0
-    log_level: str = "INFO"
-    log_format: str = "logfmt"
+    log_level: str = _setting("INFO", env="VOTEBOX_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _setting(
+        "logfmt", env="VOTEBOX_LOG_FORMAT", help="logfmt (key=value) or json"
+    )
     # Loopback by default: metrics name polls, and /readyz probes Redis on every request.
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9100
-    stats_interval_s: float = 5.0
-    silent_after_s: float = 300.0
-    stall_s: float = 30.0
+    metrics_host: str = _setting(
+        "127.0.0.1", env="VOTEBOX_METRICS_HOST", help="address of /metrics /healthz /readyz"
+    )
+    metrics_port: int = _setting(
+        9100, env="VOTEBOX_METRICS_PORT", help="port of /metrics /healthz /readyz"
+    )
+    stats_interval_s: float = _setting(
+        5.0, env="VOTEBOX_STATS_INTERVAL_S", help="retained votebox/stats every"
+    )
+    silent_after_s: float = _setting(
+        300.0, env="VOTEBOX_SILENT_AFTER_S", help="a device is silent after"
+    )
+    stall_s: float = _setting(
+        30.0,
+        env="VOTEBOX_STALL_S",
+        help="not ready when votes wait this long uncommitted",
+    )
+    dashboard_password: str | None = _setting(
+        env="VOTEBOX_DASHBOARD_PASSWORD",
+        help="the dashboard account's password (votebox dashboard, simulate)",
+        processor=False,
+    )
+    device_password: str | None = _setting(
+        env="VOTEBOX_DEVICE_PASSWORD",
+        help="a device's password (votebox kiosk, button)",
+        processor=False,
+    )
+    # Which of the fields above were set, by the environment or by flags; the rest are defaults.
+    given: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mqtt_protocol not in ("5", "3.1.1"):
@@ -297,7 +356,7 @@ class Settings:
         Raises:
             ConfigError: a variable is malformed; the message names it.
         """
-        return cls().with_overrides({field: env.get(var) for var, field, _ in ENV_VARS})
+        return cls().with_overrides({name: env.get(var) for name, var in _VAR_OF.items()})
 
     def with_overrides(self, values: Mapping[str, object]) -> Settings:
         """A copy with the given fields replaced; None and "" leave a field as it is.
@@ -311,15 +370,9 @@ class Settings:
         for name, value in values.items():
             if value is None or value == "":
                 continue
-            var = _VAR_OF[name]
-            if name == "mqtt_url":
-                changes[name] = value if isinstance(value, MqttUrl) else MqttUrl.parse(str(value))
-            elif name in _INT_FIELDS:
-                changes[name] = _convert(int, value, var)
-            elif name in _FLOAT_FIELDS:
-                changes[name] = _convert(float, value, var)
-            else:
-                changes[name] = str(value)
+            changes[name] = _from_text(_TYPES[name], value, _VAR_OF.get(name, name))
+        if changes:
+            changes["given"] = self.given | changes.keys()
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
@@ -330,28 +383,34 @@ class Settings:
         )
 
 
-_VAR_OF: Final = {field: var for var, field, _ in ENV_VARS} | {
-    f.name: f.name for f in dataclasses.fields(Settings) if f.name not in {x[1] for x in ENV_VARS}
-}
-_INT_FIELDS: Final = frozenset(
-    {"influx_queue_max", "influx_batch_max", "clock_skew_s", "metrics_port"}
-    | {"mqtt_receive_max", "batch_max", "mqtt_keepalive_s", "mqtt_session_expiry_s"}
-)
-_FLOAT_FIELDS: Final = frozenset(
-    {"influx_flush_s", "stats_interval_s", "silent_after_s", "stall_s", "device_rate"}
-    | {"device_burst"}
-    | {
-        "results_interval_s",
-        "redis_timeout_s",
-        "polls_rescan_s",
-        "shutdown_timeout_s",
-        "mqtt_connect_timeout_s",
-    }
-)
+_SETTINGS: Final = tuple(f for f in dataclasses.fields(Settings) if "env" in f.metadata)
+_VAR_OF: Final = {f.name: f.metadata["env"] for f in _SETTINGS}
+# The fields a command's flag may set (its dest is the field's name).
+SETTING_NAMES: Final = tuple(_VAR_OF)
 
 
-def _convert(kind: type[int] | type[float], value: object, var: str) -> int | float:
-    try:
-        return kind(str(value))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{var} must be a {kind.__name__} (got {value!r})") from None
+def _help(f: dataclasses.Field[Any]) -> str:
+    shown = f.metadata["default_help"]
+    if shown is None and f.default is not None and f.default is not dataclasses.MISSING:
+        shown = f"{f.default:g}" if isinstance(f.default, float) else f.default
+    return str(f.metadata["help"]) + (f", default {shown}" if shown is not None else "")
+
+
+# (variable, field, help) of each setting of the processor: `votebox --help` prints them, and
+# `votebox processor` has a flag for each.
+ENV_VARS: Final = tuple(
+    (f.metadata["env"], f.name, _help(f)) for f in _SETTINGS if f.metadata["processor"]
+)
+_TYPES: Final = typing.get_type_hints(Settings)
+
+
+def _from_text(kind: object, value: object, var: str) -> object:
+    """A setting's value from text (the environment, a flag), as the type it is declared."""
+    if kind is MqttUrl:
+        return value if isinstance(value, MqttUrl) else MqttUrl.parse(str(value), variable=var)
+    if kind is int or kind is float:
+        try:
+            return kind(str(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{var} must be a {kind.__name__} (got {value!r})") from None
+    return str(value)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import typing
+
 import pytest
 
-from processor.config import MqttUrl, Settings
+from processor.config import ENV_VARS, MqttUrl, Settings
 from processor.errors import ConfigError
 
 
@@ -57,3 +59,27 @@ def test_mqtts_defaults_to_port_8883() -> None:
 def test_bad_values_name_the_variable(env: dict[str, str], names: str) -> None:
     with pytest.raises(ConfigError, match=names):
         Settings.from_env(env)
+
+
+_TYPES = typing.get_type_hints(Settings)
+
+
+@pytest.mark.parametrize(
+    ("var", "name"), [(var, name) for var, name, _ in ENV_VARS if _TYPES[name] in (int, float)]
+)
+def test_every_number_setting_is_read_from_its_variable_as_its_type(var: str, name: str) -> None:
+    kind = _TYPES[name]
+    settings = Settings.from_env({var: "7"})
+    assert getattr(settings, name) == kind("7")
+    assert settings.given == {name}
+    with pytest.raises(ConfigError, match=var):
+        Settings.from_env({var: "seven"})
+
+
+def test_the_commands_passwords_come_from_the_environment_and_flags_win() -> None:
+    env = {"VOTEBOX_DASHBOARD_PASSWORD": "d", "VOTEBOX_DEVICE_PASSWORD": "k"}
+    settings = Settings.from_env(env)
+    assert (settings.dashboard_password, settings.device_password) == ("d", "k")
+    assert settings.given == {"dashboard_password", "device_password"}
+    assert settings.with_overrides({"dashboard_password": "flag"}).dashboard_password == "flag"
+    assert "VOTEBOX_DASHBOARD_PASSWORD" not in {var for var, _, _ in ENV_VARS}

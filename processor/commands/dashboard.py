@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -129,7 +128,8 @@ def register(commands: Commands) -> None:
     p.add_argument("--username", default="dashboard", help="MQTT account of the page")
     p.add_argument(
         "--password",
-        default=os.environ.get("VOTEBOX_DASHBOARD_PASSWORD"),
+        dest="dashboard_password",
+        metavar="PASSWORD",
         help="its password (env VOTEBOX_DASHBOARD_PASSWORD); every browser gets it, so give "
         "the account read access only",
     )
@@ -141,7 +141,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port,
         ws_url=args.ws_url,
         username=args.username,
-        password=args.password,
+        password=settings.dashboard_password,
     ) as url:
         print(f"votebox dashboard on {url} (broker {args.ws_url}); Ctrl-C stops", flush=True)
         threading.Event().wait()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -34,7 +33,8 @@ def register(commands: Commands) -> None:
         )
         p.add_argument(
             "--password",
-            default=os.environ.get("VOTEBOX_DEVICE_PASSWORD"),
+            dest="device_password",
+            metavar="PASSWORD",
             help="the device's password (env VOTEBOX_DEVICE_PASSWORD)",
         )
         p.add_argument("--ca-file", default=None, help="CA to verify an mqtts:// broker")
@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         device=args.device,
         host=url.host,
         port=url.port,
-        password=args.password,
+        password=settings.device_password,
         ca_file=args.ca_file if url.tls else None,
         heartbeat_s=args.heartbeat,
     )

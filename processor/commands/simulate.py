@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from processor.commands import Commands, add_command
-from processor.config import DEFAULT_MQTT_URL, MqttUrl, Settings
+from processor.config import Settings
 
 if TYPE_CHECKING:
     from devices.simulator import ResultsSnapshot
@@ -27,7 +26,8 @@ def register(commands: Commands) -> None:
     p = add_command(commands, "simulate", _run, help="simulated kiosks voting through the broker")
     p.add_argument(
         "--mqtt-url",
-        default=os.environ.get("VOTEBOX_MQTT_URL", DEFAULT_MQTT_URL),
+        dest="mqtt_url",
+        metavar="MQTT_URL",
         help="broker URL (env VOTEBOX_MQTT_URL)",
     )
     p.add_argument("--poll", default="demo", help="poll to vote in (default demo)")
@@ -60,12 +60,14 @@ def register(commands: Commands) -> None:
     )
     p.add_argument(
         "--redis-url",
-        default=os.environ.get("VOTEBOX_REDIS_URL"),
+        dest="redis_url",
+        metavar="REDIS_URL",
         help="also check the summary against Redis's tally (env VOTEBOX_REDIS_URL)",
     )
     p.add_argument(
         "--dashboard-password",
-        default=os.environ.get("VOTEBOX_DASHBOARD_PASSWORD"),
+        dest="dashboard_password",
+        metavar="DASHBOARD_PASSWORD",
         help="the dashboard account's password, to read the results topic"
         " (env VOTEBOX_DASHBOARD_PASSWORD)",
     )
@@ -74,7 +76,9 @@ def register(commands: Commands) -> None:
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from devices.simulator import fleet_ids, simulate
 
-    url = MqttUrl.parse(args.mqtt_url)
+    url = settings.mqtt_url
+    # Checked against Redis only when the operator named a Redis (flag or environment).
+    redis_url = settings.redis_url if "redis_url" in settings.given else None
     passwords = None
     if args.accounts:
         from broker.accounts import AccountStore
@@ -90,7 +94,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             " file beside it: send Mosquitto a SIGHUP now; votebox broker reads them at once)",
             flush=True,
         )
-    redis_before = _redis_tally(args.redis_url, args.poll) if args.redis_url else None
+    redis_before = _redis_tally(redis_url, args.poll) if redis_url else None
     stop = threading.Event()
     try:
         summary = simulate(
@@ -108,15 +112,15 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             prefix=args.prefix,
             stop=stop,
             passwords=passwords,
-            results_password=args.dashboard_password,
+            results_password=settings.dashboard_password,
         )
     except KeyboardInterrupt:
         stop.set()
         return 130
-    if args.redis_url:
+    if redis_url:
         # Every ack the kiosks got followed its commit: Redis already holds what they were told.
         summary.redis_before = redis_before
-        summary.redis_after = _redis_tally(args.redis_url, args.poll)
+        summary.redis_after = _redis_tally(redis_url, args.poll)
     print("\n".join(summary.lines()))
     return 0 if summary.agrees() and not summary.queued else 1
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +16,7 @@ from typing import Any, TextIO
 import aiomqtt
 
 from processor.commands import Commands, add_command
-from processor.config import DEFAULT_MQTT_URL, MqttUrl, Settings
+from processor.config import MqttUrl, Settings
 from processor.poll_results import format_results
 from processor.topics import results_topic
 
@@ -117,12 +116,14 @@ def register(commands: Commands) -> None:
     p.add_argument("poll", nargs="?", default=None, help="one poll (default: every poll)")
     p.add_argument(
         "--mqtt-url",
-        default=os.environ.get("VOTEBOX_MQTT_URL", DEFAULT_MQTT_URL),
+        dest="mqtt_url",
+        metavar="MQTT_URL",
         help="broker URL (env VOTEBOX_MQTT_URL); the user name defaults to dashboard",
     )
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    url = MqttUrl.parse(args.mqtt_url)
-    asyncio.run(watch_polls(url, args.poll, out=sys.stdout, in_place=sys.stdout.isatty()))
+    asyncio.run(
+        watch_polls(settings.mqtt_url, args.poll, out=sys.stdout, in_place=sys.stdout.isatty())
+    )
     return 0
