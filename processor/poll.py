@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -22,6 +22,8 @@ __all__ = [
     "MAX_OPTIONS",
     "MAX_TITLE_CHARS",
     "Poll",
+    "POLL_FIELDS",
+    "PollField",
     "PollType",
     "iso_time",
     "parse_time_ms",
@@ -134,113 +136,46 @@ class Poll:
 
     def config(self, now_ms: int) -> dict[str, Any]:
         """What ``polls/{poll}/config`` carries (docs/protocol.md, Poll config)."""
-        body: dict[str, Any] = {
-            "poll": self.id,
-            "title": self.title,
-            "type": str(self.type),
-            "labels": list(self.labels),
-            "state": self.state_at(now_ms),
-            "opens_at": iso_time(self.opens_ms),
-            "closes_at": iso_time(self.closes_ms),
-            "one_per_voter": self.one_per_voter,
-            "cooldown_s": self.cooldown_s,
-        }
-        if self.type is PollType.MULTIPLE:
-            body["max_choices"] = self.max_choices
-        if self.scale is not None:
-            body["scale"] = list(self.scale)
+        body: dict[str, Any] = {"poll": self.id, "state": self.state_at(now_ms)}
+        for f in POLL_FIELDS:
+            if f.published is not None and f.shown(self):
+                body[f.published] = f.publish(getattr(self, f.name))
         return body
 
     def to_hash(self) -> dict[Any, Any]:  # redis-py wants its own EncodableT mapping
-        """The definition as stored (tally.lua reads n_options and the rule fields)."""
-        return {
-            "n_options": len(self.labels),
-            "labels": json.dumps(self.labels),
-            "title": self.title,
-            "type": str(self.type),
-            "max_choices": self.max_choices,
-            "scale_min": self.scale_min,
-            "scale": json.dumps(self.scale) if self.scale else "",
-            "opens_ms": self.opens_ms,
-            "closes_ms": self.closes_ms,
-            "grace_s": self.grace_s,
-            "one_per_voter": int(self.one_per_voter),
-            "cooldown_s": self.cooldown_s,
-            "hide_results": int(self.hide_results_until_close),
-        }
+        """The definition as stored; tally.lua reads n_options, scale_min and the rule fields."""
+        stored = {f.stored: f.store(getattr(self, f.name)) for f in POLL_FIELDS}
+        return {**stored, "n_options": len(self.labels), "scale_min": self.scale_min}
 
     @classmethod
     def from_hash(cls, poll_id: str, h: Mapping[str, str]) -> Poll | None:
         """The definition from its stored hash (decoded to text), or None if there is none."""
         if "labels" not in h:
             return None
-        scale = json.loads(h["scale"]) if h.get("scale") else None
         return cls(
-            id=poll_id,
-            labels=tuple(json.loads(h["labels"])),
-            title=h.get("title", ""),
-            type=PollType(h.get("type", "single")),
-            max_choices=int(h.get("max_choices", 1)),
-            scale=(int(scale[0]), int(scale[1])) if scale else None,
-            opens_ms=int(h.get("opens_ms", 0)),
-            closes_ms=int(h.get("closes_ms", 0)),
-            grace_s=int(h.get("grace_s", DEFAULT_GRACE_S)),
-            one_per_voter=h.get("one_per_voter") == "1",
-            cooldown_s=int(h.get("cooldown_s", 0)),
-            hide_results_until_close=h.get("hide_results") == "1",
+            id=poll_id, **{f.name: f.load(h[f.stored]) for f in POLL_FIELDS if f.stored in h}
         )
 
     @classmethod
     def from_mapping(cls, poll_id: str, spec: Mapping[str, Any]) -> Poll:
         """A definition from a TOML table or CLI flags (``votebox poll apply``).
 
-        Keys: title, type, options, max_choices, scale ("1-5" or [1, 5]), opens_at,
-        closes_at (ISO 8601 or Unix seconds), grace_s, one_per_voter, cooldown_s,
-        hide_results_until_close.
+        Keys: those of `POLL_FIELDS` (docs/polls.md): title, type, options, max_choices, scale
+        ("1-5" or [1, 5]), opens_at, closes_at (ISO 8601 or Unix seconds), grace_s,
+        one_per_voter, cooldown_s, hide_results_until_close.
 
         Raises:
             ConfigError: an unknown key or a bad value, naming the poll and the key.
         """
-        known = {
-            "title",
-            "type",
-            "options",
-            "max_choices",
-            "scale",
-            "opens_at",
-            "closes_at",
-            "grace_s",
-            "one_per_voter",
-            "cooldown_s",
-            "hide_results_until_close",
-        }
+        known = {f.key for f in POLL_FIELDS}
         unknown = set(spec) - known
         if unknown:
             raise ConfigError(
                 f"poll {poll_id}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}"
             )
         try:
-            kind = PollType(spec.get("type", "single"))
-        except ValueError:
-            raise ConfigError(
-                f"poll {poll_id}: type must be one of {[str(t) for t in PollType]} "
-                f"(got {spec.get('type')!r})"
-            ) from None
-        try:
-            return cls(
-                id=poll_id,
-                labels=tuple(str(o) for o in spec.get("options", ())),
-                title=str(spec.get("title", "")),
-                type=kind,
-                max_choices=int(spec.get("max_choices", 1)),
-                scale=_scale(spec.get("scale")),
-                opens_ms=parse_time_ms(spec.get("opens_at")),
-                closes_ms=parse_time_ms(spec.get("closes_at")),
-                grace_s=int(spec.get("grace_s", DEFAULT_GRACE_S)),
-                one_per_voter=_flag(spec.get("one_per_voter", False)),
-                cooldown_s=int(spec.get("cooldown_s", 0)),
-                hide_results_until_close=_flag(spec.get("hide_results_until_close", False)),
-            )
+            values = {f.name: f.parse(spec[f.key]) for f in POLL_FIELDS if f.key in spec}
+            return cls(id=poll_id, **values)
         except ConfigError as exc:
             raise ConfigError(f"poll {poll_id}: {exc}") from None
         except (TypeError, ValueError) as exc:
@@ -300,3 +235,215 @@ def iso_time(ms: int) -> str | None:
         return None
     moment = datetime.fromtimestamp(ms / 1000, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _poll_type(value: object) -> PollType:
+    try:
+        return PollType(str(value))
+    except ValueError:
+        raise ConfigError(
+            f"type must be one of {[str(t) for t in PollType]} (got {value!r})"
+        ) from None
+
+
+def _load_scale(text: str) -> tuple[int, int] | None:
+    scale = json.loads(text) if text else None
+    return (int(scale[0]), int(scale[1])) if scale else None
+
+
+def _always(poll: Poll) -> bool:
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class PollField:
+    """One field of a poll in each of its forms. Rule: a new poll rule is a new row of
+    `POLL_FIELDS` and a check in `Poll.__post_init__`; its TOML key, flag, Redis field and
+    config key follow from the row.
+
+    Args:
+        name: the `Poll` attribute.
+        key: its key in a TOML table (docs/polls.md) and in the flags' spec.
+        stored: its field in the poll's Redis hash (tally.lua reads some by this name).
+        store: the value as stored.
+        load: the value from its stored text.
+        parse: the value from TOML or a flag.
+        flag: ``votebox poll create``'s flag and its argparse options, or None.
+        published: its key in ``polls/{poll}/config``, or None when kiosks need not know it.
+        publish: the value as published.
+        shown: whether a poll's config has it at all.
+        fixed_once_voted: a poll with votes may not change it: they would no longer mean what
+            they meant.
+    """
+
+    name: str
+    key: str
+    stored: str
+    store: Callable[[Any], Any]
+    load: Callable[[str], Any]
+    parse: Callable[[Any], Any]
+    flag: tuple[str, dict[str, Any]] | None = None
+    published: str | None = None
+    publish: Callable[[Any], Any] = lambda value: value
+    shown: Callable[[Poll], bool] = _always
+    fixed_once_voted: bool = False
+
+
+# The order is that of `votebox poll create --help`.
+POLL_FIELDS: Final = (
+    PollField(
+        "labels",
+        key="options",
+        stored="labels",
+        store=lambda labels: json.dumps(labels),
+        load=lambda text: tuple(json.loads(text)),
+        parse=lambda options: tuple(str(o) for o in options),
+        flag=(
+            "--option",
+            dict(
+                action="append",
+                default=[],
+                metavar="LABEL",
+                help="an option label; repeat for each option, in order (index 0 first); not "
+                "for rating and nps polls",
+            ),
+        ),
+        published="labels",
+        publish=list,
+        fixed_once_voted=True,
+    ),
+    PollField(
+        "title",
+        key="title",
+        stored="title",
+        store=str,
+        load=str,
+        parse=str,
+        flag=("--title", dict(default="", help="the question shown on kiosks")),
+        published="title",
+    ),
+    PollField(
+        "type",
+        key="type",
+        stored="type",
+        store=str,
+        load=PollType,
+        parse=_poll_type,
+        flag=("--type", dict(default="single", choices=[str(t) for t in PollType])),
+        published="type",
+        publish=str,
+        fixed_once_voted=True,
+    ),
+    PollField(
+        "max_choices",
+        key="max_choices",
+        stored="max_choices",
+        store=int,
+        load=int,
+        parse=int,
+        flag=("--max-choices", dict(type=int, default=None, help="multiple: options per vote")),
+        published="max_choices",
+        shown=lambda poll: poll.type is PollType.MULTIPLE,
+    ),
+    PollField(
+        "scale",
+        key="scale",
+        stored="scale",
+        store=lambda scale: json.dumps(scale) if scale else "",
+        load=_load_scale,
+        parse=_scale,
+        flag=("--scale", dict(default=None, metavar="MIN-MAX", help="rating: e.g. 1-5")),
+        published="scale",
+        publish=list,
+        shown=lambda poll: poll.scale is not None,
+        fixed_once_voted=True,
+    ),
+    PollField(
+        "opens_ms",
+        key="opens_at",
+        stored="opens_ms",
+        store=int,
+        load=int,
+        parse=parse_time_ms,
+        flag=("--opens-at", dict(default=None, metavar="TIME", help="opens then, not now")),
+        published="opens_at",
+        publish=iso_time,
+    ),
+    PollField(
+        "closes_ms",
+        key="closes_at",
+        stored="closes_ms",
+        store=int,
+        load=int,
+        parse=parse_time_ms,
+        flag=("--closes-at", dict(default=None, metavar="TIME", help="closes by itself then")),
+        published="closes_at",
+        publish=iso_time,
+    ),
+    PollField(
+        "grace_s",
+        key="grace_s",
+        stored="grace_s",
+        store=int,
+        load=int,
+        parse=int,
+        flag=(
+            "--grace-s",
+            dict(
+                type=int,
+                default=None,
+                help="after the close, votes cast while open still count if they arrive within "
+                f"this (default {DEFAULT_GRACE_S})",
+            ),
+        ),
+    ),
+    PollField(
+        "one_per_voter",
+        key="one_per_voter",
+        stored="one_per_voter",
+        store=int,
+        load=lambda text: text == "1",
+        parse=_flag,
+        flag=(
+            "--one-per-voter",
+            dict(
+                action="store_true",
+                help="votes carry a voter token; each voter's latest vote counts",
+            ),
+        ),
+        published="one_per_voter",
+        fixed_once_voted=True,
+    ),
+    PollField(
+        "cooldown_s",
+        key="cooldown_s",
+        stored="cooldown_s",
+        store=int,
+        load=int,
+        parse=int,
+        flag=(
+            "--cooldown-s",
+            dict(
+                type=int,
+                default=None,
+                help="presses of one device this close together count once (the rest: suppressed)",
+            ),
+        ),
+        published="cooldown_s",
+    ),
+    PollField(
+        "hide_results_until_close",
+        key="hide_results_until_close",
+        stored="hide_results",
+        store=int,
+        load=lambda text: text == "1",
+        parse=_flag,
+        flag=(
+            "--hide-results-until-close",
+            dict(
+                action="store_true",
+                help="retained results carry totals only while the poll is open",
+            ),
+        ),
+    ),
+)

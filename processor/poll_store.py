@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from processor.errors import ConfigError
 from processor.keys import POLLS_CHANGED, POLLS_DELETED, POLLS_INDEX, UNATTRIBUTED_FATES, PollKeys
-from processor.poll import Poll
+from processor.poll import POLL_FIELDS, Poll
 from processor.poll_results import Results
 from processor.store import redis_text
 
@@ -88,7 +88,7 @@ def deleted_id_message(poll_id: str) -> str:
 
 
 # Fields a poll with votes may not change: its votes would no longer mean what they meant.
-_FIXED_ONCE_VOTED: Final = ("labels", "type", "scale", "one_per_voter")
+_FIXED_ONCE_VOTED: Final = tuple(f.name for f in POLL_FIELDS if f.fixed_once_voted)
 
 
 async def plan_update(redis: Redis, poll: Poll) -> list[str]:

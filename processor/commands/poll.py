@@ -19,7 +19,7 @@ from processor.commands import Commands, add_command
 from processor.config import Settings
 from processor.errors import ConfigError
 from processor.keys import PollKeys
-from processor.poll import Poll
+from processor.poll import POLL_FIELDS, Poll, PollField
 from processor.poll_results import format_results
 from processor.poll_store import (
     close_poll,
@@ -69,22 +69,18 @@ def load_poll_file(path: Path) -> list[Poll]:
 
 
 def _poll_from_flags(args: Mapping[str, Any]) -> Poll:
-    spec: dict[str, Any] = {"title": args["title"], "type": args["type"]}
-    if args["option"]:
-        spec["options"] = args["option"]
-    for flag, key in (
-        ("max_choices", "max_choices"),
-        ("scale", "scale"),
-        ("opens_at", "opens_at"),
-        ("closes_at", "closes_at"),
-        ("grace_s", "grace_s"),
-        ("cooldown_s", "cooldown_s"),
-    ):
-        if args.get(flag) is not None:
-            spec[key] = args[flag]
-    spec["one_per_voter"] = bool(args["one_per_voter"])
-    spec["hide_results_until_close"] = bool(args["hide_results_until_close"])
+    # A flag left out (None, or False for a switch) is a key left out of the spec.
+    spec = {
+        f.key: args[_dest(f)]
+        for f in POLL_FIELDS
+        if f.flag is not None and args.get(_dest(f)) not in (None, False, [])
+    }
     return Poll.from_mapping(args["poll"], spec)
+
+
+def _dest(f: PollField) -> str:
+    assert f.flag is not None
+    return f.flag[0].removeprefix("--").replace("-", "_")
 
 
 def _describe(poll: Poll) -> str:
@@ -245,43 +241,10 @@ def register(commands: Commands) -> None:
         help="take the id of a deleted poll: votes cast for the deleted one that are still "
         "queued (broker, device outboxes) count into this one",
     )
-    c.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="LABEL",
-        help="an option label; repeat for each option, in order (index 0 first); not for "
-        "rating and nps polls",
-    )
-    c.add_argument("--title", default="", help="the question shown on kiosks")
-    c.add_argument("--type", default="single", choices=["single", "multiple", "rating", "nps"])
-    c.add_argument("--max-choices", type=int, default=None, help="multiple: options per vote")
-    c.add_argument("--scale", default=None, metavar="MIN-MAX", help="rating: e.g. 1-5")
-    c.add_argument("--opens-at", default=None, metavar="TIME", help="opens then, not now")
-    c.add_argument("--closes-at", default=None, metavar="TIME", help="closes by itself then")
-    c.add_argument(
-        "--grace-s",
-        type=int,
-        default=None,
-        help="after the close, votes cast while open still count if they arrive within this "
-        "(default 300)",
-    )
-    c.add_argument(
-        "--one-per-voter",
-        action="store_true",
-        help="votes carry a voter token; each voter's latest vote counts",
-    )
-    c.add_argument(
-        "--cooldown-s",
-        type=int,
-        default=None,
-        help="presses of one device this close together count once (the rest: suppressed)",
-    )
-    c.add_argument(
-        "--hide-results-until-close",
-        action="store_true",
-        help="retained results carry totals only while the poll is open",
-    )
+    for field in POLL_FIELDS:
+        if field.flag is not None:
+            flag, options = field.flag
+            c.add_argument(flag, **options)
     for name, text in (
         ("open", "open a poll now (reopens a closed one)"),
         ("close", "close a poll now; it publishes its final result at once"),
