@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tomllib
 from typing import Any
 
 import yaml
@@ -117,3 +118,18 @@ def test_operations_doc_lists_exactly_the_metrics_the_processor_exports() -> Non
     assert documented == families
     alerts = doc.split("What to alert on", 1)[1].split("## Scale", 1)[0]
     assert set(re.findall(r"\bvotebox_[a-z_]+", alerts)) <= Metrics().names()
+
+
+def test_the_image_copies_every_package_and_dashboard_file_the_wheel_needs() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wheel = project["tool"]["hatch"]["build"]["targets"]["wheel"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (?:--from=\S+ )?(.+?) \S+$", dockerfile, re.M))
+    sources = {word for line in copied for word in line.split()}
+    for package in wheel["packages"]:
+        assert package in sources, f"the Dockerfile does not COPY {package}/"
+    for source in wheel["force-include"]:
+        if "/node_modules/" in source:  # from the image's npm ci stage
+            assert "/dashboard/node_modules" in sources, "the Dockerfile copies no node_modules"
+        else:
+            assert source in sources, f"the Dockerfile does not COPY {source}"

@@ -24,7 +24,12 @@ __all__ = ["DASHBOARD_DIR", "MQTT_BROWSER_BUILD", "register", "serve_dashboard"]
 
 log = logging.getLogger(__name__)
 
-DASHBOARD_DIR: Final = Path(__file__).resolve().parents[2] / "dashboard"
+# An installed wheel or the Docker image carries the page beside this module (pyproject.toml,
+# force-include); a checkout serves dashboard/ at the top of the repository.
+_INSTALLED: Final = Path(__file__).resolve().parent / "dashboard_files"
+DASHBOARD_DIR: Final = (
+    _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().parents[2] / "dashboard"
+)
 # Installed by scripts/setup (npm ci in dashboard/), never copied into the repository.
 MQTT_BROWSER_BUILD: Final = DASHBOARD_DIR / "node_modules" / "mqtt" / "dist" / "mqtt.min.js"
 
