@@ -8,6 +8,7 @@ server's own protocol (Redis PING, MQTT CONNACK, InfluxDB /ping), never with a f
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import os
 import shutil
@@ -35,6 +36,7 @@ __all__ = [
     "port_open",
     "rss_mb",
     "processor",
+    "redis_sentinels",
     "redis_server",
     "require_binaries",
 ]
@@ -269,8 +271,11 @@ def _running(process: ManagedProcess) -> Iterator[ManagedProcess]:
 
 
 @contextlib.contextmanager
-def redis_server(data_dir: Path, *, port: int | None = None) -> Iterator[ManagedProcess]:
-    """redis-server on 127.0.0.1 with AOF on (as production runs it); ``.url`` is set on it."""
+def redis_server(
+    data_dir: Path, *, port: int | None = None, replica_of: int | None = None
+) -> Iterator[ManagedProcess]:
+    """redis-server on 127.0.0.1 with AOF on (as production runs it); ``.url`` is set on it.
+    With ``replica_of``, it starts as a replica of the primary on that port."""
     require_binaries("redis-server")
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -292,6 +297,10 @@ def redis_server(data_dir: Path, *, port: int | None = None) -> Iterator[Managed
         "yes",
         "--daemonize",
         "no",
+        # A replica syncs at once, not after the 5 s Redis waits for more replicas to join.
+        "--repl-diskless-sync-delay",
+        "0",
+        *(["--replicaof", HOST, str(replica_of)] if replica_of else []),
     ]
     process = ManagedProcess(
         "redis-server",
@@ -303,6 +312,54 @@ def redis_server(data_dir: Path, *, port: int | None = None) -> Iterator[Managed
     )
     with _running(process):
         yield process
+
+
+@contextlib.contextmanager
+def redis_sentinels(
+    data_dir: Path,
+    *,
+    primary_port: int,
+    service: str = "votebox",
+    count: int = 3,
+    down_after_ms: int = 1000,
+) -> Iterator[list[ManagedProcess]]:
+    """``count`` Redis Sentinels on 127.0.0.1 watching the primary at ``primary_port`` as
+    ``service``, with a quorum of a majority; ``.port`` of each is its own. Sentinel rewrites
+    its config file, so each gets one of its own in ``data_dir``."""
+    require_binaries("redis-server")
+    started: list[ManagedProcess] = []
+    with contextlib.ExitStack() as stack:
+        for i in range(count):
+            port = free_port()
+            folder = data_dir / f"sentinel-{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            conf = folder / "sentinel.conf"
+            conf.write_text(
+                "\n".join(
+                    [
+                        f"bind {HOST}",
+                        f"port {port}",
+                        f"dir {folder}",
+                        "protected-mode yes",
+                        "daemonize no",
+                        f"sentinel monitor {service} {HOST} {primary_port} {count // 2 + 1}",
+                        f"sentinel down-after-milliseconds {service} {down_after_ms}",
+                        f"sentinel failover-timeout {service} {max(3 * down_after_ms, 3000)}",
+                        f"sentinel parallel-syncs {service} 1",
+                        "",
+                    ]
+                )
+            )
+            process = ManagedProcess(
+                f"redis-sentinel-{i}",
+                ["redis-server", str(conf), "--sentinel"],
+                ready=functools.partial(_redis_ping, port),
+                log_path=folder / "sentinel.log",
+                port=port,
+                url=f"redis://{HOST}:{port}",
+            )
+            started.append(stack.enter_context(_running(process)))
+        yield started
 
 
 def mosquitto_config(*, port: int, data_dir: Path, ws_port: int | None = None) -> str:

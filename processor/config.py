@@ -20,6 +20,7 @@ __all__ = [
     "ENV_VARS",
     "InfluxTarget",
     "MqttUrl",
+    "RedisTarget",
     "SETTING_NAMES",
     "Settings",
 ]
@@ -113,6 +114,30 @@ class InfluxTarget:
         return f"InfluxTarget({self.api} {self.url} {where})"
 
 
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where Redis is, and what a write must reach before it is acknowledged.
+
+    ``url`` is the one node, or, with ``sentinels``, where the password and db come from; the
+    primary is then the one the Sentinels name for ``service``, found again after a failover.
+    ``replicas`` > 0: writes are acknowledged once WAIT says that many replicas have them.
+    """
+
+    url: str
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
+    replicas: int = 0
+    replica_timeout_ms: int = 500
+
+    def __repr__(self) -> str:
+        where = (
+            f"sentinels={','.join(f'{h}:{p}' for h, p in self.sentinels)} service={self.service}"
+            if self.sentinels
+            else _mask(self.url)
+        )
+        return f"RedisTarget({where} replicas={self.replicas})"
+
+
 def _mask(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
@@ -197,7 +222,30 @@ class Settings:
     # MQTT 5: 0 would end the session on disconnect, so votes sent while we are down would be lost.
     mqtt_session_expiry_s: int = 7 * 24 * 3600
     mqtt_connect_timeout_s: float = 10.0
-    redis_url: str = _setting(DEFAULT_REDIS_URL, env="VOTEBOX_REDIS_URL", help="Redis URL")
+    redis_url: str = _setting(
+        DEFAULT_REDIS_URL,
+        env="VOTEBOX_REDIS_URL",
+        help="Redis URL (with Sentinel: its password and db)",
+    )
+    redis_sentinels: str | None = _setting(
+        env="VOTEBOX_REDIS_SENTINELS",
+        help="host:port,host:port: find the primary through these Sentinels",
+    )
+    redis_service: str | None = _setting(
+        env="VOTEBOX_REDIS_SERVICE", help="the primary's service name at the Sentinels"
+    )
+    # docs/operations.md, Redis replicas: Redis replicates asynchronously, so a write that only
+    # the primary has is lost when a replica is promoted. WAIT makes the ack wait for it.
+    redis_replicas: int = _setting(
+        0,
+        env="VOTEBOX_REDIS_REPLICAS",
+        help="ack a batch only once WAIT says this many replicas have it",
+    )
+    redis_replica_timeout_ms: int = _setting(
+        500,
+        env="VOTEBOX_REDIS_REPLICA_TIMEOUT_MS",
+        help="how long WAIT waits for them; fewer: nothing acked, retried",
+    )
     redis_timeout_s: float = 5.0
     influx_url: str | None = _setting(
         env="VOTEBOX_INFLUX_URL", help="InfluxDB URL, http://host:8086; unset: Redis only"
@@ -326,7 +374,47 @@ class Settings:
             raise ConfigError(f"VOTEBOX_INFLUX_API must be v1 or v2 (got {self.influx_api!r})")
         if self.influx_queue_max < 1 or self.influx_batch_max < 1:
             raise ConfigError("VOTEBOX_INFLUX_QUEUE_MAX and VOTEBOX_INFLUX_BATCH_MAX must be >= 1")
+        if (self.redis_sentinels is None) != (self.redis_service is None):
+            raise ConfigError(
+                "VOTEBOX_REDIS_SENTINELS and VOTEBOX_REDIS_SERVICE go together: the Sentinels "
+                "and the name they know the primary by"
+            )
+        if self.redis_replicas < 0:
+            raise ConfigError("VOTEBOX_REDIS_REPLICAS must be 0 (no WAIT) or more")
+        # WAIT with timeout 0 waits forever: the processor would freeze with its replica gone.
+        if not 1 <= self.redis_replica_timeout_ms < self.redis_timeout_s * 1000:
+            raise ConfigError(
+                "VOTEBOX_REDIS_REPLICA_TIMEOUT_MS must be at least 1 and below the Redis "
+                f"timeout ({self.redis_timeout_s * 1000:g} ms)"
+            )
         self.influx_target()  # validates the InfluxDB settings as a whole
+        self.redis_target()  # and the Redis ones
+
+    def redis_target(self) -> RedisTarget:
+        """Where Redis is: one node by URL, or the primary the Sentinels name.
+
+        Raises:
+            ConfigError: a Sentinel address is not host:port.
+        """
+        sentinels: list[tuple[str, int]] = []
+        for address in (self.redis_sentinels or "").split(","):
+            if not address.strip():
+                continue
+            host, _, port = address.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(
+                    f"VOTEBOX_REDIS_SENTINELS is host:port,host:port (got {address.strip()!r})"
+                )
+            sentinels.append((host.strip("[]"), int(port)))
+        if self.redis_sentinels is not None and not sentinels:
+            raise ConfigError("VOTEBOX_REDIS_SENTINELS names no Sentinel")
+        return RedisTarget(
+            url=self.redis_url,
+            sentinels=tuple(sentinels),
+            service=self.redis_service,
+            replicas=self.redis_replicas,
+            replica_timeout_ms=self.redis_replica_timeout_ms,
+        )
 
     def influx_target(self) -> InfluxTarget | None:
         """Where points go, or None when InfluxDB is not configured.

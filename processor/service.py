@@ -334,7 +334,7 @@ async def _run(
     if target is None:
         log.info("InfluxDB not configured (VOTEBOX_INFLUX_URL unset): tallying in Redis only")
     # A commit retried on a fresh connection is answered as its first try (Tally.commit).
-    redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s, retry_once=True)
+    redis = connect(settings.redis_target(), timeout_s=settings.redis_timeout_s, retry_once=True)
     writer = make_writer(target) if target else None
     metrics = Metrics()
     started = loop.time()
@@ -367,6 +367,8 @@ async def _run(
             timeout_s=settings.redis_timeout_s,
             points_max=settings.influx_queue_max if target else 0,
             clock_skew_s=settings.clock_skew_s,
+            replicas=settings.redis_replicas,
+            replica_timeout_ms=settings.redis_replica_timeout_ms,
         )
         drainer = (
             InfluxDrainer(

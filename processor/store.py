@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import Final
+from typing import Any, Final
 
 import redis.exceptions
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 
+from processor.config import RedisTarget
 from processor.errors import StoreUnavailable
 
 __all__ = [
     "connect",
+    "raise_unless_replicated",
+    "wait_for_replicas",
     "is_noscript",
     "open_redis",
     "raise_if_away",
@@ -50,34 +55,119 @@ _AWAY_CODES: Final = frozenset(
 )
 
 
-def connect(url: str, *, timeout_s: float | None = None, retry_once: bool = False) -> Redis:
-    """A client for ``url``; the caller closes it (``aclose``).
+def connect(
+    target: RedisTarget | str,
+    *,
+    timeout_s: float | None = None,
+    retry_once: bool = False,
+    single_connection: bool = False,
+) -> Redis:
+    """A client for ``target``; the caller closes it (``aclose``).
 
     Args:
-        url: ``redis://``, ``rediss://`` or ``unix://``.
+        target: one node by URL (``redis://``, ``rediss://``, ``unix://``), or a
+            `RedisTarget` that may name Sentinels: the client then talks to the primary they
+            name, and asks them again after a failover (redis-py's SentinelConnectionPool).
         timeout_s: deadline of connecting and of each reply; None waits as long as it takes.
         retry_once: after a Redis restart each pooled connection fails once before it is
             replaced: try again at once on a new one. For callers whose commands are safe to
             repeat (a commit retried so is answered as its first try and counted once).
+        single_connection: every command, pipelines too, on one connection (a pool of one), so
+            that WAIT (`wait_for_replicas`) covers every write made before it: WAIT waits
+            for the writes of its own connection only. For the commands a person runs.
     """
-    retry = Retry(NoBackoff(), 1 if retry_once else 0)
-    return Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=retry,
-        retry_on_error=[redis.exceptions.ConnectionError] if retry_once else [],
+    target = RedisTarget(target) if isinstance(target, str) else target
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 1 if retry_once else 0),
+        "retry_on_error": [redis.exceptions.ConnectionError] if retry_once else [],
+    }
+    if single_connection:
+        options["max_connections"] = 1
+    if not target.sentinels:
+        if single_connection:
+            pool = BlockingConnectionPool.from_url(target.url, timeout=timeout_s, **options)
+            return Redis.from_pool(pool)
+        return Redis.from_url(target.url, **options)
+    assert target.service is not None  # Settings checks they come together
+    # The password and db are the primary's, from the URL; the Sentinels are asked without.
+    node = parse_url(target.url)  # type: ignore[no-untyped-call]
+    node = {key: node[key] for key in ("username", "password", "db") if key in node}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels),
+        sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s},
     )
+    sentinel_pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+        target.service, sentinel, **node, **options
+    )
+    client = _SentinelRedis(connection_pool=sentinel_pool)
+    client.sentinels = list(sentinel.sentinels)
+    return client
+
+
+class _SentinelRedis(Redis):
+    """A client of the primary the Sentinels name; it owns its pool and its Sentinel clients."""
+
+    sentinels: list[Redis]
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool=True)
+        for sentinel in self.sentinels:
+            await sentinel.aclose()
 
 
 @contextlib.asynccontextmanager
-async def open_redis(url: str, *, timeout_s: float | None = None) -> AsyncIterator[Redis]:
-    """`connect`, closed when the block ends: for the commands a person runs."""
-    client = connect(url, timeout_s=timeout_s)
+async def open_redis(
+    target: RedisTarget | str, *, timeout_s: float | None = None
+) -> AsyncIterator[Redis]:
+    """`connect`, on one connection, closed when the block ends: for the commands a person
+    runs. With ``target.replicas``, the block's writes are waited for before it ends.
+
+    Raises:
+        StoreUnavailable: fewer replicas than asked have the block's writes (they are made on
+            the primary, and may be lost if it fails before they reach a replica).
+    """
+    target = RedisTarget(target) if isinstance(target, str) else target
+    client = connect(target, timeout_s=timeout_s, single_connection=True)
     try:
         yield client
+        await wait_for_replicas(
+            client, replicas=target.replicas, timeout_ms=target.replica_timeout_ms
+        )
     finally:
         await client.aclose()
+
+
+async def wait_for_replicas(client: Redis, *, replicas: int, timeout_ms: int) -> None:
+    """WAIT until ``replicas`` replicas have this connection's writes (0: return at once).
+
+    Raises:
+        StoreUnavailable: fewer answered within ``timeout_ms``.
+    """
+    if replicas:
+        with redis_errors():
+            reached = await client.execute_command(  # type: ignore[no-untyped-call]
+                "WAIT", replicas, timeout_ms
+            )
+        raise_unless_replicated(reached, replicas=replicas, timeout_ms=timeout_ms)
+
+
+def raise_unless_replicated(reply: object, *, replicas: int, timeout_ms: int) -> None:
+    """Raise unless WAIT's ``reply`` counts ``replicas`` replicas.
+
+    Raises:
+        StoreUnavailable: fewer replicas have the writes (or WAIT itself failed): the
+            primary has them, a promoted replica might not, so nothing may be acknowledged.
+    """
+    if isinstance(reply, BaseException):
+        raise StoreUnavailable(f"Redis WAIT failed: {_describe(reply)}") from reply
+    reached = int(reply)  # type: ignore[call-overload]
+    if reached < replicas:
+        raise StoreUnavailable(
+            f"only {reached} of {replicas} Redis replicas have the writes after {timeout_ms} ms"
+            " (VOTEBOX_REDIS_REPLICAS): nothing is acknowledged until they do"
+        )
 
 
 def store_is_away(error: BaseException) -> bool:

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from processor.codec import Vote
 from processor.keys import DEVICES_SEEN, SET_ASIDE, UNATTRIBUTED_FATES, PollKeys
 from processor.reasons import Reason
-from processor.store import is_noscript, raise_if_away, redis_errors
+from processor.store import is_noscript, raise_if_away, raise_unless_replicated, redis_errors
 
 __all__ = ["COMMIT_MEMORY_S", "DEDUP_WINDOW", "CommitResult", "Tally"]
 
@@ -61,15 +61,27 @@ class Tally:
         timeout_s: deadline of one round trip.
         points_max: bound of each poll's queue of points for InfluxDB; 0 queues nothing.
         clock_skew_s: how far a device clock may be off and still date its vote's point.
+        replicas: a commit returns only once WAIT says this many replicas have it (in the
+            same round trip); fewer raise `StoreUnavailable`, so nothing is acknowledged.
+        replica_timeout_ms: how long WAIT waits for them.
     """
 
     def __init__(
-        self, redis: Redis, *, timeout_s: float, points_max: int = 0, clock_skew_s: int = 300
+        self,
+        redis: Redis,
+        *,
+        timeout_s: float,
+        points_max: int = 0,
+        clock_skew_s: int = 300,
+        replicas: int = 0,
+        replica_timeout_ms: int = 500,
     ) -> None:
         self._redis = redis
         self._timeout_s = timeout_s
         self._points_max = points_max
         self._clock_skew_s = clock_skew_s
+        self._replicas = replicas
+        self._replica_timeout_ms = replica_timeout_ms
 
     @property
     def redis(self) -> Redis:
@@ -225,7 +237,16 @@ class Tally:
                 for key, latest in extra.reports.items():
                     if latest:
                         pipe.hset(key, mapping=latest)  # type: ignore[arg-type]
-            return list(await pipe.execute(raise_on_error=False))
+            if self._replicas:
+                # Last on the same connection: it waits for every write above.
+                pipe.execute_command("WAIT", self._replicas, self._replica_timeout_ms)
+            replies = list(await pipe.execute(raise_on_error=False))
+        if self._replicas:
+            raise_if_away(replies[-1:])
+            raise_unless_replicated(
+                replies.pop(), replicas=self._replicas, timeout_ms=self._replica_timeout_ms
+            )
+        return replies
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,3 +83,39 @@ def test_the_commands_passwords_come_from_the_environment_and_flags_win() -> Non
     assert settings.given == {"dashboard_password", "device_password"}
     assert settings.with_overrides({"dashboard_password": "flag"}).dashboard_password == "flag"
     assert "VOTEBOX_DASHBOARD_PASSWORD" not in {var for var, _, _ in ENV_VARS}
+
+
+def test_sentinels_name_the_primary_and_replicas_bound_the_wait() -> None:
+    settings = Settings.from_env(
+        {
+            "VOTEBOX_REDIS_URL": "redis://:pw@ignored:6379/2",
+            "VOTEBOX_REDIS_SENTINELS": "10.0.0.1:26379, [::1]:26380",
+            "VOTEBOX_REDIS_SERVICE": "votebox",
+            "VOTEBOX_REDIS_REPLICAS": "1",
+        }
+    )
+    target = settings.redis_target()
+    assert target.sentinels == (("10.0.0.1", 26379), ("::1", 26380))
+    assert (target.service, target.replicas, target.replica_timeout_ms) == ("votebox", 1, 500)
+    assert "pw" not in repr(target)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"VOTEBOX_REDIS_SENTINELS": "h:1"}, "go together"),
+        ({"VOTEBOX_REDIS_SERVICE": "votebox"}, "go together"),
+        (
+            {"VOTEBOX_REDIS_SENTINELS": "h", "VOTEBOX_REDIS_SERVICE": "s"},
+            "host:port,host:port",
+        ),
+        ({"VOTEBOX_REDIS_REPLICAS": "-1"}, "VOTEBOX_REDIS_REPLICAS must be 0"),
+        ({"VOTEBOX_REDIS_REPLICA_TIMEOUT_MS": "0"}, "at least 1"),  # WAIT 0 waits forever
+        ({"VOTEBOX_REDIS_REPLICA_TIMEOUT_MS": "5000"}, "below the Redis timeout"),
+    ],
+)
+def test_redis_replication_settings_refuse_what_cannot_work(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)

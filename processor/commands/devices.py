@@ -124,7 +124,7 @@ def format_devices(devices: list[DeviceHealth], *, now_ms: int) -> str:
 
 async def print_devices(settings: Settings, *, as_json: bool, out: TextIO = sys.stdout) -> int:
     """Print every device; returns the exit code."""
-    async with open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s) as redis:
+    async with open_redis(settings.redis_target(), timeout_s=settings.redis_timeout_s) as redis:
         now_ms = int(time.time() * 1000)
         devices = await read_devices(redis, now_ms=now_ms, silent_after_s=settings.silent_after_s)
     if as_json:

@@ -274,5 +274,5 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 async def _run_async(args: argparse.Namespace, settings: Settings) -> int:
     from processor.store import open_redis
 
-    async with open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s) as redis:
+    async with open_redis(settings.redis_target(), timeout_s=settings.redis_timeout_s) as redis:
         return await run_poll_command(redis, args.poll_command, vars(args))

@@ -146,7 +146,7 @@ async def _recount(poll: str, settings: Settings) -> int:
     target = settings.influx_target()
     if target is None:
         raise ConfigError("recount reads InfluxDB: set VOTEBOX_INFLUX_URL (and its friends)")
-    redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    redis = connect(settings.redis_target(), timeout_s=settings.redis_timeout_s)
     writer = make_writer(target)
     try:
         result = await recount(redis, writer, poll)

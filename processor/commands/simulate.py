@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from processor.commands import Commands, add_command
-from processor.config import Settings
+from processor.config import RedisTarget, Settings
 
 if TYPE_CHECKING:
     from devices.simulator import ResultsSnapshot
@@ -78,7 +78,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
     url = settings.mqtt_url
     # Checked against Redis only when the operator named a Redis (flag or environment).
-    redis_url = settings.redis_url if "redis_url" in settings.given else None
+    named = {"redis_url", "redis_sentinels"} & settings.given
+    check_at = settings.redis_target() if named else None
     passwords = None
     if args.accounts:
         from broker.accounts import AccountStore
@@ -94,7 +95,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             " file beside it: send Mosquitto a SIGHUP now; votebox broker reads them at once)",
             flush=True,
         )
-    redis_before = _redis_tally(redis_url, args.poll) if redis_url else None
+    redis_before = _redis_tally(check_at, args.poll) if check_at else None
     stop = threading.Event()
     try:
         summary = simulate(
@@ -117,15 +118,15 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     except KeyboardInterrupt:
         stop.set()
         return 130
-    if redis_url:
+    if check_at:
         # Every ack the kiosks got followed its commit: Redis already holds what they were told.
         summary.redis_before = redis_before
-        summary.redis_after = _redis_tally(redis_url, args.poll)
+        summary.redis_after = _redis_tally(check_at, args.poll)
     print("\n".join(summary.lines()))
     return 0 if summary.agrees() and not summary.queued else 1
 
 
-def _redis_tally(redis_url: str, poll: str) -> ResultsSnapshot:
+def _redis_tally(target: RedisTarget, poll: str) -> ResultsSnapshot:
     """A poll's total and counts in Redis: the tally itself, not its retained copy."""
     from devices.simulator import ResultsSnapshot
 
@@ -133,7 +134,7 @@ def _redis_tally(redis_url: str, poll: str) -> ResultsSnapshot:
         from processor.poll_store import read_results
         from processor.store import open_redis
 
-        async with open_redis(redis_url) as redis:
+        async with open_redis(target) as redis:
             found = (await read_results(redis, [poll])).get(poll)
         return ResultsSnapshot(found.total, found.counts) if found else ResultsSnapshot()
 
