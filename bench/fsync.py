@@ -26,15 +26,21 @@ from processor.poll import Poll
 from processor.poll_store import create_poll
 from processor.tally import Tally
 
-__all__ = ["measure"]
+__all__ = ["commit_times", "measure", "summary"]
 
 
-async def _commit_times(url: str, batches: int, batch_size: int) -> list[float]:
+async def commit_times(
+    url: str, *, batches: int, batch_size: int, poll_id: str = "fsync", replicas: int = 0
+) -> list[float]:
+    """Seconds per commit of ``batches`` batches of ``batch_size`` votes from as many devices,
+    into a new poll ``poll_id``; with ``replicas``, each commit WAITs for them (1 s at most)."""
     redis = Redis.from_url(url)
     try:
-        poll = Poll(id="fsync", labels=("a", "b", "c"))
+        poll = Poll(id=poll_id, labels=("a", "b", "c"))
         await create_poll(redis, poll)
-        tally = Tally(redis, timeout_s=10, points_max=10_000_000)
+        tally = Tally(
+            redis, timeout_s=10, points_max=10_000_000, replicas=replicas, replica_timeout_ms=1000
+        )
         await tally.load()
         times: list[float] = []
         for n in range(batches):
@@ -57,7 +63,9 @@ def measure(folder: Path, *, batches: int, batch_size: int) -> dict[str, list[fl
         with redis_server(folder / setting) as proc:
             # Set at run time, as an operator can, whatever the harness started it with.
             sync_redis.Redis(port=proc.port).config_set("appendfsync", setting)
-            out[setting] = asyncio.run(_commit_times(proc.url, batches, batch_size))
+            out[setting] = asyncio.run(
+                commit_times(proc.url, batches=batches, batch_size=batch_size)
+            )
     return out
 
 
@@ -74,10 +82,15 @@ def main() -> None:
     )
     print(f"{args.batches} commits of {args.batch_size} votes each, data in {args.dir or '/tmp'}")
     for setting, times in results.items():
-        ms = sorted(t * 1000 for t in times)
-        p50, p99 = statistics.median(ms), ms[int(len(ms) * 0.99) - 1]
-        rate = args.batch_size * len(ms) / (sum(ms) / 1000)
-        print(f"appendfsync {setting:8}  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  {rate:8.0f} votes/s")
+        print(f"appendfsync {setting:8}  {summary(times, args.batch_size)}")
+
+
+def summary(times: list[float], batch_size: int) -> str:
+    """p50, p99 and votes/s of commit times in seconds."""
+    ms = sorted(t * 1000 for t in times)
+    p50, p99 = statistics.median(ms), ms[int(len(ms) * 0.99) - 1]
+    rate = batch_size * len(ms) / (sum(ms) / 1000)
+    return f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  {rate:8.0f} votes/s"
 
 
 if __name__ == "__main__":

@@ -133,3 +133,27 @@ def test_the_image_copies_every_package_and_dashboard_file_the_wheel_needs() -> 
             assert "/dashboard/node_modules" in sources, "the Dockerfile copies no node_modules"
         else:
             assert source in sources, f"the Dockerfile does not COPY {source}"
+
+
+def test_the_replicated_overlay_validates_and_leaves_a_replica_after_a_failover() -> None:
+    result = subprocess.run(
+        ["docker-compose", "-f", "docker-compose.yml", "-f", "docker-compose.replicated.yml"]
+        + ["config"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    env = services["processor"]["environment"]
+    sentinels = env["VOTEBOX_REDIS_SENTINELS"].split(",")
+    assert {s.split(":")[0] for s in sentinels} <= set(services)
+    replicas = [name for name, s in services.items() if "--replicaof" in s.get("command", [])]
+    # One more replica than WAIT asks for: the promoted one's place is not needed.
+    assert len(replicas) == int(env["VOTEBOX_REDIS_REPLICAS"]) + 1
+    for name in replicas:
+        assert services[name]["command"][1:5] == ["--appendonly", "yes", "--appendfsync", "always"]
+    monitor = services["sentinel-1"]["command"][-1]
+    quorum = int(re.search(r"sentinel monitor votebox redis 6379 (\d+)", monitor).group(1))  # type: ignore[union-attr]
+    assert quorum == len(sentinels) // 2 + 1
