@@ -6,6 +6,10 @@ step that counts it. The drainer here reads those streams, writes line protocol 
 the MQTT hot path), and deletes what landed. A point's series and timestamp are fixed when it is
 queued, so a write retried after a crash overwrites itself instead of adding a second point.
 
+Several processors share the work through one Redis consumer group per stream (`GROUP`): each
+point goes to one drainer, and a point a drainer read but never settled (it died, or hangs) is
+claimed by another once it has been idle for `CLAIM_IDLE_MS`.
+
 Two APIs: InfluxDB 1.x ``/write`` (database, retention policy, user, password), and InfluxDB
 2.x/3.x or 1.8+ through influxdb-client (token, org, bucket). Both are blocking HTTP clients;
 they run in a worker thread, never on the event loop.
@@ -30,9 +34,11 @@ from processor.errors import InfluxRejected, InfluxUnavailable, StoreUnavailable
 from processor.keys import PollKeys
 from processor.metrics import Metrics
 from processor.poll_store import list_polls, load_poll
-from processor.store import redis_errors
+from processor.store import raise_if_away, redis_errors
 
 __all__ = [
+    "CLAIM_IDLE_MS",
+    "GROUP",
     "InfluxDrainer",
     "PointWriter",
     "QueuedPoint",
@@ -47,6 +53,12 @@ MEASUREMENT: Final = "vote"
 # A point's timestamp is the vote's second plus its seq in the nanoseconds, so two votes of one
 # device in one second (same series) never share a timestamp and never overwrite each other.
 _NS: Final = 1_000_000_000
+# The consumer group of every points stream; each drainer is a consumer named for its processor.
+GROUP: Final = "votebox-drainers"
+# A point read and neither written nor set aside for this long is taken by another drainer. Far
+# above a write's time (a batch of 5000 lands in well under a second), so taking over a live
+# drainer's point is rare, and then harmless: the rewrite overwrites itself.
+CLAIM_IDLE_MS: Final = 30_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +274,9 @@ class InfluxDrainer:
         flush_interval_s: a point waits at most about this long when votes trickle in.
         redis_timeout_s: deadline of one Redis call.
         metrics: counts points written and refused, and failed writes, when given.
+        consumer: this drainer's name in the consumer groups: the processor's client id, the
+            same across its restarts.
+        claim_idle_ms: a point read by a drainer and not settled this long is taken over.
     """
 
     def __init__(
@@ -273,8 +288,14 @@ class InfluxDrainer:
         flush_interval_s: float,
         redis_timeout_s: float,
         metrics: Metrics | None = None,
+        consumer: str = "votebox-processor",
+        claim_idle_ms: int = CLAIM_IDLE_MS,
     ) -> None:
         self._metrics = metrics
+        self._consumer = consumer
+        self._claim_idle_ms = claim_idle_ms
+        self._grouped: set[str] = set()
+        self._next_claim_s = 0.0
         self._redis = redis
         self._writer = writer
         self._batch_max = batch_max
@@ -319,16 +340,59 @@ class InfluxDrainer:
             async with asyncio.timeout(self._redis_timeout_s):
                 if polls is None:
                     polls = await list_polls(self._redis)
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for poll in polls:
-                        pipe.xrange(PollKeys(poll).points, count=self._batch_max)
-                    batches = await pipe.execute()
+                await self._ensure_groups(polls)
+                batches = await self._read(polls)
         moved = 0
-        for poll, entries in zip(polls, batches, strict=True):
-            if entries:
-                points = [QueuedPoint.from_stream(poll, sid, fields) for sid, fields in entries]
-                moved += await self._deliver(poll, points)
+        for poll, entries in batches.items():
+            points = [QueuedPoint.from_stream(poll, sid, fields) for sid, fields in entries]
+            moved += await self._deliver(poll, points)
         return moved
+
+    async def _ensure_groups(self, polls: Sequence[str]) -> None:
+        new = [poll for poll in polls if poll not in self._grouped]
+        if not new:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for poll in new:
+                # From id 0: points queued before any drainer had a group are drained too.
+                pipe.xgroup_create(PollKeys(poll).points, GROUP, id="0", mkstream=True)
+            replies = await pipe.execute(raise_on_error=False)
+        raise_if_away(replies)
+        for poll, reply in zip(new, replies, strict=True):
+            if isinstance(reply, Exception) and not str(reply).startswith("BUSYGROUP"):
+                raise reply
+            self._grouped.add(poll)
+
+    async def _read(self, polls: Sequence[str]) -> dict[str, list[Any]]:
+        """Up to a batch per poll: new points, and now and then points idle past their time."""
+        claim = asyncio.get_running_loop().time() >= self._next_claim_s
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for poll in polls:
+                points = PollKeys(poll).points
+                pipe.xreadgroup(GROUP, self._consumer, {points: ">"}, count=self._batch_max)
+                if claim:
+                    pipe.xautoclaim(
+                        points, GROUP, self._consumer, self._claim_idle_ms, count=self._batch_max
+                    )
+            replies = await pipe.execute(raise_on_error=False)
+        raise_if_away(replies)
+        if claim:
+            self._next_claim_s = asyncio.get_running_loop().time() + self._claim_idle_ms / 3000
+        step = 2 if claim else 1
+        batches: dict[str, list[Any]] = {}
+        for i, poll in enumerate(polls):
+            read = replies[i * step]
+            if isinstance(read, Exception):
+                # NOGROUP: the poll was deleted and made again since; its group next round.
+                self._grouped.discard(poll)
+                continue
+            entries = [e for _, stream in (read or []) for e in stream]
+            if claim and not isinstance(replies[i * step + 1], Exception):
+                # [next id, claimed entries, ids deleted meanwhile]: only what still exists.
+                entries += [e for e in replies[i * step + 1][1] if e[1] is not None]
+            if entries:
+                batches[poll] = entries
+        return batches
 
     async def queue_depth(self) -> int:
         """Points waiting in all polls' queues."""
@@ -366,7 +430,9 @@ class InfluxDrainer:
                                 "reason": reason[:300],
                             },
                         )
-                    pipe.xdel(keys.points, *[p.stream_id for p in points])
+                    ids = [p.stream_id for p in points]
+                    pipe.xack(keys.points, GROUP, *ids)
+                    pipe.xdel(keys.points, *ids)
                     await pipe.execute()
         self.set_aside += len(refused)
         if self._metrics is not None:

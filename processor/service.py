@@ -378,6 +378,7 @@ async def _run(
                 flush_interval_s=settings.influx_flush_s,
                 redis_timeout_s=settings.redis_timeout_s,
                 metrics=metrics,
+                consumer=settings.mqtt_client_id,
             )
             if writer
             else None

@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -25,7 +25,14 @@ from harness.services import HOST, ManagedProcess, influxdb
 from processor.codec import Vote
 from processor.commands.recount import recount
 from processor.config import InfluxTarget
-from processor.influx import InfluxDrainer, PointWriter, QueuedPoint, line_for, make_writer
+from processor.influx import (
+    GROUP,
+    InfluxDrainer,
+    PointWriter,
+    QueuedPoint,
+    line_for,
+    make_writer,
+)
 from processor.keys import PollKeys
 from processor.poll import Poll, PollType
 from processor.poll_store import create_poll
@@ -419,3 +426,93 @@ async def test_changed_votes_and_multiple_choices_sum_to_the_tally_in_influxdb(
             result = await recount(redis, writer, poll.id)
             assert result.matches, result.report()
             assert result.redis == result.influx == tallied
+
+
+class _Counting:
+    """A real writer that counts the lines it was given, so a test sees every write."""
+
+    def __init__(self, writer: PointWriter) -> None:
+        self.lines = 0
+        self._writer = writer
+
+    def write(self, lines: Sequence[bytes]) -> None:
+        self._writer.write(lines)
+        self.lines += len(lines)
+
+    def query_counts(self, poll: str) -> dict[int, int]:
+        return self._writer.query_counts(poll)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+async def test_drainers_of_several_processors_write_each_point_once(
+    redis: Redis, poll: Poll, influx_proc: ManagedProcess, request: pytest.FixtureRequest
+) -> None:
+    database = unique_id(request)
+    await Tally(redis, timeout_s=5, points_max=1000).commit(
+        [Vote(poll.id, f"k{s % 7}", s % 3, s, ts_s=int(time.time())) for s in range(1, 301)],
+        now_ms=int(time.time() * 1000),
+    )
+    with (
+        _writer(v1_target(influx_proc, database)) as one,
+        _writer(v1_target(influx_proc, database)) as two,
+    ):
+        writers = [_Counting(one), _Counting(two)]
+        drainers = [
+            InfluxDrainer(
+                redis=redis,
+                writer=w,
+                batch_max=50,
+                flush_interval_s=0.1,
+                redis_timeout_s=5,
+                consumer=f"processor-{i}",
+            )
+            for i, w in enumerate(writers)
+        ]
+        moved = 0
+        while moved < 300:
+            counts = await asyncio.gather(*(d.drain_once([poll.id]) for d in drainers))
+            assert sum(counts) > 0
+            moved += sum(counts)
+    assert moved == 300
+    assert sum(w.lines for w in writers) == 300  # each point written by one drainer only
+    assert all(w.lines for w in writers)  # and the work was shared
+    assert point_count(influx_proc, database, poll.id) == 300
+    assert await redis.xlen(PollKeys(poll.id).points) == 0
+
+
+async def test_points_a_dead_drainer_read_are_taken_over_once_idle(
+    redis: Redis, poll: Poll, influx_proc: ManagedProcess, request: pytest.FixtureRequest
+) -> None:
+    database = unique_id(request)
+    await Tally(redis, timeout_s=5, points_max=1000).commit(
+        [Vote(poll.id, "k", s % 3, s, ts_s=int(time.time())) for s in range(1, 21)],
+        now_ms=int(time.time() * 1000),
+    )
+    keys = PollKeys(poll.id)
+    with _writer(v1_target(influx_proc, database)) as writer:
+        survivor = InfluxDrainer(
+            redis=redis,
+            writer=writer,
+            batch_max=100,
+            flush_interval_s=0.1,
+            redis_timeout_s=5,
+            consumer="survivor",
+            claim_idle_ms=300,
+        )
+        assert await survivor.drain_once([poll.id]) == 20
+        # Twenty more, read by a drainer that then died: not written, not settled.
+        await Tally(redis, timeout_s=5, points_max=1000).commit(
+            [Vote(poll.id, "k", s % 3, s, ts_s=int(time.time())) for s in range(21, 41)],
+            now_ms=int(time.time() * 1000),
+        )
+        read: Any = await redis.xreadgroup(GROUP, "dead", {keys.points: ">"}, count=100)
+        assert len(read[0][1]) == 20
+        survivor._next_claim_s = 0.0  # its next claim round, without waiting 0.1 s for it
+        assert await survivor.drain_once([poll.id]) == 0  # not idle long enough yet
+        await asyncio.sleep(0.4)
+        survivor._next_claim_s = 0.0
+        assert await survivor.drain_once([poll.id]) == 20
+    assert point_count(influx_proc, database, poll.id) == 40
+    assert await redis.xlen(keys.points) == 0
