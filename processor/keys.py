@@ -18,6 +18,8 @@ __all__ = [
     "SET_ASIDE",
     "UNATTRIBUTED_FATES",
     "PollKeys",
+    "RESULTS_CHANGED",
+    "results_lease",
 ]
 
 # The set of all poll ids. Global, outside any poll's slot: only the CLI and the results
@@ -28,6 +30,9 @@ POLLS_INDEX: Final = "votebox:polls"
 POLLS_DELETED: Final = "votebox:polls:deleted"
 # Pub/sub channel: a poll id is published on it whenever its definition or state changes.
 POLLS_CHANGED: Final = "votebox:polls:changed"
+# Pub/sub channel: poll ids whose results a processor changed while another held the results
+# lease (results.py), comma-separated: the holder publishes them.
+RESULTS_CHANGED: Final = "votebox:results:changed"
 # Fates of messages that name no valid poll (bad topic, unreadable payload).
 UNATTRIBUTED_FATES: Final = "votebox:fates"
 # A stream of votes the tally script could not process, with the error, for an operator to
@@ -40,6 +45,12 @@ DEVICES_SEEN: Final = "votebox:devices:last_seen"
 # status as JSON (state online/offline, at_ms). docs/protocol.md, Device health.
 DEVICES_HEALTH: Final = "votebox:devices:health"
 DEVICES_STATUS: Final = "votebox:devices:status"
+
+
+def results_lease(broker: str) -> str:
+    """The results lease of the processors on ``broker`` (host:port): its value is the client
+    id of the one that publishes retained results there (results.py)."""
+    return f"votebox:results:publisher:{broker}"
 
 
 class PollKeys:

@@ -4,8 +4,13 @@ Rule: one results publish per poll per interval at most, and always the last; a 
 state change (announced by the CLI on Redis pub/sub, or reached by the clock) is published at
 once; a deleted poll's retained topics are cleared.
 
-Each publish re-reads the poll from Redis, so whichever processor publishes last publishes the
-newest state, and a restarted processor republishes every poll (its version never goes back).
+Each publish re-reads the poll from Redis, and a restarted processor republishes every poll.
+
+Several processors on one broker: one publishes at a time, the holder of the results lease (a
+Redis key with its client id and a TTL, renewed as it publishes), so the version a dashboard
+sees never goes back: MQTT keeps one connection's messages in order, not several's. The others
+tell it on `RESULTS_CHANGED` which polls their commits changed. When the holder stops, it lets
+go; when it dies, the lease expires and the next processor's rescan takes it.
 """
 
 from __future__ import annotations
@@ -15,26 +20,49 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Final
 
 from redis.asyncio import Redis
 
 from processor.backoff import backoff_delays
 from processor.errors import StoreUnavailable
-from processor.keys import POLLS_CHANGED
+from processor.keys import POLLS_CHANGED, RESULTS_CHANGED
 from processor.metrics import Metrics
 from processor.mqtt import Publish
 from processor.poll_store import Snapshot, list_deleted, list_polls, note_states, read_snapshots
 from processor.store import redis_errors
 from processor.topics import config_topic, results_topic
 
-__all__ = ["ResultsPublisher"]
+__all__ = ["Lease", "ResultsPublisher"]
 
 log = logging.getLogger(__name__)
 
 
 # How long one wait for an announcement lasts before the listener looks again.
 _LISTEN_WAIT_S: Final = 1.0
+
+_HOLD: Final = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The results lease: ``key`` (keys.results_lease), taken as ``holder`` for ``ttl_ms``."""
+
+    key: str
+    holder: str
+    ttl_ms: int
 
 
 class ResultsPublisher:
@@ -50,6 +78,8 @@ class ResultsPublisher:
         pace: awaited between polls of a burst (every poll at a start or rescan), so that the
             broker takes them at its pace: amqtt reads our PUBACKs for votes only after it has
             handled what we sent before them, and gives up on a delivery after 5 s.
+        lease: publish only while holding it (several processors on one broker); None:
+            always publish.
     """
 
     def __init__(
@@ -62,8 +92,11 @@ class ResultsPublisher:
         timeout_s: float,
         metrics: Metrics | None = None,
         pace: Callable[[], Awaitable[None]] | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self._metrics = metrics
+        self._lease = lease
+        self._holding = lease is None
         self._pace = pace
         self._redis = redis
         self._publish = publish
@@ -157,7 +190,7 @@ class ResultsPublisher:
                 with redis_errors():
                     async with pubsub:
                         async with asyncio.timeout(self._timeout_s):
-                            await pubsub.subscribe(POLLS_CHANGED)
+                            await pubsub.subscribe(POLLS_CHANGED, RESULTS_CHANGED)
                         delays = backoff_delays(base_s=0.5, cap_s=10.0)
                         # Anything announced while we were not listening: rescan everything.
                         self._force_rescan = True
@@ -167,16 +200,54 @@ class ResultsPublisher:
                             # hang in "cancelling" for good (redis-py #2028, #2551).
                             message = await pubsub.get_message(timeout=_LISTEN_WAIT_S)
                             if message is not None:
-                                data = message["data"]
-                                self.changed(
-                                    data.decode() if isinstance(data, bytes) else str(data)
-                                )
+                                self._heard(message["channel"], message["data"])
             except StoreUnavailable as exc:
                 delay = next(delays)
                 log.warning(
                     "poll change announcements unavailable (%s); retry in %.1fs", exc, delay
                 )
                 await asyncio.sleep(delay)
+
+    def _heard(self, channel: bytes | str, data: bytes | str) -> None:
+        text = data.decode() if isinstance(data, bytes) else str(data)
+        name = channel.decode() if isinstance(channel, bytes) else channel
+        if name == RESULTS_CHANGED:
+            # Another processor's commits: worth a publish only here, at the lease holder.
+            if self._holding:
+                self._dirty.update(poll for poll in text.split(",") if poll)
+                self._wake.set()
+        else:
+            self.changed(text)
+
+    async def _hold(self) -> bool:
+        """Take or renew the lease; whether we hold it. Gained: publish every poll afresh."""
+        if self._lease is None:
+            return True
+        with redis_errors():
+            async with asyncio.timeout(self._timeout_s):
+                held = bool(
+                    await self._redis.eval(
+                        _HOLD, 1, self._lease.key, self._lease.holder, self._lease.ttl_ms
+                    )
+                )
+        if held and not self._holding:
+            log.info("publishing the retained results (lease %s)", self._lease.key)
+            self._published.clear()
+            self._config_sent.clear()
+            self._force_rescan = True
+        elif self._holding and not held:
+            log.warning("another processor publishes the retained results now")
+        self._holding = held
+        return held
+
+    async def release(self) -> None:
+        """Let go of the lease at a stop, so another processor publishes at once."""
+        if self._lease is None or not self._holding:
+            return
+        with redis_errors():
+            async with asyncio.timeout(self._timeout_s):
+                await self._redis.eval(_RELEASE, 1, self._lease.key, self._lease.holder)
+        self._holding = False
 
     async def _rescan(self) -> None:
         with redis_errors():
@@ -188,6 +259,13 @@ class ResultsPublisher:
         self, polls: Iterable[str], *, deleted_too: bool = False, every: bool = False
     ) -> None:
         wanted = {poll for poll in polls if poll}
+        if not await self._hold():
+            if wanted and not deleted_too:
+                # Our commits changed these: the holder publishes them.
+                with redis_errors():
+                    async with asyncio.timeout(self._timeout_s):
+                        await self._redis.publish(RESULTS_CHANGED, ",".join(sorted(wanted)))
+            return
         now_ms = int(time.time() * 1000)
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):

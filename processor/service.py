@@ -27,12 +27,13 @@ from processor.endpoint import serve_endpoint
 from processor.errors import StoreUnavailable
 from processor.health import Health
 from processor.influx import InfluxDrainer, make_writer
+from processor.keys import results_lease
 from processor.logs import RejectionLog
 from processor.metrics import Metrics
 from processor.mqtt import Delivery, MqttIntake
 from processor.ratelimit import DeviceRateLimiter
 from processor.reasons import Fate, Reason
-from processor.results import ResultsPublisher
+from processor.results import Lease, ResultsPublisher
 from processor.stats import StatsPublisher
 from processor.store import connect
 from processor.supervise import EXIT_FAILED, Watchdog, supervised
@@ -434,6 +435,12 @@ async def _serve(
         timeout_s=settings.redis_timeout_s,
         metrics=metrics,
         pace=lambda: intake.wait_unacked_below(min(100, intake.send_quota), timeout_s=5.0),
+        # One publisher of retained results per broker; lost within seconds if it dies.
+        lease=Lease(
+            key=results_lease(f"{settings.mqtt_url.host}:{settings.mqtt_url.port}"),
+            holder=settings.mqtt_client_id,
+            ttl_ms=max(5000, int(3000 * settings.polls_rescan_s)),
+        ),
     )
     stats = StatsPublisher(
         redis=tally.redis,
@@ -487,6 +494,7 @@ async def _serve(
     try:
         async with asyncio.timeout(settings.shutdown_timeout_s / 2):
             await results.flush()
+            await results.release()
             await stats.publish_once()
             await intake.drain()
     except (TimeoutError, StoreUnavailable) as exc:
