@@ -219,8 +219,15 @@ class Settings:
         help="CA certificate(s) for mqtts://",
         default_help="the system's",
     )
-    # MQTT 5: 0 would end the session on disconnect, so votes sent while we are down would be lost.
-    mqtt_session_expiry_s: int = 7 * 24 * 3600
+    # MQTT 5: 0 would end the session on disconnect, so votes sent while we are down would be
+    # lost. In a share group the broker goes on handing a stopped member its share of new votes
+    # until its session expires; past that they go to the others, and what it held is re-sent
+    # by the devices (docs/operations.md, Scale).
+    mqtt_session_expiry_s: int | None = _setting(
+        env="VOTEBOX_MQTT_SESSION_EXPIRY_S",
+        help="how long the broker keeps our session and its votes while we are away",
+        default_help="604800 (7 days); 60 in a share group",
+    )
     mqtt_connect_timeout_s: float = 10.0
     redis_url: str = _setting(
         DEFAULT_REDIS_URL,
@@ -379,6 +386,9 @@ class Settings:
                 "VOTEBOX_REDIS_SENTINELS and VOTEBOX_REDIS_SERVICE go together: the Sentinels "
                 "and the name they know the primary by"
             )
+        if self.mqtt_session_expiry_s is not None and not (1 <= self.mqtt_session_expiry_s < 2**32):
+            # 0 ends the session at every disconnect: the votes queued for us would be lost.
+            raise ConfigError("VOTEBOX_MQTT_SESSION_EXPIRY_S must be 1 to 4294967295 seconds")
         if self.redis_replicas < 0:
             raise ConfigError("VOTEBOX_REDIS_REPLICAS must be 0 (no WAIT) or more")
         # WAIT with timeout 0 waits forever: the processor would freeze with its replica gone.
@@ -389,6 +399,12 @@ class Settings:
             )
         self.influx_target()  # validates the InfluxDB settings as a whole
         self.redis_target()  # and the Redis ones
+
+    def session_expiry_s(self) -> int:
+        """The MQTT 5 session expiry to ask for: the setting, or its default for the mode."""
+        if self.mqtt_session_expiry_s is not None:
+            return self.mqtt_session_expiry_s
+        return 60 if self.mqtt_share_group else 7 * 24 * 3600
 
     def redis_target(self) -> RedisTarget:
         """Where Redis is: one node by URL, or the primary the Sentinels name.
@@ -494,6 +510,9 @@ _TYPES: Final = typing.get_type_hints(Settings)
 
 def _from_text(kind: object, value: object, var: str) -> object:
     """A setting's value from text (the environment, a flag), as the type it is declared."""
+    optional = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    if len(optional) == 1:  # X | None: text is converted as an X (unset stays None)
+        kind = optional[0]
     if kind is MqttUrl:
         return value if isinstance(value, MqttUrl) else MqttUrl.parse(str(value), variable=var)
     if kind is int or kind is float:

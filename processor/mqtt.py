@@ -444,7 +444,7 @@ class MqttIntake:
                         keepalive_s=s.mqtt_keepalive_s,
                         username=s.mqtt_url.username,
                         password=s.mqtt_url.password,
-                        session_expiry_s=s.mqtt_session_expiry_s,
+                        session_expiry_s=s.session_expiry_s(),
                         receive_maximum=s.mqtt_receive_max,
                         maximum_packet_size=MAX_PACKET_BYTES if self._v5 else None,
                     )

@@ -119,3 +119,13 @@ def test_redis_replication_settings_refuse_what_cannot_work(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_a_share_group_member_asks_for_a_short_session_unless_told() -> None:
+    assert Settings.from_env({}).session_expiry_s() == 7 * 24 * 3600
+    shared = Settings.from_env({"VOTEBOX_MQTT_SHARE_GROUP": "g"})
+    assert shared.session_expiry_s() == 60
+    told = {"VOTEBOX_MQTT_SHARE_GROUP": "g", "VOTEBOX_MQTT_SESSION_EXPIRY_S": "600"}
+    assert Settings.from_env(told).session_expiry_s() == 600
+    with pytest.raises(ConfigError, match="VOTEBOX_MQTT_SESSION_EXPIRY_S must be 1"):
+        Settings.from_env({"VOTEBOX_MQTT_SESSION_EXPIRY_S": "0"})
