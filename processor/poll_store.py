@@ -63,19 +63,32 @@ async def create_poll(
     if not reuse_deleted and await redis.sismember(POLLS_DELETED, poll.id):
         raise ConfigError(deleted_id_message(poll.id))
     keys = PollKeys(poll.id)
-    created = await redis.hsetnx(keys.definition, "n_options", len(poll.labels))
+    now_ms = now_ms if now_ms is not None else _now_ms()
+    stored = [item for pair in poll.to_hash().items() for item in pair]
+    # One script on the poll's slot: the poll is made whole or not at all.
+    created = await redis.eval(
+        _CREATE, 2, keys.definition, keys.tally, now_ms, poll.state_at(now_ms), *stored
+    )
+    # Outside the poll's slot, and each idempotent: done again by a retry if they were lost.
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.sadd(POLLS_INDEX, poll.id)
+        if created:
+            pipe.srem(POLLS_DELETED, poll.id)
+            pipe.publish(POLLS_CHANGED, poll.id)
+        await pipe.execute()
     if not created:
         raise ConfigError(f"poll {poll.id!r} exists already; pick another id")
-    now_ms = now_ms if now_ms is not None else _now_ms()
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.definition, mapping={**poll.to_hash(), "created_ms": now_ms})
-        pipe.hsetnx(keys.tally, "version", 0)
-        pipe.hsetnx(keys.tally, "updated_ms", now_ms)
-        pipe.hset(keys.tally, "state_seen", poll.state_at(now_ms))
-        pipe.sadd(POLLS_INDEX, poll.id)
-        pipe.srem(POLLS_DELETED, poll.id)
-        pipe.publish(POLLS_CHANGED, poll.id)
-        await pipe.execute()
+
+
+# A definition without labels is one the old two-step create left half-made: made whole now.
+_CREATE: Final = """
+if redis.call('HEXISTS', KEYS[1], 'labels') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'created_ms', ARGV[1], unpack(ARGV, 3))
+redis.call('HSETNX', KEYS[2], 'version', 0)
+redis.call('HSETNX', KEYS[2], 'updated_ms', ARGV[1])
+redis.call('HSET', KEYS[2], 'state_seen', ARGV[2])
+return 1
+"""
 
 
 def deleted_id_message(poll_id: str) -> str:

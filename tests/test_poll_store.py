@@ -1,0 +1,38 @@
+"""Polls in Redis: a create is whole or nothing, and a retried one repairs what was lost."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from processor.errors import ConfigError
+from processor.keys import POLLS_INDEX, PollKeys
+from processor.poll import Poll
+from processor.poll_store import create_poll, list_polls, load_poll, read_results
+from tests.conftest import unique_id
+
+
+async def test_a_poll_a_crashed_create_left_half_made_is_made_whole_by_the_next(
+    redis: Redis, request: pytest.FixtureRequest
+) -> None:
+    poll = Poll(id=unique_id(request), labels=("a", "b"), title="half?")
+    # What the two-step create of before left when it died between its steps: an id that
+    # said "exists already" for ever, and a poll nobody could load.
+    await redis.hset(PollKeys(poll.id).definition, "n_options", 2)
+    assert await load_poll(redis, poll.id) is None
+    await create_poll(redis, poll, now_ms=1000)
+    assert await load_poll(redis, poll.id) == poll
+    assert poll.id in await list_polls(redis)
+    assert (await read_results(redis, [poll.id], now_ms=1000))[poll.id].total == 0
+
+
+async def test_creating_a_poll_again_says_it_exists_and_leaves_it_listed(
+    redis: Redis, request: pytest.FixtureRequest
+) -> None:
+    poll = Poll(id=unique_id(request), labels=("a", "b"))
+    await create_poll(redis, poll)
+    await redis.srem(POLLS_INDEX, poll.id)  # as if the index write after the script was lost
+    with pytest.raises(ConfigError, match="exists already"):
+        await create_poll(redis, Poll(id=poll.id, labels=("x", "y")))
+    assert await load_poll(redis, poll.id) == poll  # untouched
+    assert poll.id in await list_polls(redis)
