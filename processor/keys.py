@@ -19,6 +19,7 @@ __all__ = [
     "UNATTRIBUTED_FATES",
     "PollKeys",
     "RESULTS_CHANGED",
+    "fates_counted",
     "results_lease",
 ]
 
@@ -51,6 +52,12 @@ def results_lease(broker: str) -> str:
     """The results lease of the processors on ``broker`` (host:port): its value is the client
     id of the one that publishes retained results there (results.py)."""
     return f"votebox:results:publisher:{broker}"
+
+
+def fates_counted(token: str) -> str:
+    """Marks that the batch named ``token`` added its unattributed fates (tally.py): in the
+    slot of `UNATTRIBUTED_FATES` (its hash tag is that key's name), so one script does both."""
+    return f"{{{UNATTRIBUTED_FATES}}}:counted:{token}"
 
 
 class PollKeys:

@@ -18,7 +18,13 @@ from typing import Final
 from redis.asyncio import Redis
 
 from processor.codec import Vote
-from processor.keys import DEVICES_SEEN, SET_ASIDE, UNATTRIBUTED_FATES, PollKeys
+from processor.keys import (
+    DEVICES_SEEN,
+    SET_ASIDE,
+    UNATTRIBUTED_FATES,
+    PollKeys,
+    fates_counted,
+)
 from processor.reasons import Reason
 from processor.store import is_noscript, raise_if_away, raise_unless_replicated, redis_errors
 
@@ -36,6 +42,13 @@ SET_ASIDE_MAXLEN: Final = 100_000
 COMMIT_MEMORY_S: Final = 600
 
 _SCRIPT: Final = resources.files("processor").joinpath("tally.lua").read_text()
+# KEYS[1] the unattributed fates, KEYS[2] the batch's mark; ARGV[1] how long the mark lasts,
+# then reason, count pairs.
+_COUNT_ONCE: Final = """
+if not redis.call('SET', KEYS[2], 1, 'NX', 'PX', ARGV[1]) then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
 _SCRIPT_SHA: Final = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
 
@@ -153,7 +166,7 @@ class Tally:
             calls.append((call_keys, args))
 
         extra = _Extra(
-            unattributed or Counter(), {device: now_ms for device in seen}, reports or {}
+            unattributed or Counter(), {device: now_ms for device in seen}, reports or {}, token
         )
         replies = await self._run(calls, extra)
         codes = [0] * len(votes)
@@ -228,8 +241,21 @@ class Tally:
             for keys, args in calls:
                 pipe.evalsha(_SCRIPT_SHA, len(keys), *keys, *args)
             if extra is not None:
-                for reason, n in extra.unattributed.items():
-                    pipe.hincrby(UNATTRIBUTED_FATES, reason.code, n)
+                if extra.unattributed and extra.token is not None:
+                    # Counted once per batch, like its votes: a retry after a lost reply
+                    # finds the batch's mark and adds nothing.
+                    counts = [x for r, n in extra.unattributed.items() for x in (r.code, n)]
+                    pipe.eval(
+                        _COUNT_ONCE,
+                        2,
+                        UNATTRIBUTED_FATES,
+                        fates_counted(extra.token),
+                        COMMIT_MEMORY_S * 1000,
+                        *counts,
+                    )
+                else:
+                    for reason, n in extra.unattributed.items():
+                        pipe.hincrby(UNATTRIBUTED_FATES, reason.code, n)
                 if extra.seen:
                     # Outside the scripts: it spans polls, and a lost update costs nothing
                     # but a device looking silent until its next message.
@@ -256,3 +282,4 @@ class _Extra:
     unattributed: Counter[Reason]
     seen: dict[str, int]
     reports: Mapping[str, Mapping[str, str]]
+    token: str | None = None

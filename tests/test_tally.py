@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,11 +14,12 @@ from redis.asyncio import Redis
 from harness.services import free_port
 from processor.codec import MAX_UINT, Vote
 from processor.errors import StoreUnavailable
-from processor.keys import POLLS_INDEX, SET_ASIDE, PollKeys
+from processor.keys import POLLS_INDEX, SET_ASIDE, UNATTRIBUTED_FATES, PollKeys
 from processor.poll import Poll
 from processor.poll_store import create_poll, read_results
 from processor.reasons import Fate, Reason
 from processor.tally import COMMIT_MEMORY_S, DEDUP_WINDOW, Tally
+from tests.conftest import unique_id
 
 A, D = int(Fate.ACCEPTED), int(Fate.DUPLICATE)
 
@@ -230,3 +232,15 @@ async def test_tally_equals_the_reference_rules(
     assert total == expected.count(A)
     await redis.srem(POLLS_INDEX, poll.id)  # see tests/test_poll_rules.py: no poll left behind
     await redis.delete(*keys.every_key())
+
+
+async def test_a_retried_batch_counts_its_unattributed_rejections_once(
+    tally: Tally, redis: Redis, request: pytest.FixtureRequest
+) -> None:
+    token = unique_id(request)  # tokens are unique per batch; the mark is global
+    before = int(await redis.hget(UNATTRIBUTED_FATES, "bad_topic") or 0)
+    rejected = Counter({Reason.BAD_TOPIC: 3})
+    await tally.commit([], now_ms=1, unattributed=rejected, token=token)
+    await tally.commit([], now_ms=2, unattributed=rejected, token=token)  # its reply was lost
+    await tally.commit([], now_ms=3, unattributed=rejected, token=token + "-next")
+    assert int(await redis.hget(UNATTRIBUTED_FATES, "bad_topic") or 0) == before + 6
