@@ -36,6 +36,7 @@ __all__ = [
     "port_open",
     "rss_mb",
     "processor",
+    "redis_cluster",
     "redis_sentinels",
     "redis_server",
     "require_binaries",
@@ -270,16 +271,9 @@ def _running(process: ManagedProcess) -> Iterator[ManagedProcess]:
         process.stop()
 
 
-@contextlib.contextmanager
-def redis_server(
-    data_dir: Path, *, port: int | None = None, replica_of: int | None = None
-) -> Iterator[ManagedProcess]:
-    """redis-server on 127.0.0.1 with AOF on (as production runs it); ``.url`` is set on it.
-    With ``replica_of``, it starts as a replica of the primary on that port."""
-    require_binaries("redis-server")
-    port = port or free_port()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
+def _redis_argv(port: int, data_dir: Path, *extra: str) -> list[str]:
+    """redis-server on 127.0.0.1 with AOF fsynced always, as production runs it."""
+    return [
         "redis-server",
         "--bind",
         HOST,
@@ -293,15 +287,31 @@ def redis_server(
         "always",
         "--save",
         "",
-        "--protected-mode",
-        "yes",
         "--daemonize",
         "no",
         # A replica syncs at once, not after the 5 s Redis waits for more replicas to join.
         "--repl-diskless-sync-delay",
         "0",
-        *(["--replicaof", HOST, str(replica_of)] if replica_of else []),
+        *extra,
     ]
+
+
+@contextlib.contextmanager
+def redis_server(
+    data_dir: Path, *, port: int | None = None, replica_of: int | None = None
+) -> Iterator[ManagedProcess]:
+    """redis-server on 127.0.0.1 with AOF on (as production runs it); ``.url`` is set on it.
+    With ``replica_of``, it starts as a replica of the primary on that port."""
+    require_binaries("redis-server")
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = _redis_argv(
+        port,
+        data_dir,
+        "--protected-mode",
+        "yes",
+        *(["--replicaof", HOST, str(replica_of)] if replica_of else []),
+    )
     process = ManagedProcess(
         "redis-server",
         argv,
@@ -360,6 +370,67 @@ def redis_sentinels(
             )
             started.append(stack.enter_context(_running(process)))
         yield started
+
+
+@contextlib.contextmanager
+def redis_cluster(
+    data_dir: Path, *, masters: int = 3, replicas: int = 1
+) -> Iterator[list[ManagedProcess]]:
+    """A Redis Cluster on 127.0.0.1: ``masters`` primaries with ``replicas`` replicas each,
+    made by ``redis-cli --cluster create``, yielded once every node says the cluster is ok;
+    ``.url`` of each node is its own (any of them reaches the cluster)."""
+    require_binaries("redis-server", "redis-cli")
+    nodes: list[ManagedProcess] = []
+    with contextlib.ExitStack() as stack:
+        for i in range(masters * (1 + replicas)):
+            port = free_port()
+            folder = data_dir / f"node-{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            argv = _redis_argv(
+                port,
+                folder,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(folder / "nodes.conf"),
+                # The bus port: by default the port plus 10,000, which may be taken or too high.
+                "--cluster-port",
+                str(free_port()),
+                # A primary SIGKILLed is replaced by its replica within seconds, not 15.
+                "--cluster-node-timeout",
+                "2000",
+            )
+            process = ManagedProcess(
+                f"redis-cluster-{i}",
+                argv,
+                ready=functools.partial(_redis_ping, port),
+                log_path=folder / "redis.log",
+                port=port,
+                url=f"redis://{HOST}:{port}/0",
+            )
+            nodes.append(stack.enter_context(_running(process)))
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"{HOST}:{n.port}" for n in nodes)]
+            + ["--cluster-replicas", str(replicas), "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        for node in nodes:
+            _wait_until(
+                functools.partial(_cluster_ok, node.port),
+                what=f"{node.name} (cluster state)",
+                proc=node.proc,  # type: ignore[arg-type]
+                log=node.log_path,
+                timeout_s=30,
+            )
+        yield nodes
+
+
+def _cluster_ok(port: int) -> bool:
+    with socket.create_connection((HOST, port), timeout=1) as sock:
+        sock.sendall(b"CLUSTER INFO\r\n")
+        return b"cluster_state:ok" in sock.recv(4096)
 
 
 def mosquitto_config(*, port: int, data_dir: Path, ws_port: int | None = None) -> str:

@@ -118,12 +118,14 @@ class InfluxTarget:
 class RedisTarget:
     """Where Redis is, and what a write must reach before it is acknowledged.
 
-    ``url`` is the one node, or, with ``sentinels``, where the password and db come from; the
-    primary is then the one the Sentinels name for ``service``, found again after a failover.
+    ``url`` is the one node, or with ``cluster`` any node of a Redis Cluster, or, with
+    ``sentinels``, where the password and db come from; the primary is then the one the
+    Sentinels name for ``service``, found again after a failover.
     ``replicas`` > 0: writes are acknowledged once WAIT says that many replicas have them.
     """
 
     url: str
+    cluster: bool = False
     sentinels: tuple[tuple[str, int], ...] = ()
     service: str | None = None
     replicas: int = 0
@@ -133,6 +135,8 @@ class RedisTarget:
         where = (
             f"sentinels={','.join(f'{h}:{p}' for h, p in self.sentinels)} service={self.service}"
             if self.sentinels
+            else f"cluster {_mask(self.url)}"
+            if self.cluster
             else _mask(self.url)
         )
         return f"RedisTarget({where} replicas={self.replicas})"
@@ -233,6 +237,12 @@ class Settings:
         DEFAULT_REDIS_URL,
         env="VOTEBOX_REDIS_URL",
         help="Redis URL (with Sentinel: its password and db)",
+    )
+    redis_cluster: bool = _setting(
+        False,
+        env="VOTEBOX_REDIS_CLUSTER",
+        help="1: VOTEBOX_REDIS_URL is any node of a Redis Cluster",
+        default_help="0",
     )
     redis_sentinels: str | None = _setting(
         env="VOTEBOX_REDIS_SENTINELS",
@@ -389,6 +399,17 @@ class Settings:
         if self.mqtt_session_expiry_s is not None and not (1 <= self.mqtt_session_expiry_s < 2**32):
             # 0 ends the session at every disconnect: the votes queued for us would be lost.
             raise ConfigError("VOTEBOX_MQTT_SESSION_EXPIRY_S must be 1 to 4294967295 seconds")
+        if self.redis_cluster and self.redis_sentinels is not None:
+            raise ConfigError(
+                "VOTEBOX_REDIS_CLUSTER and VOTEBOX_REDIS_SENTINELS exclude each other: a Redis "
+                "Cluster fails over by itself"
+            )
+        if self.redis_cluster and self.redis_replicas:
+            # WAIT covers one connection's writes; a batch's writes go to several primaries.
+            raise ConfigError(
+                "VOTEBOX_REDIS_REPLICAS is not supported on a Redis Cluster yet: set it to 0 "
+                "(docs/operations.md, Redis Cluster)"
+            )
         if self.redis_replicas < 0:
             raise ConfigError("VOTEBOX_REDIS_REPLICAS must be 0 (no WAIT) or more")
         # WAIT with timeout 0 waits forever: the processor would freeze with its replica gone.
@@ -426,6 +447,7 @@ class Settings:
             raise ConfigError("VOTEBOX_REDIS_SENTINELS names no Sentinel")
         return RedisTarget(
             url=self.redis_url,
+            cluster=self.redis_cluster,
             sentinels=tuple(sentinels),
             service=self.redis_service,
             replicas=self.redis_replicas,
@@ -515,6 +537,11 @@ def _from_text(kind: object, value: object, var: str) -> object:
         kind = optional[0]
     if kind is MqttUrl:
         return value if isinstance(value, MqttUrl) else MqttUrl.parse(str(value), variable=var)
+    if kind is bool:
+        text = str(value).strip().lower()
+        if text not in ("1", "0", "true", "false", "yes", "no"):
+            raise ConfigError(f"{var} must be 1 or 0 (got {value!r})")
+        return text in ("1", "true", "yes")
     if kind is int or kind is float:
         try:
             return kind(str(value))

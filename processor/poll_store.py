@@ -74,8 +74,9 @@ async def create_poll(
         pipe.sadd(POLLS_INDEX, poll.id)
         if created:
             pipe.srem(POLLS_DELETED, poll.id)
-            pipe.publish(POLLS_CHANGED, poll.id)
         await pipe.execute()
+    if created:
+        await redis.publish(POLLS_CHANGED, poll.id)
     if not created:
         raise ConfigError(f"poll {poll.id!r} exists already; pick another id")
 
@@ -141,13 +142,14 @@ async def update_poll(redis: Redis, poll: Poll, *, now_ms: int | None = None) ->
 
 async def _store(redis: Redis, poll: Poll, now_ms: int) -> None:
     keys = PollKeys(poll.id)
+    # One transaction on the poll's slot; the announcement is not a key, so it follows.
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(keys.definition, mapping=poll.to_hash())
         # A new state or definition is a new result: dashboards see a higher version.
         pipe.hincrby(keys.tally, "version", 1)
         pipe.hset(keys.tally, mapping={"state_seen": poll.state_at(now_ms), "updated_ms": now_ms})
-        pipe.publish(POLLS_CHANGED, poll.id)
         await pipe.execute()
+    await redis.publish(POLLS_CHANGED, poll.id)
 
 
 async def open_poll(redis: Redis, poll_id: str, *, now_ms: int | None = None) -> Poll:
@@ -195,12 +197,14 @@ async def delete_poll(redis: Redis, poll_id: str) -> int:
     keys = PollKeys(poll_id)
     queued = int(await redis.xlen(keys.points))
     windows = [key async for key in redis.scan_iter(match=keys.window_prefix + "*", count=1000)]
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(*keys.every_key(), *windows)
+    # Marked deleted first (outside the poll's slot, idempotent): a delete that dies before
+    # its keys are gone is done by running it again, and processors clear the topics already.
+    async with redis.pipeline(transaction=False) as pipe:
         pipe.srem(POLLS_INDEX, poll_id)
         pipe.sadd(POLLS_DELETED, poll_id)
-        pipe.publish(POLLS_CHANGED, poll_id)
         await pipe.execute()
+    await redis.delete(*keys.every_key(), *windows)  # one command, one slot: all at once
+    await redis.publish(POLLS_CHANGED, poll_id)
     return queued
 
 

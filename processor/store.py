@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import redis.exceptions
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
@@ -83,6 +83,14 @@ def connect(
         "retry": Retry(NoBackoff(), 1 if retry_once else 0),
         "retry_on_error": [redis.exceptions.ConnectionError] if retry_once else [],
     }
+    if target.cluster:
+        # Any node leads to the others; MOVED and ASK are followed by the client. Typed as a
+        # Redis: RedisCluster answers the same commands, and the pipelines here use only those
+        # it allows (EVALSHA and PUBLISH are sent with execute_command).
+        cluster = RedisCluster.from_url(
+            target.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        return cast(Redis, cluster)
     if single_connection:
         options["max_connections"] = 1
     if not target.sentinels:

@@ -239,7 +239,8 @@ class Tally:
     ) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
-                pipe.evalsha(_SCRIPT_SHA, len(keys), *keys, *args)
+                # execute_command: redis-py's cluster pipeline refuses its evalsha method.
+                pipe.execute_command("EVALSHA", _SCRIPT_SHA, len(keys), *keys, *args)
             if extra is not None:
                 if extra.unattributed and extra.token is not None:
                     # Counted once per batch, like its votes: a retry after a lost reply

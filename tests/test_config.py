@@ -129,3 +129,32 @@ def test_a_share_group_member_asks_for_a_short_session_unless_told() -> None:
     assert Settings.from_env(told).session_expiry_s() == 600
     with pytest.raises(ConfigError, match="VOTEBOX_MQTT_SESSION_EXPIRY_S must be 1"):
         Settings.from_env({"VOTEBOX_MQTT_SESSION_EXPIRY_S": "0"})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"VOTEBOX_REDIS_CLUSTER": "maybe"}, "VOTEBOX_REDIS_CLUSTER must be 1 or 0"),
+        (
+            {
+                "VOTEBOX_REDIS_CLUSTER": "1",
+                "VOTEBOX_REDIS_SENTINELS": "h:1",
+                "VOTEBOX_REDIS_SERVICE": "s",
+            },
+            "exclude each other",
+        ),
+        (
+            {"VOTEBOX_REDIS_CLUSTER": "1", "VOTEBOX_REDIS_REPLICAS": "1"},
+            "not supported on a Redis Cluster yet",
+        ),
+    ],
+)
+def test_cluster_settings_refuse_what_cannot_work(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_a_cluster_is_named_by_any_node() -> None:
+    target = Settings.from_env({"VOTEBOX_REDIS_CLUSTER": "1"}).redis_target()
+    assert target.cluster and not target.sentinels
+    assert not Settings.from_env({"VOTEBOX_REDIS_CLUSTER": "0"}).redis_target().cluster

@@ -1,0 +1,185 @@
+"""votebox on a Redis Cluster (three primaries, three replicas, redis-cli --cluster create):
+polls whose keys live on different primaries, made and closed and deleted by the commands,
+votes counted exactly through the processor, retained results and InfluxDB points as on one
+node."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import RedisCluster
+
+from harness.services import ManagedProcess, redis_cluster
+from processor.commands.watch import wait_for_results
+from processor.config import RedisTarget
+from processor.poll_store import list_polls, read_results
+from processor.reasons import Fate
+from processor.store import connect
+from tests.conftest import eventually, unique_id
+from tests.fleet import Fleet, results_url
+from tests.test_cli import votebox
+from tests.test_influx import influx_env, point_count
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ManagedProcess]]:
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
+        yield nodes
+
+
+def _env(cluster: list[ManagedProcess]) -> dict[str, str]:
+    return {"VOTEBOX_REDIS_URL": cluster[0].url, "VOTEBOX_REDIS_CLUSTER": "1"}
+
+
+async def _create(ids: list[str], env: dict[str, str]) -> None:
+    """``votebox poll create`` each, as an operator does, on the cluster."""
+    for poll_id in ids:
+        args = ("poll", "create", poll_id, "--option", "a", "--option", "b")
+        made = await asyncio.to_thread(votebox, *args, env=os.environ | env)
+        assert made.returncode == 0, made.stderr
+
+
+async def _on_three_primaries(cluster: list[ManagedProcess], prefix: str) -> list[str]:
+    """Three poll ids whose keys ({id}) live on three different primaries."""
+    client = RedisCluster.from_url(cluster[0].url)
+    try:
+        await client.initialize()
+        chosen: dict[str, str] = {}
+        n = 0
+        while len(chosen) < 3:
+            poll_id = f"{prefix}-{n}"
+            node = client.get_node_from_key(f"votebox:{{{poll_id}}}:poll")
+            assert node is not None
+            chosen.setdefault(node.name, poll_id)
+            n += 1
+        return sorted(chosen.values())
+    finally:
+        await client.aclose()
+
+
+async def test_polls_on_three_primaries_count_exactly_through_the_processor(
+    cluster: list[ManagedProcess],
+    mosquitto_proc: ManagedProcess,
+    influx_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    request: pytest.FixtureRequest,
+) -> None:
+    env = _env(cluster)
+    ids = await _on_three_primaries(cluster, unique_id(request)[:40])
+    await _create(ids, env)
+    database = unique_id(request)
+    spawn_processor(mosquitto_proc, **env, **influx_env(influx_proc, database))
+    redis = connect(RedisTarget(url=cluster[0].url, cluster=True), timeout_s=5)
+    try:
+        assert set(ids) <= set(await list_polls(redis))
+        with Fleet(mosquitto_proc, "k", 6) as fleet:
+
+            def send() -> None:
+                last: dict[str, str] = {}
+                for i in range(600):
+                    kiosk = fleet.kiosks[i % 6]
+                    kiosk.vote(ids[i % 3], i % 2)
+                    last[kiosk.device] = ids[i % 3]
+                for kiosk in fleet.kiosks:  # each re-sends its last vote: counted once
+                    kiosk.vote(last[kiosk.device], 0, seq=kiosk.seq)
+
+            await asyncio.to_thread(send)
+            await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
+            assert fleet.codes() == {int(Fate.ACCEPTED): 600, int(Fate.DUPLICATE): 6}
+        results = await read_results(redis, ids)
+        assert [results[p].total for p in ids] == [200, 200, 200]
+        for poll_id in ids:
+            await wait_for_results(
+                results_url(mosquitto_proc), poll_id, lambda d: d["total"] == 200, timeout_s=30
+            )
+            await eventually(
+                lambda p=poll_id: point_count(influx_proc, database, p) == 200, timeout_s=60
+            )
+        closed = await asyncio.to_thread(votebox, "poll", "close", ids[1], env=os.environ | env)
+        assert closed.returncode == 0, closed.stderr
+        await wait_for_results(
+            results_url(mosquitto_proc), ids[1], lambda d: d["state"] == "closed", timeout_s=30
+        )
+        gone = await asyncio.to_thread(
+            votebox, "poll", "delete", ids[2], "--yes", env=os.environ | env
+        )
+        assert gone.returncode == 0, gone.stderr
+        assert ids[2] not in await list_polls(redis)
+        assert not await redis.exists(f"votebox:{{{ids[2]}}}:tally")
+        devices = await asyncio.to_thread(votebox, "devices", "--json", env=os.environ | env)
+        assert devices.returncode == 0 and devices.stdout.count("\n") >= 6, devices.stderr
+    finally:
+        await redis.aclose()
+
+
+async def _replicas_caught_up(node: ManagedProcess) -> bool:
+    client = RedisCluster.from_url(node.url)
+    try:
+        await client.initialize()
+        primary = client.get_node(host="127.0.0.1", port=node.port)
+        assert primary is not None
+        info = await client.info("replication", target_nodes=primary)
+        offset = info["master_repl_offset"]
+        return all(info[k]["offset"] == offset for k in info if k.startswith("slave"))
+    finally:
+        await client.aclose()
+
+
+async def test_a_primary_sigkilled_is_replaced_and_the_processor_counts_on(
+    tmp_path: Path,
+    mosquitto_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    request: pytest.FixtureRequest,
+) -> None:
+    """The loss of a primary holds the votes for its polls, unacknowledged, until the cluster
+    has promoted its replica (cluster-node-timeout 2 s here), then counts them once. Votes
+    acknowledged in the instant before the kill are not covered: that needs WAIT per shard,
+    which is not done on a cluster yet (docs/operations.md, Redis Cluster)."""
+    with redis_cluster(tmp_path / "cluster") as nodes:
+        env = _env(nodes)
+        ids = await _on_three_primaries(nodes, unique_id(request)[:40])
+        redis = connect(RedisTarget(url=nodes[0].url, cluster=True), timeout_s=5)
+        try:
+            await _create(ids, env)
+            proc = spawn_processor(mosquitto_proc, **env)
+            owner = await _owner(nodes[0], ids[0])
+            victim = next(n for n in nodes if n.port == owner)
+            with Fleet(mosquitto_proc, "k", 6) as fleet:
+
+                def send(n: int) -> None:
+                    for i in range(n):
+                        fleet.kiosks[i % 6].vote(ids[i % 3], i % 2)
+
+                await asyncio.to_thread(send, 300)
+                await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
+                await eventually(lambda: _replicas_caught_up(victim), timeout_s=10)
+                victim.kill()
+                await asyncio.to_thread(send, 300)  # a third of them to the lost primary
+                await wait_log_text(proc, "none acked")
+                await eventually(lambda: fleet.unacked() == 0, timeout_s=90)
+            results = await read_results(redis, ids)
+            assert [results[p].total for p in ids] == [200, 200, 200]
+            assert fleet.codes() == {int(Fate.ACCEPTED): 600}
+        finally:
+            await redis.aclose()
+
+
+async def _owner(node: ManagedProcess, poll_id: str) -> int:
+    client = RedisCluster.from_url(node.url)
+    try:
+        await client.initialize()
+        owner = client.get_node_from_key(f"votebox:{{{poll_id}}}:poll")
+        assert owner is not None
+        return int(owner.port)
+    finally:
+        await client.aclose()
+
+
+async def wait_log_text(proc: ManagedProcess, text: str) -> None:
+    await eventually(lambda: text in proc.log_text(since_start=True), timeout_s=30)
