@@ -196,7 +196,10 @@ async def delete_poll(redis: Redis, poll_id: str) -> int:
     await _must_load(redis, poll_id)
     keys = PollKeys(poll_id)
     queued = int(await redis.xlen(keys.points))
-    windows = [key async for key in redis.scan_iter(match=keys.window_prefix + "*", count=1000)]
+    # Every device with a window has its entry in the devices hash (tally.lua writes both):
+    # the poll's own keys, found without scanning the keyspace (or a cluster's every node).
+    devices = await redis.hkeys(keys.devices)
+    windows = [keys.window_prefix + redis_text(device) for device in devices]
     # Marked deleted first (outside the poll's slot, idempotent): a delete that dies before
     # its keys are gone is done by running it again, and processors clear the topics already.
     async with redis.pipeline(transaction=False) as pipe:

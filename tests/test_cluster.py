@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from redis.asyncio import RedisCluster
+from redis.asyncio import Redis, RedisCluster
 
 from harness.services import ManagedProcess, redis_cluster
 from processor.commands.watch import wait_for_results
@@ -22,6 +23,7 @@ from processor.store import connect
 from tests.conftest import eventually, unique_id
 from tests.fleet import Fleet, results_url
 from tests.test_cli import votebox
+from tests.test_faults import resend_until_acked
 from tests.test_influx import influx_env, point_count
 
 pytestmark = pytest.mark.e2e
@@ -183,3 +185,90 @@ async def _owner(node: ManagedProcess, poll_id: str) -> int:
 
 async def wait_log_text(proc: ManagedProcess, text: str) -> None:
     await eventually(lambda: text in proc.log_text(since_start=True), timeout_s=30)
+
+
+async def test_a_polls_slot_moved_to_another_primary_mid_stream_counts_exactly(
+    tmp_path: Path,
+    mosquitto_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    request: pytest.FixtureRequest,
+) -> None:
+    """redis-cli --cluster reshard moves every slot of the poll's primary, its keys with them,
+    while votes flow: the client follows ASK and MOVED, a script on a slot half moved is
+    refused (TRYAGAIN: the store is away, the batch is retried), and every vote counts once."""
+    with redis_cluster(tmp_path / "cluster") as nodes:
+        env = _env(nodes)
+        (poll_id, *_) = await _on_three_primaries(nodes, unique_id(request)[:40])
+        await _create([poll_id], env)
+        spawn_processor(mosquitto_proc, **env)
+        owner = await _owner(nodes[0], poll_id)
+        source = next(n for n in nodes if n.port == owner)
+        primaries = [n for n in nodes if n is not source and await _is_primary(n)]
+        target = primaries[0]
+        redis = connect(RedisTarget(url=nodes[0].url, cluster=True), timeout_s=5)
+        try:
+            with Fleet(mosquitto_proc, "k", 6) as fleet:
+                done = asyncio.Event()
+                sent = 0
+
+                async def keep_voting() -> None:
+                    nonlocal sent
+                    while not done.is_set():  # throughout the move, whichever slot is moving
+                        await send_votes(fleet, poll_id, 60)
+                        sent += 60
+
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(keep_voting())
+                    await eventually(lambda: fleet.codes()[Fate.ACCEPTED] >= 200, timeout_s=60)
+                    moved = await asyncio.to_thread(_reshard_all, source, target)
+                    done.set()
+                assert moved.returncode == 0, moved.stdout[-2000:] + moved.stderr[-2000:]
+                await resend_until_acked(fleet, timeout_s=120)
+            assert await _owner(nodes[0], poll_id) == target.port  # it did move
+            assert (await read_results(redis, [poll_id]))[poll_id].total == sent
+            assert set(fleet.codes()) <= {int(Fate.ACCEPTED), int(Fate.DUPLICATE)}
+        finally:
+            await redis.aclose()
+
+
+async def send_votes(fleet: Fleet, poll_id: str, n: int) -> None:
+    def publish() -> None:
+        for i in range(n):
+            fleet.kiosks[i % len(fleet.kiosks)].vote(poll_id, i % 2)
+
+    await asyncio.to_thread(publish)
+
+
+async def _is_primary(node: ManagedProcess) -> bool:
+    role = await _node_command(node, "ROLE")
+    return isinstance(role, list) and role[0] in (b"master", "master")
+
+
+async def _node_command(node: ManagedProcess, *command: str) -> object:
+    client = Redis(host="127.0.0.1", port=node.port, socket_timeout=5)
+    try:
+        return await client.execute_command(*command)  # type: ignore[no-untyped-call]
+    finally:
+        await client.aclose()
+
+
+def _reshard_all(
+    source: ManagedProcess, target: ManagedProcess
+) -> subprocess.CompletedProcess[str]:
+    def my_id(node: ManagedProcess) -> str:
+        return subprocess.run(
+            ["redis-cli", "-p", str(node.port), "CLUSTER", "MYID"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    return subprocess.run(
+        ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{source.port}"]
+        + ["--cluster-from", my_id(source), "--cluster-to", my_id(target)]
+        + ["--cluster-slots", "16384", "--cluster-yes", "--cluster-pipeline", "100"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
+from processor.codec import Vote
 from processor.errors import ConfigError
 from processor.keys import POLLS_INDEX, PollKeys
 from processor.poll import Poll
-from processor.poll_store import create_poll, list_polls, load_poll, read_results
+from processor.poll_store import create_poll, delete_poll, list_polls, load_poll, read_results
+from processor.tally import Tally
 from tests.conftest import unique_id
 
 
@@ -36,3 +38,19 @@ async def test_creating_a_poll_again_says_it_exists_and_leaves_it_listed(
         await create_poll(redis, Poll(id=poll.id, labels=("x", "y")))
     assert await load_poll(redis, poll.id) == poll  # untouched
     assert poll.id in await list_polls(redis)
+
+
+async def test_deleting_a_poll_removes_every_key_of_it_and_nothing_else(
+    redis: Redis, request: pytest.FixtureRequest
+) -> None:
+    poll, other = (Poll(id=unique_id(request, s), labels=("a", "b")) for s in ("", "-other"))
+    for p in (poll, other):
+        await create_poll(redis, p)
+        await Tally(redis, timeout_s=5, points_max=10).commit(
+            [Vote(p.id, f"k{i}", 0, 1) for i in range(5)], now_ms=1
+        )
+    await delete_poll(redis, poll.id)
+    left = [key async for key in redis.scan_iter(match=f"votebox:{{{poll.id}}}*")]
+    assert left == []
+    assert len([key async for key in redis.scan_iter(match=f"votebox:{{{other.id}}}:win:*")]) == 5
+    assert (await read_results(redis, [other.id]))[other.id].total == 5
