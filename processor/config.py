@@ -404,12 +404,6 @@ class Settings:
                 "VOTEBOX_REDIS_CLUSTER and VOTEBOX_REDIS_SENTINELS exclude each other: a Redis "
                 "Cluster fails over by itself"
             )
-        if self.redis_cluster and self.redis_replicas:
-            # WAIT covers one connection's writes; a batch's writes go to several primaries.
-            raise ConfigError(
-                "VOTEBOX_REDIS_REPLICAS is not supported on a Redis Cluster yet: set it to 0 "
-                "(docs/operations.md, Redis Cluster)"
-            )
         if self.redis_replicas < 0:
             raise ConfigError("VOTEBOX_REDIS_REPLICAS must be 0 (no WAIT) or more")
         # WAIT with timeout 0 waits forever: the processor would freeze with its replica gone.

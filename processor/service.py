@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Final
 
+from redis.asyncio import Redis
+
 from processor.backoff import backoff_delays
 from processor.codec import (
     AckEntry,
@@ -35,7 +37,7 @@ from processor.ratelimit import DeviceRateLimiter
 from processor.reasons import Fate, Reason
 from processor.results import Lease, ResultsPublisher
 from processor.stats import StatsPublisher
-from processor.store import connect
+from processor.store import connect, redis_errors
 from processor.supervise import EXIT_FAILED, Watchdog, supervised
 from processor.tally import Tally
 from processor.topics import (
@@ -267,10 +269,18 @@ async def drain_votes(
         log.warning("stopping with %d deliveries un-acked; the broker keeps them", intake.held)
 
 
-async def _wait_for_redis(tally: Tally, stop: asyncio.Event) -> bool:
+async def _wait_for_redis(
+    tally: Tally, redis: Redis, stop: asyncio.Event, *, timeout_s: float
+) -> bool:
     for delay in backoff_delays(base_s=0.2, cap_s=5.0):
         try:
             await tally.load()
+            if redis is not tally.redis:
+                # A cluster client learns the slots at its first command: before its readers
+                # (pub/sub needs them) start.
+                with redis_errors():
+                    async with asyncio.timeout(timeout_s):
+                        await redis.ping()
             return True
         except StoreUnavailable as exc:
             log.warning("waiting for Redis: %s", exc)
@@ -336,6 +346,13 @@ async def _run(
         log.info("InfluxDB not configured (VOTEBOX_INFLUX_URL unset): tallying in Redis only")
     # A commit retried on a fresh connection is answered as its first try (Tally.commit).
     redis = connect(settings.redis_target(), timeout_s=settings.redis_timeout_s, retry_once=True)
+    # On a cluster, WAIT on a primary covers only its own connection's writes: the commits get
+    # a client of their own with one connection per node (store.wait_for_replicas).
+    commits = (
+        connect(settings.redis_target(), timeout_s=settings.redis_timeout_s, single_connection=True)
+        if settings.redis_cluster and settings.redis_replicas
+        else redis
+    )
     writer = make_writer(target) if target else None
     metrics = Metrics()
     started = loop.time()
@@ -364,7 +381,7 @@ async def _run(
     metrics.watch(metrics.up_seconds, lambda: loop.time() - started)
     try:
         tally = Tally(
-            redis,
+            commits,
             timeout_s=settings.redis_timeout_s,
             points_max=settings.influx_queue_max if target else 0,
             clock_skew_s=settings.clock_skew_s,
@@ -387,7 +404,7 @@ async def _run(
         async with serve_endpoint(
             host=settings.metrics_host, port=settings.metrics_port, metrics=metrics, health=health
         ):
-            if not await _wait_for_redis(tally, stop):
+            if not await _wait_for_redis(tally, redis, stop, timeout_s=settings.redis_timeout_s):
                 return
             async with MqttIntake(
                 settings=settings,
@@ -405,17 +422,20 @@ async def _run(
             ) as intake:
                 live.append(intake)
                 await _serve(
-                    settings, intake, tally, drainer, metrics, health, stop, about_me, failed
+                    settings, intake, redis, tally, drainer, metrics, health, stop, about_me, failed
                 )
     finally:
         if writer is not None:
             writer.close()
+        if commits is not redis:
+            await commits.aclose()
         await redis.aclose()
 
 
 async def _serve(
     settings: Settings,
     intake: MqttIntake,
+    redis: Redis,
     tally: Tally,
     drainer: InfluxDrainer | None,
     metrics: Metrics,
@@ -428,7 +448,7 @@ async def _serve(
         intake.publish(topic, payload, qos=1, retain=True)
 
     results = ResultsPublisher(
-        redis=tally.redis,
+        redis=redis,
         publish=publish_retained,
         interval_s=settings.results_interval_s,
         rescan_s=settings.polls_rescan_s,
@@ -443,7 +463,7 @@ async def _serve(
         ),
     )
     stats = StatsPublisher(
-        redis=tally.redis,
+        redis=redis,
         publish=publish_retained,
         metrics=metrics,
         interval_s=settings.stats_interval_s,

@@ -11,6 +11,7 @@ acknowledged, the caller retries. Any other error reply is a fault of the comman
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, Final, cast
@@ -27,6 +28,7 @@ from processor.errors import StoreUnavailable
 
 __all__ = [
     "connect",
+    "is_cluster",
     "raise_unless_replicated",
     "wait_for_replicas",
     "is_noscript",
@@ -86,9 +88,13 @@ def connect(
     if target.cluster:
         # Any node leads to the others; MOVED and ASK are followed by the client. Typed as a
         # Redis: RedisCluster answers the same commands, and the pipelines here use only those
-        # it allows (EVALSHA and PUBLISH are sent with execute_command).
+        # it allows (EVALSHA is sent with execute_command). single_connection: one connection
+        # per node, so that WAIT on a node covers what was written there.
         cluster = RedisCluster.from_url(
-            target.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            target.url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=1 if single_connection else 100,
         )
         return cast(Redis, cluster)
     if single_connection:
@@ -153,12 +159,35 @@ async def wait_for_replicas(client: Redis, *, replicas: int, timeout_ms: int) ->
     Raises:
         StoreUnavailable: fewer answered within ``timeout_ms``.
     """
-    if replicas:
-        with redis_errors():
+    if not replicas:
+        return
+    with redis_errors():
+        if isinstance(client, RedisCluster):
+            # Every primary, each on its one connection (connect(single_connection=True)):
+            # a primary this client did not write to answers at once.
+            # gather, not a TaskGroup: a node's error must reach redis_errors as itself, not
+            # wrapped in an ExceptionGroup.
+            answers = await asyncio.gather(
+                *(
+                    client.execute_command("WAIT", replicas, timeout_ms, target_nodes=node)
+                    for node in client.get_primaries()
+                ),
+                return_exceptions=True,
+            )
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    raise answer
+            reached = min(int(answer) for answer in answers)
+        else:
             reached = await client.execute_command(  # type: ignore[no-untyped-call]
                 "WAIT", replicas, timeout_ms
             )
-        raise_unless_replicated(reached, replicas=replicas, timeout_ms=timeout_ms)
+    raise_unless_replicated(reached, replicas=replicas, timeout_ms=timeout_ms)
+
+
+def is_cluster(client: Redis) -> bool:
+    """Whether ``client`` is a Redis Cluster's (made by `connect`)."""
+    return isinstance(client, RedisCluster)
 
 
 def raise_unless_replicated(reply: object, *, replicas: int, timeout_ms: int) -> None:
@@ -183,9 +212,17 @@ def store_is_away(error: BaseException) -> bool:
     that Redis cannot take the command now, as opposed to a command that is wrong."""
     if isinstance(
         error,
-        redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError | TimeoutError,
+        redis.exceptions.ConnectionError
+        | redis.exceptions.TimeoutError
+        | OSError
+        | TimeoutError
+        | redis.exceptions.SlotNotCoveredError,
     ):
         return True
+    if isinstance(error, redis.exceptions.RedisClusterException):
+        # Not a RedisError: redis-py's cluster client says so when no node it knows answers
+        # (a failover under way); its other uses of it are faults of the command.
+        return str(error).startswith("Redis Cluster cannot be connected")
     if not isinstance(error, redis.exceptions.ResponseError):
         return False
     # redis-py strips the code from the replies it has a class for and keeps it in status_code
@@ -225,7 +262,7 @@ def redis_errors() -> Iterator[None]:
         yield
     except TimeoutError as exc:
         raise StoreUnavailable("Redis did not answer in time") from exc
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
         if store_is_away(exc):
             raise StoreUnavailable(f"Redis: {_describe(exc)}") from exc
         raise

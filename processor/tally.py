@@ -26,7 +26,14 @@ from processor.keys import (
     fates_counted,
 )
 from processor.reasons import Reason
-from processor.store import is_noscript, raise_if_away, raise_unless_replicated, redis_errors
+from processor.store import (
+    is_cluster,
+    is_noscript,
+    raise_if_away,
+    raise_unless_replicated,
+    redis_errors,
+    wait_for_replicas,
+)
 
 __all__ = ["COMMIT_MEMORY_S", "DEDUP_WINDOW", "CommitResult", "Tally"]
 
@@ -264,14 +271,22 @@ class Tally:
                 for key, latest in extra.reports.items():
                     if latest:
                         pipe.hset(key, mapping=latest)  # type: ignore[arg-type]
-            if self._replicas:
+            in_pipeline = self._replicas and not is_cluster(self._redis)
+            if in_pipeline:
                 # Last on the same connection: it waits for every write above.
                 pipe.execute_command("WAIT", self._replicas, self._replica_timeout_ms)
             replies = list(await pipe.execute(raise_on_error=False))
-        if self._replicas:
+        if in_pipeline:
             raise_if_away(replies[-1:])
             raise_unless_replicated(
                 replies.pop(), replicas=self._replicas, timeout_ms=self._replica_timeout_ms
+            )
+        elif self._replicas:
+            # A cluster's writes went to several primaries: each waits for its replicas, on
+            # the connection that wrote there (one per node for the tally's client).
+            raise_if_away(replies)
+            await wait_for_replicas(
+                self._redis, replicas=self._replicas, timeout_ms=self._replica_timeout_ms
             )
         return replies
 

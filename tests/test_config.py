@@ -143,10 +143,6 @@ def test_a_share_group_member_asks_for_a_short_session_unless_told() -> None:
             },
             "exclude each other",
         ),
-        (
-            {"VOTEBOX_REDIS_CLUSTER": "1", "VOTEBOX_REDIS_REPLICAS": "1"},
-            "not supported on a Redis Cluster yet",
-        ),
     ],
 )
 def test_cluster_settings_refuse_what_cannot_work(env: dict[str, str], message: str) -> None:
