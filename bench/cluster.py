@@ -1,0 +1,105 @@
+"""What a Redis Cluster adds to the tally: commits against one Redis node and against three
+primaries, in one run on this machine.
+
+Rule: the same batches (500 votes from 500 devices, points for InfluxDB queued) committed one
+after another, as the processor commits them, on loopback, AOF fsynced always: three polls on
+one node; three polls on three primaries (one each); one hot poll on a cluster (one primary
+takes it all). Run: ``.venv/bin/python -m bench.cluster [--batches N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from redis.asyncio import Redis, RedisCluster
+
+from bench.fsync import summary
+from harness.services import redis_cluster, redis_server
+from processor.codec import Vote
+from processor.config import RedisTarget
+from processor.poll import Poll
+from processor.poll_store import create_poll
+from processor.store import connect
+from processor.tally import Tally
+
+__all__ = ["measure"]
+
+
+async def _spread_ids(redis: Redis, prefix: str) -> list[str]:
+    """Three poll ids on three different primaries (any three on one node)."""
+    if not isinstance(redis, RedisCluster):
+        return [f"{prefix}-{n}" for n in range(3)]
+    await redis.initialize()
+    chosen: dict[str, str] = {}
+    n = 0
+    while len(chosen) < 3:
+        node = redis.get_node_from_key(f"votebox:{{{prefix}-{n}}}:poll")
+        assert node is not None
+        chosen.setdefault(node.name, f"{prefix}-{n}")
+        n += 1
+    return list(chosen.values())
+
+
+async def _commit_times(
+    target: RedisTarget, *, polls: int, batches: int, batch_size: int
+) -> list[float]:
+    redis = connect(target, timeout_s=10)
+    try:
+        ids = (await _spread_ids(redis, f"bench-{polls}"))[:polls]
+        for poll_id in ids:
+            await create_poll(redis, Poll(id=poll_id, labels=("a", "b", "c")))
+        tally = Tally(redis, timeout_s=10, points_max=10_000_000)
+        await tally.load()
+        times: list[float] = []
+        for n in range(batches):
+            votes = [
+                Vote(ids[i % len(ids)], f"d{i}", i % 3, n + 1, ts_s=int(time.time()))
+                for i in range(batch_size)
+            ]
+            started = time.perf_counter()
+            await tally.commit(votes, now_ms=int(time.time() * 1000), token=f"b{polls}-{n}")
+            times.append(time.perf_counter() - started)
+        return times
+    finally:
+        await redis.aclose()
+
+
+def measure(folder: Path, *, batches: int, batch_size: int) -> dict[str, list[float]]:
+    """Commit times in seconds, by setup."""
+    out: dict[str, list[float]] = {}
+    with redis_server(folder / "single") as node:
+        out["one node, 3 polls"] = asyncio.run(
+            _commit_times(RedisTarget(node.url), polls=3, batches=batches, batch_size=batch_size)
+        )
+    with redis_cluster(folder / "cluster", replicas=0) as nodes:
+        target = RedisTarget(nodes[0].url, cluster=True)
+        for polls, name in ((3, "cluster, 3 polls on 3 primaries"), (1, "cluster, 1 hot poll")):
+            out[name] = asyncio.run(
+                _commit_times(target, polls=polls, batches=batches, batch_size=batch_size)
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=500)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        results = measure(Path(folder), batches=args.batches, batch_size=args.batch_size)
+    print(
+        f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    )
+    print(f"{args.batches} commits of {args.batch_size} votes each, one after another")
+    for name, times in results.items():
+        print(f"{name:34}  {summary(times, args.batch_size)}")
+
+
+if __name__ == "__main__":
+    main()
