@@ -14,19 +14,14 @@ import asyncio
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 from redis.asyncio import Redis, RedisCluster
 
-from bench.fsync import summary
+from bench.fsync import commit_times, summary
 from harness.services import redis_cluster, redis_server
-from processor.codec import Vote
 from processor.config import RedisTarget
-from processor.poll import Poll
-from processor.poll_store import create_poll
 from processor.store import connect
-from processor.tally import Tally
 
 __all__ = ["measure"]
 
@@ -46,28 +41,19 @@ async def _spread_ids(redis: Redis, prefix: str) -> list[str]:
     return list(chosen.values())
 
 
+async def _poll_ids(target: RedisTarget, polls: int) -> list[str]:
+    redis = connect(target, timeout_s=10)
+    try:
+        return (await _spread_ids(redis, f"bench-{polls}"))[:polls]
+    finally:
+        await redis.aclose()
+
+
 async def _commit_times(
     target: RedisTarget, *, polls: int, batches: int, batch_size: int
 ) -> list[float]:
-    redis = connect(target, timeout_s=10)
-    try:
-        ids = (await _spread_ids(redis, f"bench-{polls}"))[:polls]
-        for poll_id in ids:
-            await create_poll(redis, Poll(id=poll_id, labels=("a", "b", "c")))
-        tally = Tally(redis, timeout_s=10, points_max=10_000_000)
-        await tally.load()
-        times: list[float] = []
-        for n in range(batches):
-            votes = [
-                Vote(ids[i % len(ids)], f"d{i}", i % 3, n + 1, ts_s=int(time.time()))
-                for i in range(batch_size)
-            ]
-            started = time.perf_counter()
-            await tally.commit(votes, now_ms=int(time.time() * 1000), token=f"b{polls}-{n}")
-            times.append(time.perf_counter() - started)
-        return times
-    finally:
-        await redis.aclose()
+    ids = await _poll_ids(target, polls)
+    return await commit_times(target, batches=batches, batch_size=batch_size, poll_ids=ids)
 
 
 def measure(folder: Path, *, batches: int, batch_size: int) -> dict[str, list[float]]:

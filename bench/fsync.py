@@ -15,29 +15,37 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis as sync_redis
-from redis.asyncio import Redis
 
 from harness.services import redis_server
 from processor.codec import Vote
+from processor.config import RedisTarget
 from processor.poll import Poll
 from processor.poll_store import create_poll
+from processor.store import connect
 from processor.tally import Tally
 
 __all__ = ["commit_times", "measure", "summary"]
 
 
 async def commit_times(
-    url: str, *, batches: int, batch_size: int, poll_id: str = "fsync", replicas: int = 0
+    target: RedisTarget | str,
+    *,
+    batches: int,
+    batch_size: int,
+    poll_ids: Sequence[str] = ("fsync",),
+    replicas: int = 0,
 ) -> list[float]:
     """Seconds per commit of ``batches`` batches of ``batch_size`` votes from as many devices,
-    into a new poll ``poll_id``; with ``replicas``, each commit WAITs for them (1 s at most)."""
-    redis = Redis.from_url(url)
+    spread over new polls ``poll_ids``; with ``replicas``, each commit WAITs for them (1 s at
+    most)."""
+    redis = connect(target, timeout_s=10)
     try:
-        poll = Poll(id=poll_id, labels=("a", "b", "c"))
-        await create_poll(redis, poll)
+        for poll_id in poll_ids:
+            await create_poll(redis, Poll(id=poll_id, labels=("a", "b", "c")))
         tally = Tally(
             redis, timeout_s=10, points_max=10_000_000, replicas=replicas, replica_timeout_ms=1000
         )
@@ -45,7 +53,7 @@ async def commit_times(
         times: list[float] = []
         for n in range(batches):
             votes = [
-                Vote(poll.id, f"d{i}", i % 3, n + 1, ts_s=int(time.time()))
+                Vote(poll_ids[i % len(poll_ids)], f"d{i}", i % 3, n + 1, ts_s=int(time.time()))
                 for i in range(batch_size)
             ]
             started = time.perf_counter()

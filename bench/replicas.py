@@ -41,7 +41,7 @@ def measure(folder: Path, *, rounds: int, batches: int, batch_size: int) -> dict
                         primary.url,
                         batches=batches,
                         batch_size=batch_size,
-                        poll_id=f"wait-{replicas}-{n}",
+                        poll_ids=[f"wait-{replicas}-{n}"],
                         replicas=replicas,
                     )
                 )
