@@ -263,8 +263,9 @@ class PollField:
 
     Args:
         name: the `Poll` attribute.
-        key: its key in a TOML table (docs/polls.md) and in the flags' spec.
-        stored: its field in the poll's Redis hash (tally.lua reads some by this name).
+        key: its key in a TOML table (docs/polls.md) and in the flags' spec; default ``name``.
+        stored: its field in the poll's Redis hash (tally.lua reads some by this name);
+            default ``name``.
         store: the value as stored.
         load: the value from its stored text.
         parse: the value from TOML or a flag.
@@ -277,16 +278,20 @@ class PollField:
     """
 
     name: str
-    key: str
-    stored: str
     store: Callable[[Any], Any]
     load: Callable[[str], Any]
     parse: Callable[[Any], Any]
+    key: str = ""
+    stored: str = ""
     flag: tuple[str, dict[str, Any]] | None = None
     published: str | None = None
     publish: Callable[[Any], Any] = lambda value: value
     shown: Callable[[Poll], bool] = _always
     fixed_once_voted: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", self.key or self.name)
+        object.__setattr__(self, "stored", self.stored or self.name)
 
 
 # The order is that of `votebox poll create --help`.
@@ -294,7 +299,6 @@ POLL_FIELDS: Final = (
     PollField(
         "labels",
         key="options",
-        stored="labels",
         store=lambda labels: json.dumps(labels),
         load=lambda text: tuple(json.loads(text)),
         parse=lambda options: tuple(str(o) for o in options),
@@ -314,8 +318,6 @@ POLL_FIELDS: Final = (
     ),
     PollField(
         "title",
-        key="title",
-        stored="title",
         store=str,
         load=str,
         parse=str,
@@ -324,8 +326,6 @@ POLL_FIELDS: Final = (
     ),
     PollField(
         "type",
-        key="type",
-        stored="type",
         store=str,
         load=PollType,
         parse=_poll_type,
@@ -336,8 +336,6 @@ POLL_FIELDS: Final = (
     ),
     PollField(
         "max_choices",
-        key="max_choices",
-        stored="max_choices",
         store=int,
         load=int,
         parse=int,
@@ -347,8 +345,6 @@ POLL_FIELDS: Final = (
     ),
     PollField(
         "scale",
-        key="scale",
-        stored="scale",
         store=lambda scale: json.dumps(scale) if scale else "",
         load=_load_scale,
         parse=_scale,
@@ -361,7 +357,6 @@ POLL_FIELDS: Final = (
     PollField(
         "opens_ms",
         key="opens_at",
-        stored="opens_ms",
         store=int,
         load=int,
         parse=parse_time_ms,
@@ -372,7 +367,6 @@ POLL_FIELDS: Final = (
     PollField(
         "closes_ms",
         key="closes_at",
-        stored="closes_ms",
         store=int,
         load=int,
         parse=parse_time_ms,
@@ -382,8 +376,6 @@ POLL_FIELDS: Final = (
     ),
     PollField(
         "grace_s",
-        key="grace_s",
-        stored="grace_s",
         store=int,
         load=int,
         parse=int,
@@ -399,8 +391,6 @@ POLL_FIELDS: Final = (
     ),
     PollField(
         "one_per_voter",
-        key="one_per_voter",
-        stored="one_per_voter",
         store=int,
         load=lambda text: text == "1",
         parse=_flag,
@@ -416,8 +406,6 @@ POLL_FIELDS: Final = (
     ),
     PollField(
         "cooldown_s",
-        key="cooldown_s",
-        stored="cooldown_s",
         store=int,
         load=int,
         parse=int,
@@ -433,7 +421,6 @@ POLL_FIELDS: Final = (
     ),
     PollField(
         "hide_results_until_close",
-        key="hide_results_until_close",
         stored="hide_results",
         store=int,
         load=lambda text: text == "1",

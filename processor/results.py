@@ -97,6 +97,7 @@ class ResultsPublisher:
         self._metrics = metrics
         self._lease = lease
         self._holding = lease is None
+        self._renew_at = 0.0
         self._pace = pace
         self._redis = redis
         self._publish = publish
@@ -220,8 +221,14 @@ class ResultsPublisher:
             self.changed(text)
 
     async def _hold(self) -> bool:
-        """Take or renew the lease; whether we hold it. Gained: publish every poll afresh."""
+        """Take or renew the lease; whether we hold it. Gained: publish every poll afresh.
+
+        Renewed once a third of its time has passed, not at every publish: a round trip per
+        publish would buy nothing, since nobody else can take it before it expires."""
         if self._lease is None:
+            return True
+        asked = asyncio.get_running_loop().time()
+        if self._holding and asked < self._renew_at:
             return True
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):
@@ -238,6 +245,8 @@ class ResultsPublisher:
         elif self._holding and not held:
             log.warning("another processor publishes the retained results now")
         self._holding = held
+        # From before the ask: Redis counts its TTL from later, so this errs on the safe side.
+        self._renew_at = asked + self._lease.ttl_ms / 3000
         return held
 
     async def release(self) -> None:

@@ -29,14 +29,14 @@ from processor.errors import StoreUnavailable
 __all__ = [
     "connect",
     "is_cluster",
-    "raise_unless_replicated",
-    "wait_for_replicas",
     "is_noscript",
     "open_redis",
     "raise_if_away",
+    "raise_unless_replicated",
     "redis_errors",
     "redis_text",
     "store_is_away",
+    "wait_for_replicas",
 ]
 
 # The first word of an error reply that means "not now" rather than "not this command".
@@ -78,7 +78,7 @@ def connect(
             that WAIT (`wait_for_replicas`) covers every write made before it: WAIT waits
             for the writes of its own connection only. For the commands a person runs.
     """
-    target = RedisTarget(target) if isinstance(target, str) else target
+    target = _target(target)
     options: dict[str, Any] = {
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
@@ -120,6 +120,10 @@ def connect(
     return client
 
 
+def _target(target: RedisTarget | str) -> RedisTarget:
+    return RedisTarget(target) if isinstance(target, str) else target
+
+
 class _SentinelRedis(Redis):
     """A client of the primary the Sentinels name; it owns its pool and its Sentinel clients."""
 
@@ -142,7 +146,7 @@ async def open_redis(
         StoreUnavailable: fewer replicas than asked have the block's writes (they are made on
             the primary, and may be lost if it fails before they reach a replica).
     """
-    target = RedisTarget(target) if isinstance(target, str) else target
+    target = _target(target)
     client = connect(target, timeout_s=timeout_s, single_connection=True)
     try:
         yield client
