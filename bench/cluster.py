@@ -16,43 +16,40 @@ import platform
 import tempfile
 from pathlib import Path
 
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import RedisCluster
 
 from bench.fsync import commit_times, summary
 from harness.services import redis_cluster, redis_server
 from processor.config import RedisTarget
-from processor.store import connect
+from processor.keys import PollKeys
 
-__all__ = ["measure"]
-
-
-async def _spread_ids(redis: Redis, prefix: str) -> list[str]:
-    """Three poll ids on three different primaries (any three on one node)."""
-    if not isinstance(redis, RedisCluster):
-        return [f"{prefix}-{n}" for n in range(3)]
-    await redis.initialize()
-    chosen: dict[str, str] = {}
-    n = 0
-    while len(chosen) < 3:
-        node = redis.get_node_from_key(f"votebox:{{{prefix}-{n}}}:poll")
-        assert node is not None
-        chosen.setdefault(node.name, f"{prefix}-{n}")
-        n += 1
-    return list(chosen.values())
+__all__ = ["measure", "polls_on_distinct_primaries"]
 
 
-async def _poll_ids(target: RedisTarget, polls: int) -> list[str]:
-    redis = connect(target, timeout_s=10)
+async def polls_on_distinct_primaries(target: RedisTarget, prefix: str, n: int = 3) -> list[str]:
+    """``n`` poll ids (``prefix-K``) whose keys live on ``n`` different primaries of the
+    cluster ``target`` (on one node: any ``n``)."""
+    if not target.cluster:
+        return [f"{prefix}-{k}" for k in range(n)]
+    client = RedisCluster.from_url(target.url)
     try:
-        return (await _spread_ids(redis, f"bench-{polls}"))[:polls]
+        await client.initialize()
+        chosen: dict[str, str] = {}
+        k = 0
+        while len(chosen) < n:
+            node = client.get_node_from_key(PollKeys(f"{prefix}-{k}").definition)
+            assert node is not None
+            chosen.setdefault(node.name, f"{prefix}-{k}")
+            k += 1
+        return list(chosen.values())
     finally:
-        await redis.aclose()
+        await client.aclose()
 
 
 async def _commit_times(
     target: RedisTarget, *, polls: int, batches: int, batch_size: int
 ) -> list[float]:
-    ids = await _poll_ids(target, polls)
+    ids = (await polls_on_distinct_primaries(target, f"bench-{polls}"))[:polls]
     return await commit_times(target, batches=batches, batch_size=batch_size, poll_ids=ids)
 
 

@@ -191,3 +191,13 @@ def browser() -> Iterator[WebDriver]:
         yield driver
     finally:
         driver.quit()
+
+
+async def redis_command(port: int, *command: str) -> object:
+    """One command to the redis-server (or Sentinel, or cluster node) on ``port`` itself, as
+    redis-py parses its reply."""
+    client = Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    try:
+        return await client.execute_command(*command)  # type: ignore[no-untyped-call]
+    finally:
+        await client.aclose()

@@ -178,6 +178,13 @@ class Fleet:
         """What a kiosk does when acks do not come: send its outbox again, same seqs."""
         return sum(kiosk.resend_outbox() for kiosk in self.kiosks)
 
+    def cast(self, poll: str, n: int, choice: int | Callable[[int], int] = 1) -> None:
+        """Cast ``n`` votes in ``poll``, the kiosks in turn, without waiting for the broker;
+        ``choice`` is the option, or gives the option of the i-th vote."""
+        for i in range(n):
+            option = choice(i) if callable(choice) else choice
+            self.kiosks[i % len(self.kiosks)].vote(poll, option)
+
 
 async def first_message(broker: ManagedProcess, topic: str, client: str) -> tuple[bool, bytes]:
     """What a fresh subscriber to ``topic`` gets first (the retained message, if there is

@@ -29,12 +29,6 @@ def own_mosquitto(tmp_path: Path) -> Iterator[ManagedProcess]:
         yield proc
 
 
-def _cast(fleet: Fleet, poll: Poll, n: int) -> None:
-    """Votes published without waiting for the broker: some of them meet its death."""
-    for i in range(n):
-        fleet.kiosks[i % len(fleet.kiosks)].vote(poll.id, 1)
-
-
 def _restart_with_queue_limit(proc: ManagedProcess, limit: int) -> None:
     conf = Path(proc.argv[-1])
     text = conf.read_text()
@@ -53,9 +47,9 @@ async def test_mosquitto_sigkilled_while_votes_flow_loses_no_vote(
 ) -> None:
     proc = spawn_processor(own_mosquitto)
     with Fleet(own_mosquitto, poll.id, 5) as fleet:
-        _cast(fleet, poll, 200)
+        fleet.cast(poll.id, 200)
         await until_total(redis, poll, 200)
-        await asyncio.to_thread(_cast, fleet, poll, 1000)
+        await asyncio.to_thread(fleet.cast, poll.id, 1000)
         own_mosquitto.kill()  # mid-stream, between saves: what it held in memory is gone
         own_mosquitto.start()
         await wait_log(proc, lambda log: log.count("connected to") >= 2, timeout_s=60)
@@ -71,10 +65,10 @@ async def test_mosquitto_sigkilled_while_the_processor_is_away_loses_no_vote(
 ) -> None:
     proc = spawn_processor(own_mosquitto)
     with Fleet(own_mosquitto, poll.id, 5) as fleet:
-        _cast(fleet, poll, 100)
+        fleet.cast(poll.id, 100)
         await until_total(redis, poll, 100)
         proc.stop()
-        await asyncio.to_thread(_cast, fleet, poll, 500)  # queued for the away processor
+        await asyncio.to_thread(fleet.cast, poll.id, 500)  # queued for the away processor
         await asyncio.sleep(0.5)
         own_mosquitto.kill()  # the queue was only in memory: gone
         own_mosquitto.start()
@@ -94,10 +88,10 @@ async def test_a_queue_that_overflows_while_the_processor_is_away_loses_no_vote(
     _restart_with_queue_limit(own_mosquitto, 50)
     proc = spawn_processor(own_mosquitto)
     with Fleet(own_mosquitto, poll.id, 5) as fleet:
-        _cast(fleet, poll, 20)
+        fleet.cast(poll.id, 20)
         await until_total(redis, poll, 20)
         proc.stop()
-        await asyncio.to_thread(_cast, fleet, poll, 300)  # 250 of them dropped by the broker
+        await asyncio.to_thread(fleet.cast, poll.id, 300)  # 250 of them dropped by the broker
         await asyncio.sleep(0.5)
         proc.start()
         await until_total(redis, poll, 70)  # what the queue held: 50

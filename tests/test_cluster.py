@@ -12,15 +12,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import RedisCluster
 
+from bench.cluster import polls_on_distinct_primaries
 from harness.services import ManagedProcess, redis_cluster
 from processor.commands.watch import wait_for_results
 from processor.config import RedisTarget
+from processor.keys import PollKeys
 from processor.poll_store import list_polls, read_results
 from processor.reasons import Fate
 from processor.store import connect
-from tests.conftest import eventually, unique_id
+from tests.conftest import eventually, redis_command, unique_id
 from tests.fleet import Fleet, results_url
 from tests.test_cli import votebox
 from tests.test_faults import resend_until_acked
@@ -48,21 +50,8 @@ async def _create(ids: list[str], env: dict[str, str]) -> None:
 
 
 async def _on_three_primaries(cluster: list[ManagedProcess], prefix: str) -> list[str]:
-    """Three poll ids whose keys ({id}) live on three different primaries."""
-    client = RedisCluster.from_url(cluster[0].url)
-    try:
-        await client.initialize()
-        chosen: dict[str, str] = {}
-        n = 0
-        while len(chosen) < 3:
-            poll_id = f"{prefix}-{n}"
-            node = client.get_node_from_key(f"votebox:{{{poll_id}}}:poll")
-            assert node is not None
-            chosen.setdefault(node.name, poll_id)
-            n += 1
-        return sorted(chosen.values())
-    finally:
-        await client.aclose()
+    """Three poll ids whose keys live on three different primaries."""
+    return await polls_on_distinct_primaries(RedisTarget(cluster[0].url, cluster=True), prefix)
 
 
 async def test_polls_on_three_primaries_count_exactly_through_the_processor(
@@ -113,7 +102,7 @@ async def test_polls_on_three_primaries_count_exactly_through_the_processor(
         )
         assert gone.returncode == 0, gone.stderr
         assert ids[2] not in await list_polls(redis)
-        assert not await redis.exists(f"votebox:{{{ids[2]}}}:tally")
+        assert not await redis.exists(PollKeys(ids[2]).tally)
         devices = await asyncio.to_thread(votebox, "devices", "--json", env=os.environ | env)
         assert devices.returncode == 0 and devices.stdout.count("\n") >= 6, devices.stderr
     finally:
@@ -176,7 +165,7 @@ async def _owner(node: ManagedProcess, poll_id: str) -> int:
     client = RedisCluster.from_url(node.url)
     try:
         await client.initialize()
-        owner = client.get_node_from_key(f"votebox:{{{poll_id}}}:poll")
+        owner = client.get_node_from_key(PollKeys(poll_id).definition)
         assert owner is not None
         return int(owner.port)
     finally:
@@ -214,7 +203,7 @@ async def test_a_polls_slot_moved_to_another_primary_mid_stream_counts_exactly(
                 async def keep_voting() -> None:
                     nonlocal sent
                     while not done.is_set():  # throughout the move, whichever slot is moving
-                        await send_votes(fleet, poll_id, 60)
+                        await asyncio.to_thread(fleet.cast, poll_id, 60, lambda i: i % 2)
                         sent += 60
                         # Paced: a kiosk's re-sends stay inside its window of 4,096 seqs
                         # (docs/protocol.md), as a real kiosk's would.
@@ -234,25 +223,9 @@ async def test_a_polls_slot_moved_to_another_primary_mid_stream_counts_exactly(
             await redis.aclose()
 
 
-async def send_votes(fleet: Fleet, poll_id: str, n: int) -> None:
-    def publish() -> None:
-        for i in range(n):
-            fleet.kiosks[i % len(fleet.kiosks)].vote(poll_id, i % 2)
-
-    await asyncio.to_thread(publish)
-
-
 async def _is_primary(node: ManagedProcess) -> bool:
-    role = await _node_command(node, "ROLE")
+    role = await redis_command(node.port, "ROLE")
     return isinstance(role, list) and role[0] in (b"master", "master")
-
-
-async def _node_command(node: ManagedProcess, *command: str) -> object:
-    client = Redis(host="127.0.0.1", port=node.port, socket_timeout=5)
-    try:
-        return await client.execute_command(*command)  # type: ignore[no-untyped-call]
-    finally:
-        await client.aclose()
 
 
 def _reshard_all(
@@ -298,7 +271,7 @@ async def test_with_replicas_asked_a_primary_lost_mid_stream_loses_no_acknowledg
         try:
             with Fleet(mosquitto_proc, "k", 10) as fleet:
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(send_votes(fleet, poll_id, 3000))
+                    tg.create_task(asyncio.to_thread(fleet.cast, poll_id, 3000, lambda i: i % 2))
                     await eventually(lambda: fleet.codes()[Fate.ACCEPTED] >= 300, timeout_s=60)
                     victim.kill()
                     acked_before = fleet.codes()[Fate.ACCEPTED]

@@ -14,14 +14,11 @@ import asyncio
 import contextlib
 import os
 import signal
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis
 
 from harness.services import HOST, ManagedProcess, redis_sentinels, redis_server
 from processor.codec import Vote
@@ -30,12 +27,13 @@ from processor.errors import StoreUnavailable
 from processor.poll import Poll
 from processor.poll_store import create_poll, read_results
 from processor.reasons import Fate
-from processor.store import connect, open_redis, redis_errors
+from processor.store import connect, open_redis
 from processor.tally import Tally
-from tests.conftest import eventually, unique_id
+from tests.conftest import eventually, redis_command, unique_id
 from tests.fleet import Fleet
 from tests.test_cli import votebox
-from tests.test_faults import resend_until_acked, send
+from tests.test_faults import resend_until_acked, send, settled_total
+from tests.test_operations import readyz
 
 pytestmark = pytest.mark.e2e
 
@@ -65,14 +63,6 @@ class Replicated:
         }
 
 
-async def _ask(port: int, *command: str) -> object:
-    client = Redis(host=HOST, port=port, socket_timeout=2)
-    try:
-        return await client.execute_command(*command)  # type: ignore[no-untyped-call]
-    finally:
-        await client.aclose()
-
-
 async def _watching(replicated: Replicated) -> bool:
     """The replicas are in sync, and every Sentinel sees them and the two other Sentinels: a
     failover can happen."""
@@ -80,7 +70,7 @@ async def _watching(replicated: Replicated) -> bool:
         if not await _in_sync(replica):
             return False
     for sentinel in replicated.sentinels:
-        fields = await _ask(sentinel.port, "SENTINEL", "MASTER", SERVICE)
+        fields = await redis_command(sentinel.port, "SENTINEL", "MASTER", SERVICE)
         assert isinstance(fields, dict)  # redis-py parses the reply into a mapping
         if int(fields[b"num-slaves"]) < 2 or int(fields[b"num-other-sentinels"]) < 2:
             return False
@@ -88,7 +78,9 @@ async def _watching(replicated: Replicated) -> bool:
 
 
 async def _primary_port(replicated: Replicated) -> int:
-    reply = await _ask(replicated.sentinels[0].port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+    reply = await redis_command(
+        replicated.sentinels[0].port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE
+    )
     assert isinstance(reply, list | tuple), reply
     return int(reply[1])
 
@@ -102,25 +94,6 @@ def replicated(tmp_path: Path) -> Iterator[Replicated]:
         redis_sentinels(tmp_path / "sentinels", primary_port=primary.port, service=SERVICE) as s,
     ):
         yield Replicated(primary, (one, two), s)
-
-
-def _ready(proc: ManagedProcess) -> Callable[[], bool]:
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"{proc.url}/readyz", timeout=2) as answer:
-                return int(answer.status) == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    return ready
-
-
-async def _total(redis: Redis, poll: Poll) -> int:
-    try:
-        with redis_errors():
-            return (await read_results(redis, [poll.id]))[poll.id].total
-    except StoreUnavailable:
-        return -1  # between the primary's death and the promotion
 
 
 async def test_a_primary_lost_mid_stream_loses_no_acknowledged_vote(
@@ -154,11 +127,10 @@ async def test_a_primary_lost_mid_stream_loses_no_acknowledged_vote(
             async with asyncio.TaskGroup() as tg:
                 resending = tg.create_task(resend_until_acked(fleet, every_s=1, timeout_s=120))
                 left_s = promoted_at + 15 - asyncio.get_running_loop().time()
-                await eventually(_ready(proc), timeout_s=left_s)
+                await eventually(lambda: readyz(proc)[0] == 200, timeout_s=left_s)
                 await resending
             assert 0 < acked_before < 3000
-            await eventually(lambda: _settled(reader, poll, 3000), timeout_s=60)
-            assert await _total(reader, poll) == 3000
+            assert await settled_total(reader, poll, 3000) == 3000
     finally:
         await reader.aclose()
 
@@ -167,12 +139,8 @@ async def _promoted(replicated: Replicated) -> bool:
     return await _primary_port(replicated) in {r.port for r in replicated.replicas}
 
 
-async def _settled(redis: Redis, poll: Poll, expected: int) -> bool:
-    return await _total(redis, poll) >= expected
-
-
 async def _in_sync(replica: ManagedProcess) -> bool:
-    info = await _ask(replica.port, "INFO", "replication")
+    info = await redis_command(replica.port, "INFO", "replication")
     assert isinstance(info, dict)  # parsed by redis-py
     return info.get("master_link_status") == "up"
 

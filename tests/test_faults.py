@@ -61,8 +61,7 @@ async def wait_log(
 
 async def send(fleet: Fleet, poll: Poll, n: int, *, choice: int = 1) -> None:
     def publish() -> None:
-        for i in range(n):
-            fleet.kiosks[i % len(fleet.kiosks)].vote(poll.id, choice)
+        fleet.cast(poll.id, n, choice)
         for kiosk in fleet.kiosks:
             assert kiosk.wait_published(60) == len(kiosk._infos)
 

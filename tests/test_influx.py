@@ -288,8 +288,7 @@ async def test_five_thousand_votes_through_an_influxdb_outage_land_once_and_reco
     with Fleet(mosquitto_proc, poll.id, 10) as fleet:
 
         def send(n: int) -> None:
-            for i in range(n):
-                fleet.kiosks[i % 10].vote(poll.id, i % 3)
+            fleet.cast(poll.id, n, lambda i: i % 3)
 
         await asyncio.to_thread(send, 1500)
         await eventually(lambda: point_count(influx_proc, database, poll.id) == 1500, timeout_s=60)

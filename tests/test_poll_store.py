@@ -52,5 +52,6 @@ async def test_deleting_a_poll_removes_every_key_of_it_and_nothing_else(
     await delete_poll(redis, poll.id)
     left = [key async for key in redis.scan_iter(match=f"votebox:{{{poll.id}}}*")]
     assert left == []
-    assert len([key async for key in redis.scan_iter(match=f"votebox:{{{other.id}}}:win:*")]) == 5
+    windows = PollKeys(other.id).window_prefix + "*"
+    assert len([key async for key in redis.scan_iter(match=windows)]) == 5
     assert (await read_results(redis, [other.id]))[other.id].total == 5
