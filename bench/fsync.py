@@ -38,22 +38,32 @@ async def commit_times(
     batch_size: int,
     poll_ids: Sequence[str] = ("fsync",),
     replicas: int = 0,
+    devices: int | None = None,
+    shards: int = 1,
 ) -> list[float]:
-    """Seconds per commit of ``batches`` batches of ``batch_size`` votes from as many devices,
-    spread over new polls ``poll_ids``; with ``replicas``, each commit WAITs for them (1 s at
-    most)."""
+    """Seconds per commit of ``batches`` batches of ``batch_size`` votes from ``devices``
+    devices (default: as many as a batch has) in turn, spread over new polls ``poll_ids`` of
+    ``shards`` shards each; with ``replicas``, each commit WAITs for them (1 s at most)."""
+    devices = devices or batch_size
     redis = connect(target, timeout_s=10)
     try:
         for poll_id in poll_ids:
-            await create_poll(redis, Poll(id=poll_id, labels=("a", "b", "c")))
+            await create_poll(redis, Poll(id=poll_id, labels=("a", "b", "c"), shards=shards))
         tally = Tally(
             redis, timeout_s=10, points_max=10_000_000, replicas=replicas, replica_timeout_ms=1000
         )
         await tally.load()
         times: list[float] = []
         for n in range(batches):
+            first = n * batch_size
             votes = [
-                Vote(poll_ids[i % len(poll_ids)], f"d{i}", i % 3, n + 1, ts_s=int(time.time()))
+                Vote(
+                    poll_ids[i % len(poll_ids)],
+                    f"d{(first + i) % devices}",
+                    i % 3,
+                    (first + i) // devices + 1,
+                    ts_s=int(time.time()),
+                )
                 for i in range(batch_size)
             ]
             started = time.perf_counter()

@@ -31,9 +31,9 @@ from redis.asyncio import Redis
 from processor.backoff import backoff_delays
 from processor.config import InfluxTarget
 from processor.errors import InfluxRejected, InfluxUnavailable, StoreUnavailable
-from processor.keys import PollKeys
+from processor.keys import PollKeys, shard_keys
 from processor.metrics import Metrics
-from processor.poll_store import list_polls, load_poll
+from processor.poll_store import list_polls, load_poll, shards_of
 from processor.store import raise_if_away, redis_errors
 
 __all__ = [
@@ -338,37 +338,43 @@ class InfluxDrainer:
         """
         with redis_errors():
             async with asyncio.timeout(self._redis_timeout_s):
-                if polls is None:
-                    polls = await list_polls(self._redis)
-                await self._ensure_groups(polls)
-                batches = await self._read(polls)
+                queues = await self._queues(polls)
+                await self._ensure_groups(queues)
+                batches = await self._read(queues)
         moved = 0
-        for poll, entries in batches.items():
-            points = [QueuedPoint.from_stream(poll, sid, fields) for sid, fields in entries]
-            moved += await self._deliver(poll, points)
+        for keys, entries in batches:
+            points = [QueuedPoint.from_stream(keys.poll, sid, f) for sid, f in entries]
+            moved += await self._deliver(keys, points)
         return moved
 
-    async def _ensure_groups(self, polls: Sequence[str]) -> None:
-        new = [poll for poll in polls if poll not in self._grouped]
+    async def _queues(self, polls: Sequence[str] | None) -> list[PollKeys]:
+        """The keys of every shard of every poll (or of those given): one queue each."""
+        if polls is None:
+            polls = await list_polls(self._redis)
+        shards = await shards_of(self._redis, polls)
+        return [keys for poll in polls for keys in shard_keys(poll, shards[poll])]
+
+    async def _ensure_groups(self, queues: Sequence[PollKeys]) -> None:
+        new = [keys for keys in queues if keys.points not in self._grouped]
         if not new:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
-            for poll in new:
+            for keys in new:
                 # From id 0: points queued before any drainer had a group are drained too.
-                pipe.xgroup_create(PollKeys(poll).points, GROUP, id="0", mkstream=True)
+                pipe.xgroup_create(keys.points, GROUP, id="0", mkstream=True)
             replies = await pipe.execute(raise_on_error=False)
         raise_if_away(replies)
-        for poll, reply in zip(new, replies, strict=True):
+        for keys, reply in zip(new, replies, strict=True):
             if isinstance(reply, Exception) and not str(reply).startswith("BUSYGROUP"):
                 raise reply
-            self._grouped.add(poll)
+            self._grouped.add(keys.points)
 
-    async def _read(self, polls: Sequence[str]) -> dict[str, list[Any]]:
-        """Up to a batch per poll: new points, and now and then points idle past their time."""
+    async def _read(self, queues: Sequence[PollKeys]) -> list[tuple[PollKeys, list[Any]]]:
+        """Up to a batch per queue: new points, and now and then points idle past their time."""
         claim = asyncio.get_running_loop().time() >= self._next_claim_s
         async with self._redis.pipeline(transaction=False) as pipe:
-            for poll in polls:
-                points = PollKeys(poll).points
+            for keys in queues:
+                points = keys.points
                 pipe.xreadgroup(GROUP, self._consumer, {points: ">"}, count=self._batch_max)
                 if claim:
                     pipe.xautoclaim(
@@ -379,29 +385,29 @@ class InfluxDrainer:
         if claim:
             self._next_claim_s = asyncio.get_running_loop().time() + self._claim_idle_ms / 3000
         step = 2 if claim else 1
-        batches: dict[str, list[Any]] = {}
-        for i, poll in enumerate(polls):
+        batches: list[tuple[PollKeys, list[Any]]] = []
+        for i, keys in enumerate(queues):
             read = replies[i * step]
             if isinstance(read, Exception):
                 # NOGROUP: the poll was deleted and made again since; its group next round.
-                self._grouped.discard(poll)
+                self._grouped.discard(keys.points)
                 continue
             entries = [e for _, stream in (read or []) for e in stream]
             if claim and not isinstance(replies[i * step + 1], Exception):
                 # [next id, claimed entries, ids deleted meanwhile]: only what still exists.
                 entries += [e for e in replies[i * step + 1][1] if e[1] is not None]
             if entries:
-                batches[poll] = entries
+                batches.append((keys, entries))
         return batches
 
     async def queue_depth(self) -> int:
         """Points waiting in all polls' queues."""
         with redis_errors():
             async with asyncio.timeout(self._redis_timeout_s):
-                polls = await list_polls(self._redis)
+                queues = await self._queues(None)
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for poll in polls:
-                        pipe.xlen(PollKeys(poll).points)
+                    for keys in queues:
+                        pipe.xlen(keys.points)
                     return sum(await pipe.execute())
 
     async def _label_of(self, poll: str, option: int) -> str:
@@ -411,10 +417,10 @@ class InfluxDrainer:
         labels = self._labels[poll]
         return labels[option] if option < len(labels) else ""
 
-    async def _deliver(self, poll: str, points: list[QueuedPoint]) -> int:
+    async def _deliver(self, keys: PollKeys, points: list[QueuedPoint]) -> int:
+        poll = keys.poll
         lines = [line_for(p, await self._label_of(poll, p.option)) for p in points]
         landed, refused = await self._write_until_done(lines, points)
-        keys = PollKeys(poll)
         with redis_errors():
             async with asyncio.timeout(self._redis_timeout_s):
                 async with self._redis.pipeline(transaction=False) as pipe:

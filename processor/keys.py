@@ -1,11 +1,16 @@
 """Redis key names. Rule: the only module that formats a key.
 
 Every key of a poll carries the hash tag ``{poll}``, so that all of them live in one Redis Cluster
-slot and the tally script may touch them together.
+slot and the tally script may touch them together. A poll spread over K shards (``votebox poll
+create --shards K``) has K such sets: shard 0 is tagged ``{poll}`` (a one-shard poll's keys are
+those of every poll before shards existed), shard i is tagged ``{poll:i}`` (":" is not allowed in
+a poll id, so no poll's tag is another's shard). A device's votes always go to one shard,
+`shard_of` it.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Final
 
 __all__ = [
@@ -21,6 +26,8 @@ __all__ = [
     "RESULTS_CHANGED",
     "fates_counted",
     "results_lease",
+    "shard_keys",
+    "shard_of",
 ]
 
 # The set of all poll ids. Global, outside any poll's slot: only the CLI and the results
@@ -60,8 +67,14 @@ def fates_counted(token: str) -> str:
     return f"{{{UNATTRIBUTED_FATES}}}:counted:{token}"
 
 
+def shard_of(device: str, shards: int) -> int:
+    """The shard of a poll spread over ``shards`` that holds ``device``'s votes. Stored data
+    depends on it (a device's de-duplication window lives on its shard): never change it."""
+    return zlib.crc32(device.encode()) % shards if shards > 1 else 0
+
+
 class PollKeys:
-    """The keys of one poll."""
+    """The keys of one poll, or of one shard of a poll spread over several."""
 
     __slots__ = (
         "definition",
@@ -71,15 +84,19 @@ class PollKeys:
         "poll",
         "points_rejected",
         "presses",
+        "shard",
         "suppressed",
         "tally",
+        "tag",
         "voters",
         "window_prefix",
     )
 
-    def __init__(self, poll: str) -> None:
-        tag = f"votebox:{{{poll}}}"
+    def __init__(self, poll: str, shard: int = 0) -> None:
+        self.tag = f"{{{poll}:{shard}}}" if shard else f"{{{poll}}}"
+        tag = f"votebox:{self.tag}"
         self.poll = poll
+        self.shard = shard
         self.definition = f"{tag}:poll"
         self.tally = f"{tag}:tally"
         self.fates = f"{tag}:fates"
@@ -96,7 +113,7 @@ class PollKeys:
 
     def commit(self, token: str) -> str:
         """The answer this poll gave the batch named ``token`` (tally.lua, KEYS[9])."""
-        return f"votebox:{{{self.poll}}}:commit:{token}"
+        return f"votebox:{self.tag}:commit:{token}"
 
     def all_keys(self) -> tuple[str, ...]:
         """The fixed keys, in the order tally.lua expects them as KEYS."""
@@ -114,3 +131,8 @@ class PollKeys:
     def every_key(self) -> tuple[str, ...]:
         """Every fixed key of the poll (the windows, one per device, share `window_prefix`)."""
         return (*self.all_keys(), self.points_rejected)
+
+
+def shard_keys(poll: str, shards: int) -> tuple[PollKeys, ...]:
+    """The keys of every shard of ``poll``, shard 0 first."""
+    return tuple(PollKeys(poll, shard) for shard in range(max(shards, 1)))

@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_GRACE_S",
     "MAX_LABEL_CHARS",
     "MAX_OPTIONS",
+    "MAX_SHARDS",
     "MAX_TITLE_CHARS",
     "Poll",
     "POLL_FIELDS",
@@ -34,6 +35,9 @@ MAX_OPTIONS: Final = 64
 MAX_LABEL_CHARS: Final = 200
 MAX_TITLE_CHARS: Final = 500
 DEFAULT_GRACE_S: Final = 300
+# A hot poll's votes spread over this many Redis hash tags at most (docs/operations.md, Scale):
+# more shards than a cluster has primaries buys nothing.
+MAX_SHARDS: Final = 64
 
 
 class PollType(enum.StrEnum):
@@ -67,6 +71,9 @@ class Poll:
     one_per_voter: bool = False
     cooldown_s: int = 0
     hide_results_until_close: bool = False
+    # Redis hash tags the poll's votes are spread over, by device (keys.shard_of). Fixed at
+    # creation: a device's de-duplication window lives on its shard.
+    shards: int = 1
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.id):
@@ -115,6 +122,13 @@ class Poll:
             raise ConfigError("a poll must close after it opens (closes_at > opens_at)")
         if self.grace_s < 0 or self.cooldown_s < 0:
             raise ConfigError("grace_s and cooldown_s are seconds, 0 or more")
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise ConfigError(f"shards is 1 to {MAX_SHARDS} (got {self.shards})")
+        if self.shards > 1 and self.one_per_voter:
+            # A voter may vote from any device, so their latest vote must be found in one place.
+            raise ConfigError(
+                "a one-vote-per-voter poll keeps its voters on one shard: leave shards at 1"
+            )
 
     @property
     def scale_min(self) -> int:
@@ -275,6 +289,7 @@ class PollField:
         shown: whether a poll's config has it at all.
         fixed_once_voted: a poll with votes may not change it: they would no longer mean what
             they meant.
+        fixed: no update may change it, votes or not.
     """
 
     name: str
@@ -288,6 +303,7 @@ class PollField:
     publish: Callable[[Any], Any] = lambda value: value
     shown: Callable[[Poll], bool] = _always
     fixed_once_voted: bool = False
+    fixed: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", self.key or self.name)
@@ -432,5 +448,22 @@ POLL_FIELDS: Final = (
                 help="retained results carry totals only while the poll is open",
             ),
         ),
+    ),
+    PollField(
+        "shards",
+        store=int,
+        load=int,
+        parse=int,
+        flag=(
+            "--shards",
+            dict(
+                type=int,
+                default=None,
+                metavar="K",
+                help="spread a hot poll's votes over K Redis hash tags (cluster shards), by "
+                "device; fixed at creation (default 1)",
+            ),
+        ),
+        fixed=True,
     ),
 )

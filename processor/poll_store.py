@@ -15,7 +15,14 @@ from typing import Any, Final
 from redis.asyncio import Redis
 
 from processor.errors import ConfigError
-from processor.keys import POLLS_CHANGED, POLLS_DELETED, POLLS_INDEX, UNATTRIBUTED_FATES, PollKeys
+from processor.keys import (
+    POLLS_CHANGED,
+    POLLS_DELETED,
+    POLLS_INDEX,
+    UNATTRIBUTED_FATES,
+    PollKeys,
+    shard_keys,
+)
 from processor.poll import POLL_FIELDS, Poll
 from processor.poll_results import Results
 from processor.store import redis_text
@@ -36,6 +43,7 @@ __all__ = [
     "read_fates",
     "read_results",
     "read_snapshots",
+    "shards_of",
     "update_poll",
 ]
 
@@ -65,6 +73,13 @@ async def create_poll(
     keys = PollKeys(poll.id)
     now_ms = now_ms if now_ms is not None else _now_ms()
     stored = [item for pair in poll.to_hash().items() for item in pair]
+    if poll.shards > 1:
+        if await redis.hexists(keys.definition, "labels"):
+            raise ConfigError(f"poll {poll.id!r} exists already; pick another id")
+        # Shards 1.. first: the poll exists once shard 0 has its definition, and a create
+        # that died half-way is made whole by running it again.
+        for shard in shard_keys(poll.id, poll.shards)[1:]:
+            await redis.eval(_CREATE_SHARD, 2, shard.definition, shard.tally, now_ms, *stored)
     # One script on the poll's slot: the poll is made whole or not at all.
     created = await redis.eval(
         _CREATE, 2, keys.definition, keys.tally, now_ms, poll.state_at(now_ms), *stored
@@ -92,6 +107,14 @@ return 1
 """
 
 
+# Shard 1.. of a poll (keys.py): its own copy of the definition, which its tally script reads.
+_CREATE_SHARD: Final = """
+redis.call('HSET', KEYS[1], 'created_ms', ARGV[1], unpack(ARGV, 2))
+redis.call('HSETNX', KEYS[2], 'version', 0)
+return 1
+"""
+
+
 def deleted_id_message(poll_id: str) -> str:
     """Why a deleted poll's id is not taken again, and what to do."""
     return (
@@ -103,6 +126,7 @@ def deleted_id_message(poll_id: str) -> str:
 
 # Fields a poll with votes may not change: its votes would no longer mean what they meant.
 _FIXED_ONCE_VOTED: Final = tuple(f.name for f in POLL_FIELDS if f.fixed_once_voted)
+_FIXED: Final = tuple(f.name for f in POLL_FIELDS if f.fixed)
 
 
 async def plan_update(redis: Redis, poll: Poll) -> list[str]:
@@ -118,7 +142,15 @@ async def plan_update(redis: Redis, poll: Poll) -> list[str]:
     changed = [f.name for f in fields(Poll) if getattr(old, f.name) != getattr(poll, f.name)]
     if not changed:
         return []
-    total = int(await redis.hget(PollKeys(poll.id).tally, "total") or 0)
+    fixed = [name for name in changed if name in _FIXED]
+    if fixed:
+        raise ConfigError(
+            f"poll {poll.id}: its {', '.join(fixed)} is fixed at creation (make a new poll instead)"
+        )
+    async with redis.pipeline(transaction=False) as pipe:
+        for keys in shard_keys(poll.id, old.shards):
+            pipe.hget(keys.tally, "total")
+        total = sum(int(n or 0) for n in await pipe.execute())
     frozen = [name for name in changed if name in _FIXED_ONCE_VOTED]
     if total and frozen:
         raise ConfigError(
@@ -141,10 +173,15 @@ async def update_poll(redis: Redis, poll: Poll, *, now_ms: int | None = None) ->
 
 
 async def _store(redis: Redis, poll: Poll, now_ms: int) -> None:
+    definition = poll.to_hash()
+    # Shards 1.. first, shard 0 (whose version dashboards see move) last; between the writes
+    # a shard may take a vote by the old definition, as it would have a moment earlier.
+    for shard in shard_keys(poll.id, poll.shards)[1:]:
+        await redis.hset(shard.definition, mapping=definition)
     keys = PollKeys(poll.id)
     # One transaction on the poll's slot; the announcement is not a key, so it follows.
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.definition, mapping=poll.to_hash())
+        pipe.hset(keys.definition, mapping=definition)
         # A new state or definition is a new result: dashboards see a higher version.
         pipe.hincrby(keys.tally, "version", 1)
         pipe.hset(keys.tally, mapping={"state_seen": poll.state_at(now_ms), "updated_ms": now_ms})
@@ -193,22 +230,27 @@ async def delete_poll(redis: Redis, poll_id: str) -> int:
     Raises:
         ConfigError: there is no such poll.
     """
-    await _must_load(redis, poll_id)
-    keys = PollKeys(poll_id)
-    queued = int(await redis.xlen(keys.points))
-    # Every device with a window has its entry in the devices hash (tally.lua writes both):
-    # the poll's own keys, found without scanning the keyspace (or a cluster's every node).
-    devices = await redis.hkeys(keys.devices)
-    windows = [keys.window_prefix + redis_text(device) for device in devices]
+    poll = await _must_load(redis, poll_id)
+    shards = shard_keys(poll_id, poll.shards)
+    async with redis.pipeline(transaction=False) as pipe:
+        for keys in shards:
+            pipe.xlen(keys.points)
+        queued = sum(await pipe.execute())
     # Marked deleted first (outside the poll's slot, idempotent): a delete that dies before
     # its keys are gone is done by running it again, and processors clear the topics already.
     async with redis.pipeline(transaction=False) as pipe:
         pipe.srem(POLLS_INDEX, poll_id)
         pipe.sadd(POLLS_DELETED, poll_id)
         await pipe.execute()
-    await redis.delete(*keys.every_key(), *windows)  # one command, one slot: all at once
+    # Shard 0 last: while it has the definition, running the delete again finishes it.
+    for keys in reversed(shards):
+        # Every device with a window has its entry in the devices hash (tally.lua writes
+        # both): the poll's own keys, found without scanning the keyspace or every node.
+        devices = await redis.hkeys(keys.devices)
+        windows = [keys.window_prefix + redis_text(device) for device in devices]
+        await redis.delete(*keys.every_key(), *windows)  # one command, one slot: all at once
     await redis.publish(POLLS_CHANGED, poll_id)
-    return queued
+    return int(queued)
 
 
 def _definition(poll_id: str, stored: Mapping[Any, Any]) -> Poll | None:
@@ -240,6 +282,16 @@ async def load_polls(redis: Redis, poll_ids: Iterable[str]) -> dict[str, Poll]:
         if poll is not None:
             out[poll_id] = poll
     return out
+
+
+async def shards_of(redis: Redis, poll_ids: Iterable[str]) -> dict[str, int]:
+    """How many shards each poll has (1 for a poll that does not exist), in one round trip."""
+    ids = list(poll_ids)
+    async with redis.pipeline(transaction=False) as pipe:
+        for poll_id in ids:
+            pipe.hget(PollKeys(poll_id).definition, "shards")
+        replies = await pipe.execute()
+    return {poll_id: int(k or 1) for poll_id, k in zip(ids, replies, strict=True)}
 
 
 async def list_polls(redis: Redis) -> list[str]:
@@ -275,12 +327,26 @@ async def read_snapshots(
             pipe.hgetall(keys.definition)
             pipe.hgetall(keys.tally)
         replies = await pipe.execute()
-    out: dict[str, Snapshot] = {}
+    polls: dict[str, Poll] = {}
+    tallies: dict[str, list[Any]] = {}
     for i, poll_id in enumerate(ids):
-        poll = _definition(poll_id, replies[2 * i])
-        if poll is None:
-            continue
-        tally = replies[2 * i + 1]
+        if (definition := _definition(poll_id, replies[2 * i])) is not None:
+            polls[poll_id] = definition
+            tallies[poll_id] = [replies[2 * i + 1]]
+    spread = [poll for poll in polls.values() if poll.shards > 1]
+    if spread:
+        # A poll over several shards: its results are the sums of theirs. Each shard's version
+        # only grows, so their sum does too: the published version never goes back.
+        async with redis.pipeline(transaction=False) as pipe:
+            for poll in spread:
+                for keys in shard_keys(poll.id, poll.shards)[1:]:
+                    pipe.hgetall(keys.tally)
+            more = iter(await pipe.execute())
+        for poll in spread:
+            tallies[poll.id] += [next(more) for _ in range(poll.shards - 1)]
+    out: dict[str, Snapshot] = {}
+    for poll_id, poll in polls.items():
+        tally = _sum_tallies(tallies[poll_id])
         state = poll.state_at(now_ms)
         results = Results(
             poll=poll_id,
@@ -288,7 +354,7 @@ async def read_snapshots(
             state=state,
             version=int(tally.get(b"version", 0)),
             total=int(tally.get(b"total", 0)),
-            counts=tuple(int(tally.get(f"c:{i}".encode(), 0)) for i in range(len(poll.labels))),
+            counts=tuple(tally.get(f"c:{i}".encode(), 0) for i in range(len(poll.labels))),
             labels=poll.labels,
             updated_ms=int(tally.get(b"updated_ms", 0)),
             type=poll.type,
@@ -297,8 +363,22 @@ async def read_snapshots(
             opens_ms=poll.opens_ms,
             closes_ms=poll.closes_ms,
         )
-        seen = tally.get(b"state_seen")
+        seen = tallies[poll_id][0].get(b"state_seen")
         out[poll_id] = Snapshot(poll, results, redis_text(seen) if seen is not None else None)
+    return out
+
+
+def _sum_tallies(shards: Sequence[Mapping[bytes, bytes]]) -> dict[bytes, int]:
+    """The numbers of a poll's tally hashes (one per shard), summed; updated_ms is the latest."""
+    out: dict[bytes, int] = {}
+    for tally in shards:
+        for field, value in tally.items():
+            if field == b"state_seen":
+                continue
+            n = int(value)
+            out[field] = (
+                max(out.get(field, 0), n) if field == b"updated_ms" else out.get(field, 0) + n
+            )
     return out
 
 
@@ -334,8 +414,14 @@ def _counts(stored: dict[Any, Any]) -> dict[str, int]:
 async def read_fates(redis: Redis, poll_id: str) -> tuple[dict[str, int], dict[str, int]]:
     """How many votes of the poll met each fate, and how many messages naming no valid poll
     were rejected, by reason code (docs/protocol.md, Acks)."""
+    shards = (await shards_of(redis, [poll_id]))[poll_id]
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(PollKeys(poll_id).fates)
         pipe.hgetall(UNATTRIBUTED_FATES)
-        per_poll, unattributed = await pipe.execute()
-    return _counts(per_poll), _counts(unattributed)
+        for keys in shard_keys(poll_id, shards):
+            pipe.hgetall(keys.fates)
+        unattributed, *per_shard = await pipe.execute()
+    per_poll: dict[str, int] = {}
+    for fates in per_shard:
+        for reason, n in _counts(fates).items():
+            per_poll[reason] = per_poll.get(reason, 0) + n
+    return per_poll, _counts(unattributed)

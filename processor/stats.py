@@ -17,10 +17,10 @@ from typing import Any, Final
 from redis.asyncio import Redis
 
 from processor.errors import StoreUnavailable
-from processor.keys import DEVICES_SEEN, UNATTRIBUTED_FATES, PollKeys
+from processor.keys import DEVICES_SEEN, UNATTRIBUTED_FATES, shard_keys
 from processor.metrics import Metrics
 from processor.mqtt import Publish
-from processor.poll_store import list_polls
+from processor.poll_store import list_polls, shards_of
 from processor.reasons import Fate
 from processor.store import redis_errors, redis_text
 from processor.topics import STATS_TOPIC
@@ -72,12 +72,13 @@ class Stats:
 async def read_stats(redis: Redis, *, now_ms: int, silent_after_s: float) -> Stats:
     """Read the totals of every poll, the InfluxDB queue and the devices' last-seen times.
 
-    Two round trips: the poll list, then everything else in one pipeline.
+    Three round trips: the poll list, their shards, then everything else in one pipeline.
     """
     polls = await list_polls(redis)
+    shards = await shards_of(redis, polls)
+    queues = [(poll, keys) for poll in polls for keys in shard_keys(poll, shards[poll])]
     async with redis.pipeline(transaction=False) as pipe:
-        for poll in polls:
-            keys = PollKeys(poll)
+        for _, keys in queues:
             pipe.hgetall(keys.fates)
             pipe.hlen(keys.devices)
             pipe.xlen(keys.points)
@@ -88,9 +89,10 @@ async def read_stats(redis: Redis, *, now_ms: int, silent_after_s: float) -> Sta
     rejected: dict[str, int] = {}
     per_poll: dict[str, dict[str, int]] = {}
     queue = 0
-    for i, poll in enumerate(polls):
+    for i, (poll, _) in enumerate(queues):
         fates, devices, queued = replies[3 * i : 3 * i + 3]
-        mine = {name: 0 for name in sorted(_FATES)}
+        # A poll over several shards: a device votes on one of them, so their sums are exact.
+        mine = per_poll.setdefault(poll, {name: 0 for name in sorted(_FATES)} | {"devices": 0})
         for key, value in fates.items():
             name, n = redis_text(key), int(value)
             if name in _FATES:
@@ -98,9 +100,9 @@ async def read_stats(redis: Redis, *, now_ms: int, silent_after_s: float) -> Sta
             elif name != "point_dropped":  # a point's fate, not a vote's
                 mine["rejected"] += n
                 rejected[name] = rejected.get(name, 0) + n
-        mine["devices"] = int(devices)
-        per_poll[poll] = mine
+        mine["devices"] += int(devices)
         queue += int(queued)
+    for mine in per_poll.values():
         for name in _FATES:
             votes[name] += mine[name]
     for key, value in replies[-2].items():

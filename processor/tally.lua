@@ -17,7 +17,10 @@
 -- ARGV[1] now_ms    ARGV[2] window bits W    ARGV[3] window key prefix votebox:{poll}:win:
 -- ARGV[4] points queue bound (0: InfluxDB is off, queue nothing)   ARGV[5] clock skew, s
 -- ARGV[6] how long the answer is kept under KEYS[9], ms
--- ARGV[7..] one per vote, tab-separated: device, epoch, seq, choice ("3", or "1,4": values as
+-- ARGV[7] the poll's shards as the caller believes, ARGV[8] which of them these keys are
+--         (keys.py, shard_of): a caller that guessed wrong is told {-1, shards} (0: this shard
+--         has no definition) and nothing is written, so it routes the votes again
+-- ARGV[9..] one per vote, tab-separated: device, epoch, seq, choice ("3", or "1,4": values as
 --          the device sent them), device ts in s or "", voter in hex or "". One packed
 --          argument instead of six: packing arguments was 16% of the processor's CPU
 --          (docs/benchmarks.md).
@@ -33,7 +36,7 @@
 -- seq % W is set when seq was counted. It is exact for seqs above max_seq - W; older ones are
 -- SEQ_TOO_OLD (never counted twice). Memory per device and poll: W/8 bytes.
 --
--- Returns {version, code_1, ..., code_n}: version of the tally after the batch, then a Fate
+-- Returns {version, code_1, ..., code_n}: version of this shard's tally after the batch, then a Fate
 -- (0 accepted, 1 duplicate, 3 superseded, 4 suppressed) or Reason (16 up) per vote;
 -- processor/reasons.py names them.
 
@@ -52,7 +55,9 @@ local win_prefix = ARGV[3]
 local queue_max = tonumber(ARGV[4])
 local skew_s = tonumber(ARGV[5])
 local answer_ms = ARGV[6]
-local FIRST = 7
+local assumed_shards = tonumber(ARGV[7])
+local shard = tonumber(ARGV[8])
+local FIRST = 9
 local n_votes = #ARGV - FIRST + 1
 local answer_key = KEYS[9]
 
@@ -68,8 +73,12 @@ local function answer(codes)
 end
 
 local def = redis.call('HMGET', KEYS[1], 'n_options', 'created_ms', 'type', 'max_choices',
-  'scale_min', 'opens_ms', 'closes_ms', 'grace_s', 'one_per_voter', 'cooldown_s')
+  'scale_min', 'opens_ms', 'closes_ms', 'grace_s', 'one_per_voter', 'cooldown_s', 'shards')
 local n_options = tonumber(def[1] or '')
+local shards = tonumber(def[11] or '1') or 1
+if (not n_options and shard > 0) or (n_options and shards ~= assumed_shards) then
+  return {-1, n_options and shards or 0}
+end
 local created_s = math.floor(tonumber(def[2] or '0') / 1000)
 local multiple = def[3] == 'multiple'
 local max_choices = tonumber(def[4] or '1') or 1

@@ -1,7 +1,8 @@
 """Redis tally. Rule: every write for one batch happens in one round trip of script calls.
 
 A batch is split by poll (the script touches one poll's hash-tagged keys, so it also runs on
-Redis Cluster), and the per-poll calls travel together in one pipeline.
+Redis Cluster), and a poll spread over several shards by device (keys.shard_of); the calls travel
+together in one pipeline.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from processor.keys import (
     UNATTRIBUTED_FATES,
     PollKeys,
     fates_counted,
+    shard_of,
 )
 from processor.reasons import Reason
 from processor.store import (
@@ -56,6 +59,10 @@ if not redis.call('SET', KEYS[2], 1, 'NX', 'PX', ARGV[1]) then return 0 end
 for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
+# tally.lua's answer to a call routed by a wrong number of shards; and how many times a batch's
+# votes are routed before a poll being made or deleted meanwhile counts as unknown.
+_MISROUTED: Final = -1
+_ROUTES: Final = 3
 _SCRIPT_SHA: Final = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
 
@@ -102,6 +109,8 @@ class Tally:
         self._clock_skew_s = clock_skew_s
         self._replicas = replicas
         self._replica_timeout_ms = replica_timeout_ms
+        # Shards of the polls spread over several (the rest have one), learnt from the script.
+        self._shards: dict[str, int] = {}
 
     @property
     def redis(self) -> Redis:
@@ -144,13 +153,76 @@ class Tally:
         Raises:
             StoreUnavailable: Redis is down or slow; nothing may be acknowledged.
         """
-        by_poll: dict[str, list[int]] = {}
-        for index, vote in enumerate(votes):
-            by_poll.setdefault(vote.poll, []).append(index)
-        polls = list(by_poll)
+        codes = [0] * len(votes)
+        versions: dict[str, int] = {}
+        set_aside: list[tuple[Vote, str]] = []
+        extra: _Extra | None = _Extra(
+            unattributed or Counter(), {device: now_ms for device in seen}, reports or {}, token
+        )
+        pending = list(range(len(votes)))
+        for attempt in range(_ROUTES):
+            calls, routes = self._calls(votes, pending, now_ms, token, rerouted=attempt > 0)
+            replies = await self._run(calls, extra)
+            extra = None  # sent with the first round trip
+            pending = []
+            for (keys, shards, indices), reply in zip(routes, replies, strict=True):
+                if isinstance(reply, Exception):
+                    # Only the script's own failure is left here (`_run` raised for Redis
+                    # being away). It happens before its first write (tally.lua, phase 1), so
+                    # nothing of this share was stored: set the votes aside, never retry them
+                    # forever (that would stall every other poll).
+                    log.error(
+                        "tally script failed for poll %s (%d votes): %s",
+                        keys.poll,
+                        len(indices),
+                        reply,
+                    )
+                    for index in indices:
+                        codes[index] = int(Reason.STORE_ERROR)
+                        set_aside.append((votes[index], str(reply)))
+                    continue
+                assert isinstance(reply, list)
+                if int(reply[0]) == _MISROUTED:
+                    # The poll has another number of shards than we thought (it was made, or
+                    # made again, since): nothing was written; route these votes again.
+                    self._shards[keys.poll] = int(reply[1]) or 1
+                    pending += indices
+                    continue
+                # A poll over several shards: a shard's version is not the poll's (the sum of
+                # its shards'), so -1 says "changed, read it" to the results publisher.
+                versions[keys.poll] = int(reply[0]) if shards == 1 else -1
+                for index, code in zip(indices, reply[1:], strict=True):
+                    codes[index] = int(code)
+            if not pending:
+                break
+        for index in pending:
+            # Still misrouted: the poll is being deleted or made as we count.
+            codes[index] = int(Reason.UNKNOWN_POLL)
+        if set_aside:
+            await self._set_aside(set_aside)
+        return CommitResult(codes, versions)
+
+    def _calls(
+        self,
+        votes: Sequence[Vote],
+        indices: Iterable[int],
+        now_ms: int,
+        token: str | None,
+        *,
+        rerouted: bool,
+    ) -> tuple[list[tuple[list[str], list[str | int]]], list[tuple[PollKeys, int, list[int]]]]:
+        """One script call per poll (per shard of a poll spread over several), and which votes
+        each carries."""
+        by_shard: dict[tuple[str, int], list[int]] = {}
+        for index in indices:
+            vote = votes[index]
+            shards = self._shards.get(vote.poll, 1)
+            by_shard.setdefault((vote.poll, shard_of(vote.device, shards)), []).append(index)
         calls: list[tuple[list[str], list[str | int]]] = []
-        for poll in polls:
-            keys = PollKeys(poll)
+        routes: list[tuple[PollKeys, int, list[int]]] = []
+        for (poll, shard), carried in by_shard.items():
+            keys = PollKeys(poll, shard)
+            shards = self._shards.get(poll, 1)
             args: list[str | int] = [
                 now_ms,
                 DEDUP_WINDOW,
@@ -158,8 +230,10 @@ class Tally:
                 self._points_max,
                 self._clock_skew_s,
                 COMMIT_MEMORY_S * 1000,
+                shards,
+                shard,
             ]
-            for index in by_poll[poll]:
+            for index in carried:
                 vote = votes[index]
                 ts = "" if vote.ts_s is None else vote.ts_s
                 voter = "" if vote.voter is None else vote.voter.hex()
@@ -169,37 +243,16 @@ class Tally:
                 )
             call_keys = list(keys.all_keys())
             if token is not None:
-                call_keys.append(keys.commit(token))
+                if shards > 1 or rerouted:
+                    # The answer is for these votes on this shard: a retry routed otherwise
+                    # (the shards learnt meanwhile) must not be given another call's answer.
+                    carried_crc = zlib.crc32(",".join(map(str, carried)).encode())
+                    call_keys.append(keys.commit(f"{token}.{shards}.{carried_crc:x}"))
+                else:
+                    call_keys.append(keys.commit(token))
             calls.append((call_keys, args))
-
-        extra = _Extra(
-            unattributed or Counter(), {device: now_ms for device in seen}, reports or {}, token
-        )
-        replies = await self._run(calls, extra)
-        codes = [0] * len(votes)
-        versions: dict[str, int] = {}
-        set_aside: list[tuple[Vote, str]] = []
-        for poll, reply in zip(polls, replies, strict=True):
-            indices = by_poll[poll]
-            if isinstance(reply, Exception):
-                # Only the script's own failure is left here (`_run` raised for Redis being
-                # away). It happens before its first write (tally.lua, phase 1), so
-                # nothing of this poll's share was stored: set the votes aside, never retry
-                # them forever (that would stall every other poll).
-                log.error(
-                    "tally script failed for poll %s (%d votes): %s", poll, len(indices), reply
-                )
-                for index in indices:
-                    codes[index] = int(Reason.STORE_ERROR)
-                    set_aside.append((votes[index], str(reply)))
-                continue
-            assert isinstance(reply, list)
-            versions[poll] = int(reply[0])
-            for index, code in zip(indices, reply[1:], strict=True):
-                codes[index] = int(code)
-        if set_aside:
-            await self._set_aside(set_aside)
-        return CommitResult(codes, versions)
+            routes.append((keys, shards, carried))
+        return calls, routes
 
     async def _set_aside(self, entries: list[tuple[Vote, str]]) -> None:
         with redis_errors():

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import RedisCluster
 
-from bench.cluster import polls_on_distinct_primaries
+from bench.cluster import hot_poll_on_distinct_primaries, polls_on_distinct_primaries
 from harness.services import ManagedProcess, redis_cluster
 from processor.commands.watch import wait_for_results
 from processor.config import RedisTarget
-from processor.keys import PollKeys
+from processor.keys import PollKeys, shard_keys, shard_of
 from processor.poll_store import list_polls, read_results
 from processor.reasons import Fate
 from processor.store import connect
@@ -105,6 +105,65 @@ async def test_polls_on_three_primaries_count_exactly_through_the_processor(
         assert not await redis.exists(PollKeys(ids[2]).tally)
         devices = await asyncio.to_thread(votebox, "devices", "--json", env=os.environ | env)
         assert devices.returncode == 0 and devices.stdout.count("\n") >= 6, devices.stderr
+    finally:
+        await redis.aclose()
+
+
+async def test_a_hot_poll_over_three_shards_on_three_primaries_counts_exactly(
+    cluster: list[ManagedProcess],
+    mosquitto_proc: ManagedProcess,
+    influx_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    request: pytest.FixtureRequest,
+) -> None:
+    """``votebox poll create --shards 3``: one poll whose votes three primaries count, each
+    device on its shard; the retained result, the InfluxDB points and ``votebox recount``
+    see the sums, exact after the devices' re-sends."""
+    env = _env(cluster)
+    target = RedisTarget(cluster[0].url, cluster=True)
+    poll_id = await hot_poll_on_distinct_primaries(target, unique_id(request)[:40], 3)
+    args = ("poll", "create", poll_id, "--option", "a", "--option", "b", "--shards", "3")
+    made = await asyncio.to_thread(votebox, *args, env=os.environ | env)
+    assert made.returncode == 0 and "spread over 3 shards" in made.stdout, made.stderr
+    database = unique_id(request)
+    influx = influx_env(influx_proc, database)
+    spawn_processor(mosquitto_proc, **env, **influx)
+    redis = connect(target, timeout_s=5)
+    try:
+        with Fleet(mosquitto_proc, "k", 12) as fleet:
+            assert {shard_of(kiosk.device, 3) for kiosk in fleet.kiosks} == {0, 1, 2}
+
+            def send() -> None:
+                for i in range(600):
+                    fleet.kiosks[i % 12].vote(poll_id, i % 2)
+                for kiosk in fleet.kiosks:  # each re-sends its last vote: counted once
+                    kiosk.vote(poll_id, 1, seq=kiosk.seq)
+
+            await asyncio.to_thread(send)
+            await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
+            assert fleet.codes() == {int(Fate.ACCEPTED): 600, int(Fate.DUPLICATE): 12}
+        results = (await read_results(redis, [poll_id]))[poll_id]
+        assert (results.total, results.counts) == (600, (300, 300))
+        for keys in shard_keys(poll_id, 3):  # each shard counted its own devices' share
+            assert int(await redis.hget(keys.tally, "total") or 0) == 50 * sum(
+                1 for kiosk in fleet.kiosks if shard_of(kiosk.device, 3) == keys.shard
+            )
+        await wait_for_results(
+            results_url(mosquitto_proc), poll_id, lambda d: d["total"] == 600, timeout_s=30
+        )
+        await eventually(lambda: point_count(influx_proc, database, poll_id) == 600, timeout_s=60)
+        recounted = await asyncio.to_thread(
+            votebox, "recount", poll_id, env=os.environ | env | influx
+        )
+        assert f"recount of {poll_id}: MATCH (redis total 600" in recounted.stdout, (
+            recounted.stdout + recounted.stderr
+        )
+        gone = await asyncio.to_thread(
+            votebox, "poll", "delete", poll_id, "--yes", env=os.environ | env
+        )
+        assert gone.returncode == 0, gone.stderr
+        for keys in shard_keys(poll_id, 3):
+            assert not await redis.exists(keys.tally, keys.definition, keys.devices)
     finally:
         await redis.aclose()
 

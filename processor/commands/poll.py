@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from processor.commands import Commands, add_command
 from processor.config import Settings
 from processor.errors import ConfigError
-from processor.keys import PollKeys
+from processor.keys import shard_keys
 from processor.poll import POLL_FIELDS, Poll, PollField
 from processor.poll_results import format_results
 from processor.poll_store import (
@@ -93,6 +93,8 @@ def _describe(poll: Poll) -> str:
         rules.append(f"cooldown {poll.cooldown_s} s")
     if poll.hide_results_until_close:
         rules.append("results hidden until close")
+    if poll.shards > 1:
+        rules.append(f"spread over {poll.shards} shards")
     config = poll.config(0)
     times = ", ".join(
         f"{word} {config[key]}"
@@ -197,8 +199,12 @@ async def _show(redis: Redis, poll_id: str) -> int:
         print(f"votebox: no poll {poll_id!r}; create it with votebox poll create", file=sys.stderr)
         return 1
     fates, unattributed = await read_fates(redis, poll_id)
-    keys = PollKeys(poll_id)
-    queued, refused = await redis.xlen(keys.points), await redis.xlen(keys.points_rejected)
+    async with redis.pipeline(transaction=False) as pipe:
+        for keys in shard_keys(poll_id, snap.poll.shards):
+            pipe.xlen(keys.points)
+            pipe.xlen(keys.points_rejected)
+        lengths = await pipe.execute()
+    queued, refused = sum(lengths[::2]), sum(lengths[1::2])
     document = json.loads(snap.results.to_json())
     if document.get("counts") is None:  # hidden until close: the operator still sees them
         document["counts"] = list(snap.results.counts)

@@ -18,7 +18,7 @@ from processor.commands import Commands, add_command
 from processor.config import Settings
 from processor.errors import ConfigError
 from processor.influx import PointWriter, count_votes
-from processor.keys import PollKeys
+from processor.keys import shard_keys
 from processor.poll_store import load_poll, read_fates, read_results
 from processor.store import redis_errors
 
@@ -66,10 +66,16 @@ class Recount:
         return "\n".join(lines)
 
 
-async def _queued_per_option(redis: Redis, poll: str) -> Counter[int]:
+async def _queued_per_option(redis: Redis, poll: str, shards: int) -> Counter[int]:
+    counts: Counter[int] = Counter()
+    for keys in shard_keys(poll, shards):
+        counts += await _queued_in(redis, keys.points)
+    return counts
+
+
+async def _queued_in(redis: Redis, key: str) -> Counter[int]:
     counts: Counter[int] = Counter()
     start = "-"
-    key = PollKeys(poll).points
     while True:
         # redis-py types stream replies loosely; without decode_responses they are bytes.
         entries = cast(_Entries, await redis.xrange(key, min=start, count=_CHUNK))
@@ -97,10 +103,10 @@ async def recount(redis: Redis, writer: PointWriter, poll: str) -> Recount:
         for _ in range(_ATTEMPTS):
             # A point leaves the queue only after it landed in InfluxDB. If the queue did not
             # move while InfluxDB and Redis were read, every point is in exactly one place.
-            queued = await _queued_per_option(redis, poll)
+            queued = await _queued_per_option(redis, poll, definition.shards)
             in_influx = await count_votes(writer, poll)
             results = (await read_results(redis, [poll]))[poll]
-            if await _queued_per_option(redis, poll) == queued:
+            if await _queued_per_option(redis, poll, definition.shards) == queued:
                 break
             await asyncio.sleep(0.5)
         else:
@@ -108,7 +114,10 @@ async def recount(redis: Redis, writer: PointWriter, poll: str) -> Recount:
                 "votes or points kept moving while counting; recount once voting has paused"
             )
         fates, _ = await read_fates(redis, poll)
-        refused = await redis.xlen(PollKeys(poll).points_rejected)
+        async with redis.pipeline(transaction=False) as pipe:
+            for keys in shard_keys(poll, definition.shards):
+                pipe.xlen(keys.points_rejected)
+            refused = sum(await pipe.execute())
     return Recount(
         poll=poll,
         labels=definition.labels,
