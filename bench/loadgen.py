@@ -68,7 +68,8 @@ def build_load(
     batch_share: float,
     seed: int,
 ) -> Load:
-    """Build ``messages`` PUBLISH packets spread over ``devices`` device topics.
+    """Build ``messages`` PUBLISH packets spread over ``devices`` device topics; with several
+    polls (``a,b,c``), device d votes in poll d mod 3.
 
     A share of them repeat an earlier vote of the same device (same seq: a duplicate), and a
     share are batches of 2-5 votes (an offline kiosk catching up).
@@ -79,9 +80,10 @@ def build_load(
     per_option = [0] * options
     packets: list[list[bytes]] = [[] for _ in range(connections)]
     votes = unique = 0
+    polls = poll.split(",")
     for i in range(messages):
         device = i % devices
-        topic = f"votes/{poll}/dev-{device:05d}".encode()
+        topic = f"votes/{polls[device % len(polls)]}/dev-{device:05d}".encode()
         roll = rng.random()
         if roll < dup_share and sent_by_device[device]:
             payload = rng.choice(sent_by_device[device])
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--poll", default="bench")
+    parser.add_argument("--poll", default="bench", help="a poll id, or several: a,b,c")
     parser.add_argument("--options", type=int, default=4)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--devices", type=int, default=1000)

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis as sync_redis
 from redis.asyncio import Redis
 
+from bench.cluster import hot_poll_on_distinct_primaries, polls_on_distinct_primaries
 from harness.services import (
     ManagedProcess,
     amqtt_broker,
@@ -33,16 +35,18 @@ from harness.services import (
     influxdb,
     mosquitto,
     processor,
+    redis_cluster,
     redis_server,
     rss_mb,
 )
 from processor.commands.watch import results_stream
-from processor.config import MqttUrl
-from processor.keys import PollKeys
+from processor.config import MqttUrl, RedisTarget
+from processor.keys import PollKeys, shard_keys
 from processor.poll import Poll
 from processor.poll_store import create_poll, read_results
+from processor.store import connect
 
-__all__ = ["BenchConfig", "main", "run_bench"]
+__all__ = ["COUNTING_RUNS", "BenchConfig", "main", "run_bench"]
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -167,6 +171,17 @@ def _wait_rusage_cpu_s(proc: subprocess.Popen[Any]) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+@dataclass(frozen=True, slots=True)
+class Store:
+    """Where a run's processors count: one Redis node, or a cluster's primaries."""
+
+    name: str
+    target: RedisTarget
+    nodes: tuple[ManagedProcess, ...]
+    # Each commit waits for this many replicas (VOTEBOX_REDIS_REPLICAS).
+    replicas: int = 0
+
+
 class Bench:
     """The servers of one benchmark run, and the measurements on them."""
 
@@ -175,29 +190,74 @@ class Bench:
         self.config = config
         self._stack = stack
         self.redis = stack.enter_context(redis_server(root / "redis"))
+        self.single = Store("one Redis node", RedisTarget(self.redis.url), (self.redis,))
         self.mosquitto = stack.enter_context(mosquitto(root / "mosquitto"))
         self.amqtt = stack.enter_context(amqtt_broker(root / "amqtt"))
         self.influx = stack.enter_context(influxdb(root / "influxdb"))
+        self._cluster: Store | None = None
+        self._replicated: Store | None = None
         self._runs = 0
         self._sessions: dict[ManagedProcess, tuple[ManagedProcess, str]] = {}
 
-    def _poll(self, name: str) -> str:
-        self._runs += 1
-        poll_id = f"{name}-{self._runs}"
+    def cluster(self) -> Store:
+        """A Redis Cluster of three primaries without replicas, started on first use."""
+        if self._cluster is None:
+            nodes = self._stack.enter_context(redis_cluster(self.root / "cluster", replicas=0))
+            target = RedisTarget(nodes[0].url, cluster=True)
+            self._cluster = Store("Redis Cluster, 3 primaries", target, tuple(nodes))
+        return self._cluster
 
-        async def create() -> None:
-            redis = Redis.from_url(self.redis.url)
+    def replicated(self) -> Store:
+        """A Redis primary with one replica, each commit waiting for it, started on first
+        use: what WAIT costs."""
+        if self._replicated is None:
+            primary = self._stack.enter_context(redis_server(self.root / "primary"))
+            replica = self._stack.enter_context(
+                redis_server(self.root / "replica", replica_of=primary.port)
+            )
+            link = sync_redis.Redis(port=replica.port)
+            deadline = time.monotonic() + 30
+            while link.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the bench's Redis replica did not sync in 30 s")
+                time.sleep(0.05)
+            link.close()
+            target = RedisTarget(primary.url)
+            # The replica's CPU is not the tally's: only the primary is metered.
+            self._replicated = Store("one node, WAIT 1 replica", target, (primary,), replicas=1)
+        return self._replicated
+
+    def _poll(self, name: str) -> str:
+        return self._polls(name, self.single)[0]
+
+    def _polls(self, name: str, store: Store, *, polls: int = 1, shards: int = 1) -> list[str]:
+        """New polls: ``polls`` of them on as many primaries, or one over ``shards`` shards
+        on as many primaries (on one node: anywhere)."""
+        self._runs += 1
+        prefix = f"{name}-{self._runs}"
+
+        async def create() -> list[str]:
+            if shards > 1:
+                ids = [await hot_poll_on_distinct_primaries(store.target, prefix, shards)]
+            elif polls > 1:
+                ids = await polls_on_distinct_primaries(store.target, prefix, polls)
+            else:
+                ids = [prefix]
+            redis = connect(store.target, timeout_s=10)
             try:
-                await create_poll(redis, Poll(id=poll_id, labels=("a", "b", "c", "d")))
+                for poll_id in ids:
+                    poll = Poll(id=poll_id, labels=("a", "b", "c", "d"), shards=shards)
+                    await create_poll(redis, poll)
             finally:
                 await redis.aclose()
+            return ids
 
-        asyncio.run(create())
-        return poll_id
+        return asyncio.run(create())
 
     def processors(
-        self, broker: ManagedProcess, n: int = 1, share: bool = False
+        self, broker: ManagedProcess, n: int = 1, share: bool = False, store: Store | None = None
     ) -> list[ManagedProcess]:
+        store = store or self.single
         procs = []
         for _ in range(n):
             self._runs += 1
@@ -205,7 +265,9 @@ class Bench:
                 "VOTEBOX_MQTT_URL": f"mqtt://processor@127.0.0.1:{broker.port}",
                 "VOTEBOX_MQTT_PROTOCOL": "3.1.1" if broker.name == "amqtt" else "5",
                 "VOTEBOX_MQTT_CLIENT_ID": f"bench-proc-{self._runs}",
-                "VOTEBOX_REDIS_URL": self.redis.url,
+                "VOTEBOX_REDIS_URL": store.target.url,
+                "VOTEBOX_REDIS_CLUSTER": "1" if store.target.cluster else "0",
+                "VOTEBOX_REDIS_REPLICAS": str(store.replicas),
                 "VOTEBOX_INFLUX_URL": self.influx.url,
                 "VOTEBOX_INFLUX_API": "v1",
                 "VOTEBOX_INFLUX_DB": "bench",
@@ -265,42 +327,68 @@ class Bench:
             "cores": meter.cores(elapsed, loadgen=load["cpu_s"], subscriber=sub_cpu),
         }
 
-    def _meter(self, broker: ManagedProcess, procs: Sequence[ManagedProcess] = ()) -> _CpuMeter:
+    def _meter(
+        self,
+        broker: ManagedProcess,
+        procs: Sequence[ManagedProcess] = (),
+        store: Store | None = None,
+    ) -> _CpuMeter:
         return _CpuMeter(
             {
                 "broker": [broker.pid],
-                "redis": [self.redis.pid],
+                "redis": [node.pid for node in (store or self.single).nodes],
                 "influxdb": [self.influx.pid],
                 "processor": [p.pid for p in procs],
             }
         )
 
     def throughput(
-        self, broker: ManagedProcess, *, messages: int, devices: int, n_processors: int = 1
+        self,
+        broker: ManagedProcess,
+        *,
+        messages: int,
+        devices: int,
+        n_processors: int = 1,
+        store: Store | None = None,
+        polls: int = 1,
+        shards: int = 1,
     ) -> dict[str, Any]:
-        """votebox flat out: from the first publish to the last vote committed."""
-        poll = self._poll("tput")
-        procs = self.processors(broker, n_processors, share=n_processors > 1)
+        """votebox flat out: from the first publish to the last vote committed. The votes go
+        to ``polls`` polls (device d to poll d mod polls), or one poll over ``shards``."""
+        store = store or self.single
+        ids = self._polls("tput", store, polls=polls, shards=shards)
+        procs = self.processors(broker, n_processors, share=n_processors > 1, store=store)
         cpu_before = [_cpu_s(p.pid) for p in procs]
-        meter = self._meter(broker, procs)
+        meter = self._meter(broker, procs, store)
+        per_node = _CpuMeter({node.name: [node.pid] for node in store.nodes})
         gen = _loadgen(
             broker.port,
-            poll=poll,
+            poll=",".join(ids),
             messages=messages,
             devices=devices,
             dup=self.config.dup_share,
             batch=self.config.batch_share,
         )
-        load, done, total = asyncio.run(self._wait_total(gen, poll))
-        cpu = sum(_cpu_s(p.pid) - b for p, b in zip(procs, cpu_before, strict=True))
-        cores = meter.cores(done - load["started"], loadgen=load["cpu_s"])
-        rss = max(rss_mb(p.pid, peak=True) for p in procs)
-        memory = asyncio.run(self._dedup_bytes_per_device(poll, devices))
-        # Let InfluxDB catch up before the next run, so that its writes do not compete with it.
-        drained = asyncio.run(self._wait_points_drained(poll))
-        self.retire(procs)
+        load, done, total = asyncio.run(self._wait_total(gen, ids, store))
         elapsed = done - load["started"]
+        cpu = sum(_cpu_s(p.pid) - b for p, b in zip(procs, cpu_before, strict=True))
+        cores = meter.cores(elapsed, loadgen=load["cpu_s"])
+        node_cores = per_node.cores(elapsed)
+        rss = max(rss_mb(p.pid, peak=True) for p in procs)
+        memory = (
+            asyncio.run(self._dedup_bytes_per_device(ids[0], devices))
+            if store is self.single and polls == shards == 1
+            else None
+        )
+        # Let InfluxDB catch up before the next run, so that its writes do not compete with it.
+        drained = asyncio.run(self._wait_points_drained(ids, store, shards))
+        self.retire(procs)
         return {
+            "store": store.name,
+            "polls": len(ids),
+            "shards": shards,
+            "redis_us_per_vote": cores["redis"] * elapsed / load["votes"] * 1e6,
+            "redis_node_cores": [node_cores[node.name] for node in store.nodes],
             "messages": messages,
             "devices": devices,
             "processors": n_processors,
@@ -318,27 +406,36 @@ class Bench:
             "influx_drained_after_s": drained - done,
         }
 
-    async def _wait_points_drained(self, poll: str, timeout_s: float = 300) -> float:
-        redis = Redis.from_url(self.redis.url)
+    async def _wait_points_drained(
+        self, polls: Sequence[str], store: Store, shards: int, timeout_s: float = 300
+    ) -> float:
+        redis = connect(store.target, timeout_s=10)
+        queues = [keys.points for poll in polls for keys in shard_keys(poll, shards)]
         deadline = time.monotonic() + timeout_s
         try:
-            while await redis.xlen(PollKeys(poll).points):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"points of {poll} not written to InfluxDB in {timeout_s} s")
-                await asyncio.sleep(0.05)
+            for queue in queues:
+                while await redis.xlen(queue):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{queue} not written to InfluxDB in {timeout_s} s")
+                    await asyncio.sleep(0.05)
             return time.time()
         finally:
             await redis.aclose()
 
     async def _wait_total(
-        self, gen: subprocess.Popen[str], poll: str, timeout_s: float = 600
+        self,
+        gen: subprocess.Popen[str],
+        polls: Sequence[str],
+        store: Store | None = None,
+        timeout_s: float = 600,
     ) -> tuple[dict[str, Any], float, int]:
-        redis = Redis.from_url(self.redis.url)
+        redis = connect((store or self.single).target, timeout_s=10)
         load: dict[str, Any] | None = None
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
-                total = (await read_results(redis, [poll]))[poll].total
+                results = await read_results(redis, polls)
+                total = sum(r.total for r in results.values())
                 if load is None and gen.poll() is not None:
                     load = json.loads(gen.communicate()[0])
                 if load is not None and total >= load["unique_votes"]:
@@ -346,7 +443,7 @@ class Bench:
                 await asyncio.sleep(0.005)
         finally:
             await redis.aclose()
-        raise TimeoutError(f"poll {poll}: the votes were not all counted in {timeout_s} s")
+        raise TimeoutError(f"polls {polls}: the votes were not all counted in {timeout_s} s")
 
     async def _dedup_bytes_per_device(self, poll: str, devices: int) -> float:
         redis = Redis.from_url(self.redis.url)
@@ -453,7 +550,7 @@ def run_soak(seconds: float, rate: float, *, log: Any = print) -> dict[str, Any]
             samples.append((time.monotonic() - started, rss_mb(proc.pid)))
             log(f"  {samples[-1][0]:5.0f} s  RSS {samples[-1][1]:.1f} MB")
             time.sleep(10)
-        load, _, total = asyncio.run(bench._wait_total(gen, poll))
+        load, _, total = asyncio.run(bench._wait_total(gen, [poll]))
         peak = rss_mb(proc.pid, peak=True)
         proc.stop()
     return {
@@ -522,7 +619,38 @@ def run_bench(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
             bench.amqtt, messages=c.amqtt_messages, devices=min(c.devices, 1000)
         )
         log(f"  {out['votebox_amqtt']['rate']:,.0f} msg/s, exact={out['votebox_amqtt']['exact']}")
+        for key, store, polls, shards in (
+            ("redis_replica_wait", bench.replicated(), 1, 1),
+            ("redis_single_3_polls", bench.single, 3, 1),
+            ("redis_cluster_3_polls", bench.cluster(), 3, 1),
+            ("redis_cluster_hot_poll", bench.cluster(), 1, 1),
+            ("redis_cluster_hot_poll_3_shards", bench.cluster(), 1, 3),
+        ):
+            log(f"votebox on mosquitto, {store.name}, {polls} poll(s), {shards} shard(s) ...")
+            out[key] = bench.throughput(
+                bench.mosquitto,
+                messages=c.messages,
+                devices=c.devices,
+                store=store,
+                polls=polls,
+                shards=shards,
+            )
+            log(f"  {out[key]['rate']:,.0f} msg/s, exact={out[key]['exact']}")
         return out
+
+
+# The runs of `run_bench` that count votes, each checked exact.
+COUNTING_RUNS = (
+    "votebox",
+    "votebox_10_devices",
+    "votebox_two_processors",
+    "votebox_amqtt",
+    "redis_replica_wait",
+    "redis_single_3_polls",
+    "redis_cluster_3_polls",
+    "redis_cluster_hot_poll",
+    "redis_cluster_hot_poll_3_shards",
+)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -569,7 +697,19 @@ def table(result: dict[str, Any]) -> str:
         f"Processor: {v['processor_cpu_share']:.0%} of a core, peak RSS "
         f"{v['processor_peak_rss_mb']:.0f} MB; Redis de-duplication state "
         f"{v['redis_dedup_bytes_per_device']:.0f} bytes per device and poll.",
+        "",
+        "| Redis | polls | shards | messages/s | votebox / baseline | Redis µs per vote "
+        "| cores of each Redis node | exact |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
+    for key in ("votebox", *COUNTING_RUNS[4:]):
+        run = result[key]
+        nodes = " / ".join(f"{c:.2f}" for c in run["redis_node_cores"])
+        lines.append(
+            f"| {run['store']} | {run['polls']} | {run['shards']} | {run['rate']:,.0f} "
+            f"| {run['rate'] / mb:.0%} | {run['redis_us_per_vote']:.1f} | {nodes} "
+            f"| {run['exact']} |"
+        )
     return "\n".join(lines)
 
 
@@ -589,8 +729,5 @@ def main(*, smoke: bool, out: Path, soak_s: float = 0, soak_rate: float = 5000) 
     print()
     print(table(result))
     print(f"\nfigures written to {out}")
-    exact = all(
-        result[k]["exact"]
-        for k in ("votebox", "votebox_10_devices", "votebox_two_processors", "votebox_amqtt")
-    )
+    exact = all(result[k]["exact"] for k in COUNTING_RUNS)
     return 0 if exact else 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.run import BenchConfig, run_bench, table
+from bench.run import COUNTING_RUNS, BenchConfig, run_bench, table
 
 pytestmark = pytest.mark.e2e
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_smoke_run_measures_everything_and_every_count_is_exact() -> None:
     result = run_bench(BenchConfig.smoke(), log=lambda *_: None)
-    for run in ("votebox", "votebox_10_devices", "votebox_two_processors", "votebox_amqtt"):
+    for run in COUNTING_RUNS:
         assert result[run]["exact"], (run, result[run])
         assert result[run]["counted"] == result[run]["unique_votes"] > 0
         assert result[run]["rate"] > 0
@@ -20,3 +20,12 @@ def test_smoke_run_measures_everything_and_every_count_is_exact() -> None:
     assert 0 < result["latency"]["p50_ms"] <= result["latency"]["p99_ms"]
     assert result["votebox"]["processor_peak_rss_mb"] > 0
     assert "votebox / baseline" in table(result)
+    # The cluster runs: three polls on three primaries, and one poll over three shards on
+    # three primaries, each counted exactly above.
+    for run, polls, shards in (
+        ("redis_cluster_3_polls", 3, 1),
+        ("redis_cluster_hot_poll_3_shards", 1, 3),
+    ):
+        assert result[run]["store"].startswith("Redis Cluster")
+        assert (result[run]["polls"], result[run]["shards"]) == (polls, shards)
+        assert len(result[run]["redis_node_cores"]) == 3
