@@ -7,13 +7,14 @@ stop (SIGTERM) is honoured between batches, never inside one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import secrets
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from redis.asyncio import Redis
@@ -100,11 +101,21 @@ class BatchProcessor:
         self._token_prefix = secrets.token_hex(6)
         self._batches = itertools.count()
 
-    async def process(self, batch: list[Delivery]) -> None:
+    async def process(self, batch: list[Delivery], *, after: Awaitable[bool] | None = None) -> bool:
         """Commit, ack to devices, settle with the broker, mark results. Retries Redis outages.
 
         When a stop is requested during an outage the batch is left un-acked: the broker
         redelivers it to the next processor.
+
+        Args:
+            batch: the deliveries.
+            after: the previous batch's processing, when it is still under way: this batch
+                commits meanwhile, but is acknowledged only after that one was
+                (MQTT-4.6.0-2: PUBACKs in the order of the PUBLISHes), and not at all if
+                that one was not.
+
+        Returns:
+            Whether the batch was acknowledged.
         """
         limiter = self._limiter
         t = triage(batch, allow=limiter.allow if limiter is not None else None)
@@ -120,8 +131,9 @@ class BatchProcessor:
             self._due_seen(t.seen),
             reports.latest(now_ms=int(time.time() * 1000)),
         )
-        if result is None:
-            return
+        acked_before = await after if after is not None else True
+        if result is None or not acked_before:
+            return False
         codes, versions = result
         committed_s, now_s = time.monotonic(), time.time()
         for (device, slot), vote, code in zip(t.slots, votes, codes, strict=True):
@@ -157,6 +169,7 @@ class BatchProcessor:
                 m.publish_to_commit_seconds.observe(max(0.0, now_s - vote.ts_s))
         if self._health is not None:
             self._health.progressed()
+        return True
 
     def _due_seen(self, seen: set[str]) -> set[str]:
         """The devices whose last-seen time is due for a write: each at most every
@@ -221,9 +234,19 @@ class BatchProcessor:
 
 
 async def consume_votes(
-    intake: MqttIntake, processor: BatchProcessor, stop: asyncio.Event, *, batch_max: int
+    intake: MqttIntake,
+    processor: BatchProcessor,
+    stop: asyncio.Event,
+    *,
+    batch_max: int,
+    in_flight: int = 2,
 ) -> None:
-    """Take batches and process them until ``stop`` is set; the batch in hand is finished."""
+    """Take batches and process them until ``stop`` is set; the batches in hand are finished.
+
+    Up to ``in_flight`` batches at once: batch n+1 is decoded and sent to Redis while batch n's
+    commit is on its way, so neither the processor nor Redis waits on the other's round trip.
+    Each is still acknowledged only after its own commit, and in order (`BatchProcessor`).
+    """
 
     async def interrupt_on_stop() -> None:
         await stop.wait()
@@ -232,11 +255,17 @@ async def consume_votes(
     async with asyncio.TaskGroup() as tg:
         # One watcher for the whole run, not one per batch: waiting is on the hot path.
         watcher = tg.create_task(interrupt_on_stop(), name="votebox.stop_watch")
+        flying: collections.deque[asyncio.Task[bool]] = collections.deque()
         while not stop.is_set():
             batch = await intake.next_batch(batch_max)
             if batch:
                 log.debug("batch of %d deliveries (%d held)", len(batch), intake.held)
-                await processor.process(batch)
+                previous = flying[-1] if flying else None
+                flying.append(
+                    tg.create_task(processor.process(batch, after=previous), name="votebox.batch")
+                )
+            while flying and (flying[0].done() or len(flying) >= in_flight):
+                await flying.popleft()
         watcher.cancel()
 
 
@@ -497,7 +526,14 @@ async def _serve(
         ]
         await supervised(
             "votebox.consume",
-            consume_votes(intake, processor, stop, batch_max=settings.batch_max),
+            consume_votes(
+                intake,
+                processor,
+                stop,
+                batch_max=settings.batch_max,
+                # A cluster's commits WAITing on one connection per node go one at a time.
+                in_flight=1 if tally.redis is not redis else 2,
+            ),
             failed=failed,
         )
         log.info("stopping: draining what the broker has sent")
