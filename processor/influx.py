@@ -80,8 +80,25 @@ class QueuedPoint:
     def from_stream(
         cls, poll: str, stream_id: bytes | str, fields: Mapping[bytes, bytes]
     ) -> QueuedPoint:
+        """A point as tally.lua queues it: one field ``p``, "device, epoch, seq, option, ts,
+        source, withdrawn" tab-separated; or, as queued before 2026-12-03, one field each."""
+        sid = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+        packed = fields.get(b"p")
+        if packed is not None:
+            device, epoch, seq, option, ts, source, withdrawn = packed.decode().split("\t")
+            return cls(
+                stream_id=sid,
+                poll=poll,
+                device=device,
+                epoch=int(epoch),
+                seq=int(seq),
+                option=int(option),
+                ts_s=int(ts),
+                source=source,
+                withdrawn=withdrawn == "1",
+            )
         return cls(
-            stream_id=stream_id.decode() if isinstance(stream_id, bytes) else stream_id,
+            stream_id=sid,
             poll=poll,
             device=fields[b"d"].decode(),
             epoch=int(fields[b"e"]),

@@ -93,7 +93,8 @@ async def test_points_are_queued_in_the_same_step_with_a_plausible_timestamp(
     ]
     await tally.commit(votes, now_ms=now_ms)
     entries = await xrange(redis, PollKeys(poll.id).points)
-    got = [(int(f[b"s"]), int(f[b"t"]), f[b"src"].decode()) for _, f in entries]
+    points = [QueuedPoint.from_stream(poll.id, sid, f) for sid, f in entries]
+    got = [(p.seq, p.ts_s, p.source) for p in points]
     assert got == [
         (1, now_s - 60, "device"),
         (2, now_s, "server"),

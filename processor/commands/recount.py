@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from processor.commands import Commands, add_command
 from processor.config import Settings
 from processor.errors import ConfigError
-from processor.influx import PointWriter, count_votes
+from processor.influx import PointWriter, QueuedPoint, count_votes
 from processor.keys import shard_keys
 from processor.poll_store import load_poll, read_fates, read_results
 from processor.store import redis_errors
@@ -69,19 +69,20 @@ class Recount:
 async def _queued_per_option(redis: Redis, poll: str, shards: int) -> Counter[int]:
     counts: Counter[int] = Counter()
     for keys in shard_keys(poll, shards):
-        counts += await _queued_in(redis, keys.points)
+        counts += await _queued_in(redis, poll, keys.points)
     return counts
 
 
-async def _queued_in(redis: Redis, key: str) -> Counter[int]:
+async def _queued_in(redis: Redis, poll: str, key: str) -> Counter[int]:
     counts: Counter[int] = Counter()
     start = "-"
     while True:
         # redis-py types stream replies loosely; without decode_responses they are bytes.
         entries = cast(_Entries, await redis.xrange(key, min=start, count=_CHUNK))
-        for _, fields in entries:
+        for sid, fields in entries:
+            point = QueuedPoint.from_stream(poll, sid, fields)
             # A withdrawn point (a voter's changed vote) takes one back.
-            counts[int(fields[b"o"])] += -1 if fields.get(b"w") == b"1" else 1
+            counts[point.option] += -1 if point.withdrawn else 1
         if len(entries) < _CHUNK:
             return counts
         start = "(" + entries[-1][0].decode()
