@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import cbor2
 
@@ -57,9 +57,11 @@ DEVICE_STATES: Final = frozenset({"online", "offline"})
 _MAX_DEPTH: Final = 3
 
 
-@dataclass(frozen=True, slots=True)
-class Vote:
-    """One vote, as a device cast it. The device id comes from the topic, never the payload."""
+class Vote(NamedTuple):
+    """One vote, as a device cast it. The device id comes from the topic, never the payload.
+
+    A NamedTuple, not a frozen dataclass: one is built per vote, and a frozen dataclass's
+    __init__ cost four times as much (issue 18)."""
 
     poll: str
     device: str
@@ -70,8 +72,7 @@ class Vote:
     voter: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AckEntry:
+class AckEntry(NamedTuple):
     """The fate of one vote, or of a whole message that could not be read (seq is None).
 
     ``code`` is a `Fate` below 16 or a `Reason` from 16 up (docs/protocol.md, Acks).
@@ -202,6 +203,62 @@ def _vote_from_map(item: object, poll: str, device: str) -> Vote:
     return Vote(poll, device, choice, seq, epoch, ts_s, voter)
 
 
+# CBOR initial bytes of the fast path's items (RFC 8949, 3.1): a map of 2 to 5 pairs; a uint
+# in the initial byte, or in the 1, 2 or 4 bytes after it; a byte string of 1 to 23 bytes, or
+# with its length in the next byte.
+_MAP_2, _MAP_5 = 0xA2, 0xA5
+_UINT_1, _UINT_2, _UINT_4 = 0x18, 0x19, 0x1A
+_BYTES_1, _BYTES_23, _BYTES_LEN = 0x41, 0x57, 0x58
+
+
+def _fast_vote(payload: bytes, poll: str, device: str) -> Vote | None:
+    """The common vote, read without building a decoder: a map of known keys, each once, whose
+    values are uints of at most 4 bytes (a voter: a byte string of 1 to 32 bytes), and nothing
+    after it. None for anything else, which the strict decoder then reads and judges: this
+    never accepts what it would refuse, nor reads a value otherwise (tests/test_codec.py checks
+    both on generated input)."""
+    n = len(payload)
+    pairs = payload[0] - _MAP_2 + 2 if n else 0
+    if not 2 <= pairs <= 5 or payload[0] > _MAP_5:
+        return None
+    values: list[int | bytes | None] = [None, None, None, None, None]
+    at = 1
+    for _ in range(pairs):
+        if at + 1 >= n:
+            return None
+        key, head = payload[at], payload[at + 1]
+        if key > KEY_EPOCH or values[key] is not None:
+            return None  # unknown or repeated: the strict decoder says which
+        if key == KEY_VOTER:
+            if _BYTES_1 <= head <= _BYTES_23:
+                size, at = head - 0x40, at + 2
+            elif head == _BYTES_LEN and at + 2 < n:
+                size, at = payload[at + 2], at + 3
+            else:
+                return None
+            if not 1 <= size <= MAX_VOTER_BYTES or at + size > n:
+                return None
+            values[key] = bytes(payload[at : at + size])
+            at += size
+        elif head < _UINT_1:
+            values[key], at = head, at + 2
+        elif head == _UINT_1 and at + 2 < n:
+            values[key], at = payload[at + 2], at + 3
+        elif head == _UINT_2 and at + 3 < n:
+            values[key], at = (payload[at + 2] << 8) | payload[at + 3], at + 4
+        elif head == _UINT_4 and at + 5 < n:
+            values[key], at = int.from_bytes(payload[at + 2 : at + 6], "big"), at + 6
+        else:
+            return None
+    choice, seq, ts, voter, epoch = values
+    if at != n or choice is None or seq is None:
+        return None
+    assert isinstance(choice, int) and isinstance(seq, int)
+    assert voter is None or isinstance(voter, bytes)
+    assert ts is None or isinstance(ts, int)
+    return Vote(poll, device, choice, seq, epoch if isinstance(epoch, int) else 0, ts, voter)
+
+
 def decode_message(payload: bytes, *, poll: str, device: str) -> list[Vote | VoteRejected]:
     """Decode one MQTT payload: a single vote or a batch of them.
 
@@ -219,6 +276,9 @@ def decode_message(payload: bytes, *, poll: str, device: str) -> list[Vote | Vot
     """
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise VoteRejected(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    fast = _fast_vote(payload, poll, device)
+    if fast is not None:
+        return [fast]
     item = _strict_loads(payload)
     if isinstance(item, dict):
         return [_vote_from_map(item, poll, device)]
@@ -295,7 +355,33 @@ def encode_ack(entries: Sequence[AckEntry]) -> bytes:
     Returns:
         The payload for ``acks/{device}``.
     """
-    return cbor2.dumps([[e.epoch, e.seq, e.code] for e in entries])
+    # Written out, not cbor2.dumps: one ack message per device per batch is on the hot path,
+    # and these are only arrays of small uints and nulls (tests/test_codec.py checks the bytes
+    # against cbor2's).
+    parts = [_head(0x80, len(entries))]
+    for epoch, seq, code in entries:
+        parts.append(b"\x83")
+        parts.append(b"\xf6" if epoch is None else _head(0, epoch))
+        parts.append(b"\xf6" if seq is None else _head(0, seq))
+        parts.append(_head(0, code))
+    return b"".join(parts)
+
+
+_SMALL: Final = tuple(bytes((n,)) for n in range(24))
+
+
+def _head(major: int, value: int) -> bytes:
+    """A CBOR head (RFC 8949, 3.1) in its shortest form: major type ``major`` (0x00 uint,
+    0x80 array) and ``value``."""
+    if value < 24:
+        return _SMALL[major | value] if major == 0 else bytes((major | value,))
+    if value < 0x100:
+        return bytes((major | 24, value))
+    if value < 0x10000:
+        return bytes((major | 25,)) + value.to_bytes(2, "big")
+    if value < 0x100000000:
+        return bytes((major | 26,)) + value.to_bytes(4, "big")
+    return bytes((major | 27,)) + value.to_bytes(8, "big")
 
 
 def decode_ack(payload: bytes) -> list[AckEntry]:

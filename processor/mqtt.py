@@ -21,9 +21,8 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, NamedTuple, Self
 
 from processor import mqtt_packets as packets
 from processor.backoff import backoff_delays
@@ -55,9 +54,9 @@ _FLAPPING_WINDOW_S: Final = 60.0
 _UNPROVEN_PROBE_KEEPALIVES: Final = 3
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One received MQTT message, still owed an acknowledgement if ``qos`` > 0."""
+class Delivery(NamedTuple):
+    """One received MQTT message, still owed an acknowledgement if ``qos`` > 0. A NamedTuple:
+    one is built per message (see codec.Vote)."""
 
     topic: str
     payload: bytes

@@ -18,7 +18,9 @@ from processor.codec import (
     MAX_UINT,
     AckEntry,
     Vote,
+    _fast_vote,
     _strict_loads,
+    _vote_from_map,
     decode_ack,
     decode_message,
     encode_ack,
@@ -257,3 +259,100 @@ def test_device_encoder_equals_cbor2_and_decodes_back(votes: list[Any]) -> None:
 def test_ack_round_trip() -> None:
     entries = [AckEntry(0, 1, 0), AckEntry(2, 9, 25), AckEntry(None, None, 17)]
     assert decode_ack(encode_ack(entries)) == entries
+
+
+def _strict(payload: bytes) -> Vote | VoteRejected:
+    """What the strict decoder alone says of one vote's payload."""
+    try:
+        return _vote_from_map(_strict_loads(payload), "p", "d")
+    except VoteRejected as rejected:
+        return rejected
+
+
+# Near a vote: uints at the edges of each encoding, now and then a value of another kind.
+_edge_uint = st.integers(0, 2**33) | st.sampled_from(
+    [23, 24, 255, 256, 2**16 - 1, 2**16, 2**32 - 1, 2**32, MAX_UINT, MAX_UINT + 1, 2**64 - 1]
+)
+_odd = (
+    st.integers(-3, -1)
+    | st.booleans()
+    | st.floats(allow_nan=False)
+    | st.none()
+    | st.lists(st.integers(0, 70), max_size=3)
+    | st.text(max_size=3)
+)
+_uintish = st.one_of(_edge_uint, _edge_uint, _edge_uint, _odd)
+_voterish = st.one_of(
+    st.integers(0, 40).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+    st.integers(28, 40).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+    _uintish,
+)
+_vote_maps = st.fixed_dictionaries(
+    {0: _uintish, 1: _uintish},
+    optional={2: _uintish, 3: _voterish, 4: _uintish, 5: _odd},
+) | st.dictionaries(st.integers(0, 6), _uintish, max_size=6)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_vote_maps, st.data())
+def test_the_fast_path_reads_only_what_the_strict_decoder_accepts_and_reads_it_alike(
+    fields: dict[int, Any], data: st.DataObject
+) -> None:
+    payload = bytearray(cbor2.dumps(fields))
+    if data.draw(st.integers(0, 3)) == 0:  # now and then mutated: lengths, heads, trailing bytes
+        payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
+        payload += data.draw(st.binary(max_size=2))
+    fast = _fast_vote(bytes(payload), "p", "d")
+    if fast is not None:
+        assert _strict(bytes(payload)) == fast
+
+
+@pytest.mark.parametrize(
+    "hex_payload",
+    [
+        "a3 00 01 01 02 03 58 21" + "78" * 33,  # a voter of 33 bytes
+        "a3 00 01 01 02 03 40",  # an empty voter
+        "a3 00 01 01 02 00 03",  # key 0 twice
+        "a2 00 01 01 1b 0000000000000005",  # an 8-byte uint: the strict decoder reads it
+        "a2 00 01 01 02 00",  # a byte after the map
+        "a2 00 01 01",  # a pair short
+        "a2 00 01 05 02",  # an unknown key
+        "a2 00 20 01 02",  # a negative choice
+        "a2 00 f5 01 02",  # true is not a number
+        "a2 00 fa 3f800000 01 02",  # a float
+        "a2 00 81 01 01 02",  # a choice list: the strict decoder reads it
+        "a2 01 02 02 03",  # no choice
+        "a6 00 01 01 02 02 03 03 41 78 04 00 05 00",  # six pairs
+    ],
+)
+def test_the_fast_path_leaves_the_rest_to_the_strict_decoder(hex_payload: str) -> None:
+    assert _fast_vote(bytes.fromhex(hex_payload.replace(" ", "")), "p", "d") is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        encode_vote(2, 7),
+        encode_vote(63, 2**32 - 1, ts=1_764_000_000, voter=b"\x01" * 32, epoch=3),
+        encode_vote(0, 23, voter=b"v"),
+        bytes.fromhex("a2 00 18 05 01 01".replace(" ", "")),  # a uint not in its shortest form
+    ],
+)
+def test_the_fast_path_reads_the_common_votes(payload: bytes) -> None:
+    fast = _fast_vote(payload, "p", "d")
+    assert fast is not None and fast == _strict(payload)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.none(), st.integers(0, MAX_UINT)),
+            st.one_of(st.none(), st.integers(0, MAX_UINT)),
+            st.integers(0, 255),
+        ),
+        max_size=300,
+    )
+)
+def test_acks_are_encoded_as_cbor2_encodes_them(entries: list[tuple[Any, Any, int]]) -> None:
+    acks = [AckEntry(*entry) for entry in entries]
+    assert encode_ack(acks) == cbor2.dumps([list(entry) for entry in entries])
