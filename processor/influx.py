@@ -22,8 +22,7 @@ import base64
 import logging
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import urllib3
 from redis.asyncio import Redis
@@ -43,8 +42,10 @@ __all__ = [
     "PointWriter",
     "QueuedPoint",
     "count_votes",
+    "counted_points",
     "line_for",
     "make_writer",
+    "points_of_entry",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,15 @@ GROUP: Final = "votebox-drainers"
 # above a write's time (a batch of 5000 lands in well under a second), so taking over a live
 # drainer's point is rare, and then harmless: the rewrite overwrites itself.
 CLAIM_IDLE_MS: Final = 30_000
+# Points in one queued entry, about: a commit's batch for one poll (VOTEBOX_BATCH_MAX's default).
+# Entries are read batch_max // this at a time, so a write holds about batch_max points; a
+# read that came back full is followed by the next at once, so small entries do not slow it.
+_POINTS_PER_ENTRY: Final = 500
 
 
-@dataclass(frozen=True, slots=True)
-class QueuedPoint:
-    """One entry of a poll's points stream (written by tally.lua)."""
+class QueuedPoint(NamedTuple):
+    """One entry of a poll's points stream (written by tally.lua). A NamedTuple: one is built
+    per vote (see codec.Vote)."""
 
     stream_id: str
     poll: str
@@ -76,38 +81,52 @@ class QueuedPoint:
     # A voter changed their vote: this point takes the old one back (value -1).
     withdrawn: bool = False
 
-    @classmethod
-    def from_stream(
-        cls, poll: str, stream_id: bytes | str, fields: Mapping[bytes, bytes]
-    ) -> QueuedPoint:
-        """A point as tally.lua queues it: one field ``p``, "device, epoch, seq, option, ts,
-        source, withdrawn" tab-separated; or, as queued before 2026-12-03, one field each."""
-        sid = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
-        packed = fields.get(b"p")
-        if packed is not None:
-            device, epoch, seq, option, ts, source, withdrawn = packed.decode().split("\t")
-            return cls(
-                stream_id=sid,
-                poll=poll,
-                device=device,
-                epoch=int(epoch),
-                seq=int(seq),
-                option=int(option),
-                ts_s=int(ts),
-                source=source,
-                withdrawn=withdrawn == "1",
+
+def points_of_entry(
+    poll: str, stream_id: bytes | str, fields: Mapping[bytes, bytes]
+) -> list[QueuedPoint]:
+    """The points of one entry of a poll's stream, as tally.lua queues them: ``n`` points in
+    ``p``, one per line, "device, epoch, seq, option, ts, source, withdrawn" tab-separated; or,
+    as queued before 2026-12-03, one point with a field each."""
+    sid = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+    packed = fields.get(b"p")
+    if packed is None:
+        return [
+            QueuedPoint(
+                sid,
+                poll,
+                fields[b"d"].decode(),
+                int(fields[b"e"]),
+                int(fields[b"s"]),
+                int(fields[b"o"]),
+                int(fields[b"t"]),
+                fields[b"src"].decode(),
+                fields.get(b"w") == b"1",
             )
-        return cls(
-            stream_id=sid,
-            poll=poll,
-            device=fields[b"d"].decode(),
-            epoch=int(fields[b"e"]),
-            seq=int(fields[b"s"]),
-            option=int(fields[b"o"]),
-            ts_s=int(fields[b"t"]),
-            source=fields[b"src"].decode(),
-            withdrawn=fields.get(b"w") == b"1",
+        ]
+    out = []
+    for line in packed.decode().split("\n"):
+        device, epoch, seq, option, ts, source, withdrawn = line.split("\t")
+        out.append(
+            QueuedPoint(
+                sid,
+                poll,
+                device,
+                int(epoch),
+                int(seq),
+                int(option),
+                int(ts),
+                source,
+                withdrawn == "1",
+            )  # fmt: skip
         )
+    return out
+
+
+def counted_points(fields: Mapping[bytes, bytes]) -> int:
+    """How many of the tally's ``queued_points`` an entry holds (entries queued before they
+    were counted hold none)."""
+    return int(fields.get(b"n", 0))
 
 
 def _escape_tag(value: str) -> str:
@@ -281,6 +300,17 @@ async def count_votes(writer: PointWriter, poll: str) -> dict[int, int]:
     return await asyncio.to_thread(writer.query_counts, poll)
 
 
+# KEYS[1] a poll's points stream, KEYS[2] its tally; ARGV: entry id, points it holds, ...
+_SETTLE: Final = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then n = n + tonumber(ARGV[i + 1]) end
+end
+if n > 0 then redis.call('HINCRBY', KEYS[2], 'queued_points', -n) end
+return n
+"""
+
+
 class InfluxDrainer:
     """Moves queued points from Redis to InfluxDB, in batches, until cancelled.
 
@@ -321,6 +351,8 @@ class InfluxDrainer:
         self._wake = asyncio.Event()
         self._pending_hint = 0
         self._labels: dict[str, tuple[str, ...]] = {}
+        self._entries_max = max(1, batch_max // _POINTS_PER_ENTRY)
+        self._more = False
         self.set_aside = 0
         self.failures = 0
 
@@ -338,7 +370,7 @@ class InfluxDrainer:
             except StoreUnavailable as exc:
                 log.warning("points drain paused, Redis unavailable: %s", exc)
                 moved = 0
-            if moved < self._batch_max:
+            if moved < self._batch_max and not self._more:
                 try:
                     async with asyncio.timeout(self._flush_interval_s):
                         await self._wake.wait()
@@ -360,8 +392,9 @@ class InfluxDrainer:
                 batches = await self._read(queues)
         moved = 0
         for keys, entries in batches:
-            points = [QueuedPoint.from_stream(keys.poll, sid, f) for sid, f in entries]
-            moved += await self._deliver(keys, points)
+            points = [p for sid, f in entries for p in points_of_entry(keys.poll, sid, f)]
+            ids = [(sid, counted_points(f)) for sid, f in entries]
+            moved += await self._deliver(keys, points, ids)
         return moved
 
     async def _queues(self, polls: Sequence[str] | None) -> list[PollKeys]:
@@ -392,16 +425,17 @@ class InfluxDrainer:
         async with self._redis.pipeline(transaction=False) as pipe:
             for keys in queues:
                 points = keys.points
-                pipe.xreadgroup(GROUP, self._consumer, {points: ">"}, count=self._batch_max)
+                pipe.xreadgroup(GROUP, self._consumer, {points: ">"}, count=self._entries_max)
                 if claim:
                     pipe.xautoclaim(
-                        points, GROUP, self._consumer, self._claim_idle_ms, count=self._batch_max
+                        points, GROUP, self._consumer, self._claim_idle_ms, count=self._entries_max
                     )
             replies = await pipe.execute(raise_on_error=False)
         raise_if_away(replies)
         if claim:
             self._next_claim_s = asyncio.get_running_loop().time() + self._claim_idle_ms / 3000
         step = 2 if claim else 1
+        self._more = False
         batches: list[tuple[PollKeys, list[Any]]] = []
         for i, keys in enumerate(queues):
             read = replies[i * step]
@@ -410,6 +444,7 @@ class InfluxDrainer:
                 self._grouped.discard(keys.points)
                 continue
             entries = [e for _, stream in (read or []) for e in stream]
+            self._more = self._more or len(entries) >= self._entries_max
             if claim and not isinstance(replies[i * step + 1], Exception):
                 # [next id, claimed entries, ids deleted meanwhile]: only what still exists.
                 entries += [e for e in replies[i * step + 1][1] if e[1] is not None]
@@ -424,19 +459,23 @@ class InfluxDrainer:
                 queues = await self._queues(None)
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for keys in queues:
-                        pipe.xlen(keys.points)
-                    return sum(await pipe.execute())
+                        pipe.hget(keys.tally, "queued_points")
+                    return sum(int(n or 0) for n in await pipe.execute())
 
-    async def _label_of(self, poll: str, option: int) -> str:
+    async def _labels_of(self, poll: str) -> tuple[str, ...]:
         if poll not in self._labels:
             definition = await load_poll(self._redis, poll)
             self._labels[poll] = definition.labels if definition else ()
-        labels = self._labels[poll]
-        return labels[option] if option < len(labels) else ""
+        return self._labels[poll]
 
-    async def _deliver(self, keys: PollKeys, points: list[QueuedPoint]) -> int:
-        poll = keys.poll
-        lines = [line_for(p, await self._label_of(poll, p.option)) for p in points]
+    async def _deliver(
+        self, keys: PollKeys, points: list[QueuedPoint], ids: list[tuple[bytes, int]]
+    ) -> int:
+        """Write ``points`` (from the entries ``ids``: id, and how many of the tally's
+        queued_points it holds), set the refused ones aside, take the entries off the queue."""
+        labels = await self._labels_of(keys.poll)
+        n = len(labels)
+        lines = [line_for(p, labels[p.option] if p.option < n else "") for p in points]
         landed, refused = await self._write_until_done(lines, points)
         with redis_errors():
             async with asyncio.timeout(self._redis_timeout_s):
@@ -453,9 +492,10 @@ class InfluxDrainer:
                                 "reason": reason[:300],
                             },
                         )
-                    ids = [p.stream_id for p in points]
-                    pipe.xack(keys.points, GROUP, *ids)
-                    pipe.xdel(keys.points, *ids)
+                    pipe.xack(keys.points, GROUP, *(sid for sid, _ in ids))
+                    # Deleted and uncounted together, and only what this call deleted: a
+                    # drainer that took over an entry another one also settled counts it once.
+                    pipe.eval(_SETTLE, 2, keys.points, keys.tally, *(x for e in ids for x in e))
                     await pipe.execute()
         self.set_aside += len(refused)
         if self._metrics is not None:
@@ -464,7 +504,7 @@ class InfluxDrainer:
             log.error(
                 "InfluxDB refused %d points of poll %s; set aside in %s: %s",
                 len(refused),
-                poll,
+                keys.poll,
                 keys.points_rejected,
                 refused[0][1][:200],
             )

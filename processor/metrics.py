@@ -8,6 +8,7 @@ shared numbers per poll live in Redis and reach the retained ``votebox/stats`` t
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter as CodeCounter
 from collections.abc import Callable
 from typing import Final
@@ -164,6 +165,24 @@ class Metrics:
         for kind in ("status", "heartbeat"):
             for outcome in ("recorded", "refused"):
                 self.device_reports.labels(kind, outcome)
+
+    def observe_ages(self, now_s: float, stamps: CodeCounter[int]) -> None:
+        """`publish_to_commit_seconds` of a batch's votes, given how many carried each device
+        timestamp: one observation per vote, added per distinct timestamp (a batch's votes
+        carry few), not one call per vote (issue 18: that was 4% of the processor's time)."""
+        histogram = self.publish_to_commit_seconds
+        bounds = getattr(histogram, "_upper_bounds", None)
+        buckets = getattr(histogram, "_buckets", None)
+        total = getattr(histogram, "_sum", None)
+        for ts_s, n in stamps.items():
+            age = max(0.0, now_s - ts_s)
+            if bounds is None or buckets is None or total is None:  # another prometheus_client
+                for _ in range(n):
+                    histogram.observe(age)
+                continue
+            # What Histogram.observe does for one value, n times at once.
+            total.inc(age * n)
+            buckets[bisect.bisect_left(bounds, age)].inc(n)
 
     def count_codes(self, codes: CodeCounter[int]) -> None:
         """Count fates and reasons, given how many times each ack code occurred."""

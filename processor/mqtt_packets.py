@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import ClassVar, Final
+from typing import Final, NamedTuple
 
 __all__ = [
     "CONNACK",
@@ -21,7 +20,6 @@ __all__ = [
     "PUBLISH",
     "SUBACK",
     "Incoming",
-    "OversizedPublish",
     "MAXIMUM_PACKET_SIZE",
     "RECEIVE_MAXIMUM",
     "REASON_STRING",
@@ -51,11 +49,13 @@ class PacketError(Exception):
     """The broker sent bytes that are not a valid MQTT packet; the connection must close."""
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
+class Incoming(NamedTuple):
     """One packet from the broker. For PUBLISH, ``topic``, ``payload``, ``qos`` and ``mid``
     are set; for PUBACK, ``mid`` and ``code`` (MQTT 5's reason, 0 on 3.1.1); for CONNACK,
-    ``session_present``, ``code`` and ``properties``; for SUBACK, ``codes``."""
+    ``session_present``, ``code`` and ``properties``; for SUBACK, ``codes``.
+
+    A NamedTuple: one is built per message received, and a frozen dataclass cost four times as
+    much to build (issue 18)."""
 
     kind: int
     mid: int = 0
@@ -68,20 +68,10 @@ class Incoming:
     # MQTT 5 properties of a CONNACK or DISCONNECT, by identifier; None on a PUBLISH, which
     # (the hot path) allocates nothing for it.
     properties: Mapping[int, int | bytes] | None = None
-    # Only an `OversizedPublish` has other values: class attributes here, so that the packets
-    # of the hot path carry (and build) no fields for them.
-    oversized: ClassVar[int] = 0
-    skip: ClassVar[int] = 0
-
-
-@dataclass(frozen=True, slots=True)
-class OversizedPublish(Incoming):
-    """A PUBLISH over the maximum packet size, its payload not read: ``oversized`` is its
-    remaining length, ``skip`` how many of its bytes the caller must still drop as they arrive
-    (parse_packets)."""
-
-    oversized: int = 0  # type: ignore[misc]
-    skip: int = 0  # type: ignore[misc]
+    # A PUBLISH over the maximum packet size, its payload not read: its remaining length, and
+    # how many of its bytes the caller must still drop as they arrive (parse_packets).
+    oversized: int = 0
+    skip: int = 0
 
 
 def _varint(n: int) -> bytes:
@@ -364,7 +354,7 @@ def _oversized(first: int, buffer: bytearray, pos: int, length: int, v5: bool) -
     # Decoded as an empty message: the same checks, without the payload's bytes.
     head = _decode(first, bytes(buffer[pos : pos + header]) + (b"\x00" if v5 else b""), v5)
     here = len(buffer) - pos
-    return OversizedPublish(
+    return Incoming(
         PUBLISH, mid=head.mid, topic=head.topic, qos=head.qos, skip=max(0, length - here),
         oversized=length,
     )  # fmt: skip

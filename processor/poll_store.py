@@ -234,8 +234,8 @@ async def delete_poll(redis: Redis, poll_id: str) -> int:
     shards = shard_keys(poll_id, poll.shards)
     async with redis.pipeline(transaction=False) as pipe:
         for keys in shards:
-            pipe.xlen(keys.points)
-        queued = sum(await pipe.execute())
+            pipe.hget(keys.tally, "queued_points")
+        queued = sum(int(n or 0) for n in await pipe.execute())
     # Marked deleted first (outside the poll's slot, idempotent): a delete that dies before
     # its keys are gone is done by running it again, and processors clear the topics already.
     async with redis.pipeline(transaction=False) as pipe:

@@ -164,9 +164,9 @@ class BatchProcessor:
             m.commit_seconds.observe(committed_s - started)
         # Loop time and time.monotonic() are the same clock (asyncio's default loop).
         m.receive_to_commit_seconds.observe(max(0.0, committed_s - batch[0].received_s))
-        for vote in votes:
-            if vote.ts_s is not None:
-                m.publish_to_commit_seconds.observe(max(0.0, now_s - vote.ts_s))
+        stamps = Counter(vote.ts_s for vote in votes if vote.ts_s is not None)
+        if stamps:
+            m.observe_ages(now_s, stamps)
         if self._health is not None:
             self._health.progressed()
         return True

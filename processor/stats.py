@@ -81,7 +81,7 @@ async def read_stats(redis: Redis, *, now_ms: int, silent_after_s: float) -> Sta
         for _, keys in queues:
             pipe.hgetall(keys.fates)
             pipe.hlen(keys.devices)
-            pipe.xlen(keys.points)
+            pipe.hget(keys.tally, "queued_points")
         pipe.hgetall(UNATTRIBUTED_FATES)
         pipe.hgetall(DEVICES_SEEN)
         replies = await pipe.execute()
@@ -101,7 +101,7 @@ async def read_stats(redis: Redis, *, now_ms: int, silent_after_s: float) -> Sta
                 mine["rejected"] += n
                 rejected[name] = rejected.get(name, 0) + n
         mine["devices"] += int(devices)
-        queue += int(queued)
+        queue += int(queued or 0)
     for mine in per_poll.values():
         for name in _FATES:
             votes[name] += mine[name]

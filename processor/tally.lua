@@ -4,10 +4,12 @@
 -- only before the first write, and Redis never keeps half a batch.
 --
 -- KEYS[1] votebox:{poll}:poll     hash  n_options, state, ...
--- KEYS[2] votebox:{poll}:tally    hash  c:<option> counts, total, version, updated_ms
+-- KEYS[2] votebox:{poll}:tally    hash  c:<option> counts, total, version, updated_ms,
+--                                      queued_points
 -- KEYS[3] votebox:{poll}:fates    hash  accepted, duplicate and rejection counts by reason code
 -- KEYS[4] votebox:{poll}:devices  hash  device -> "epoch:max_seq"
--- KEYS[5] votebox:{poll}:points   stream of accepted votes waiting for InfluxDB
+-- KEYS[5] votebox:{poll}:points   stream of accepted votes waiting for InfluxDB, an entry
+--                                      per batch
 -- KEYS[6] votebox:{poll}:voters  hash  voter (hex) -> "ts\tseq\tdevice\toptions\tepoch" of the
 --                                      vote that counts
 -- KEYS[7] votebox:{poll}:presses hash  device -> time (s) of its last counted press (cooldown)
@@ -333,17 +335,19 @@ for from = 1, #stored_devs, 2 * CHUNK do
 end
 
 -- The points for InfluxDB, in the same atomic step as the count: a committed vote is always
--- either queued here or counted as point_dropped when the queue is at its bound.
+-- either queued here or counted as point_dropped when the queue is at its bound. One stream
+-- entry per batch, its points one per line (influx.py, points_of_entry): an entry per point
+-- was a third of this script's time, and as much again for the drainer to read and delete.
+-- The tally's queued_points counts the points queued (the drainer takes them off).
 if queue_max > 0 and #points > 0 then
-  local room = math.max(0, queue_max - redis.call('XLEN', KEYS[5]))
-  for j, p in ipairs(points) do
-    if j > room then
-      redis.call('HINCRBY', KEYS[3], 'point_dropped', #points - room)
-      break
-    end
-    -- One field, tab-separated (influx.py, QueuedPoint.from_stream): a stream entry's cost
-    -- grows with its fields, and seven made the point a third of the script's time per vote.
-    redis.call('XADD', KEYS[5], '*', 'p', table.concat(p, '\t'))
+  local queued = tonumber(redis.call('HGET', KEYS[2], 'queued_points') or '0') or 0
+  local n = math.min(#points, math.max(0, queue_max - queued))
+  if n < #points then redis.call('HINCRBY', KEYS[3], 'point_dropped', #points - n) end
+  if n > 0 then
+    local lines = {}
+    for j = 1, n do lines[j] = table.concat(points[j], '\t') end
+    redis.call('XADD', KEYS[5], '*', 'n', n, 'p', table.concat(lines, '\n'))
+    redis.call('HINCRBY', KEYS[2], 'queued_points', n)
   end
 end
 

@@ -233,13 +233,14 @@ class Tally:
                 shards,
                 shard,
             ]
+            # One argument per vote: Redis splits them in C. One argument for the whole
+            # batch saved the processor 0.6 us per vote and cost Redis 1.5 (Lua splitting it).
             for index in carried:
-                vote = votes[index]
-                ts = "" if vote.ts_s is None else vote.ts_s
-                voter = "" if vote.voter is None else vote.voter.hex()
+                _, device, choice, seq, epoch, ts_s, voter = votes[index]
                 args.append(
-                    f"{vote.device}\t{vote.epoch}\t{vote.seq}\t{_choice_arg(vote.choice)}\t{ts}"
-                    f"\t{voter}"
+                    f"{device}\t{epoch}\t{seq}\t"
+                    f"{choice if type(choice) is int else _choice_arg(choice)}\t"
+                    f"{'' if ts_s is None else ts_s}\t{'' if voter is None else voter.hex()}"
                 )
             call_keys = list(keys.all_keys())
             if token is not None:

@@ -32,6 +32,7 @@ from processor.influx import (
     QueuedPoint,
     line_for,
     make_writer,
+    points_of_entry,
 )
 from processor.keys import PollKeys
 from processor.poll import Poll, PollType
@@ -93,7 +94,7 @@ async def test_points_are_queued_in_the_same_step_with_a_plausible_timestamp(
     ]
     await tally.commit(votes, now_ms=now_ms)
     entries = await xrange(redis, PollKeys(poll.id).points)
-    points = [QueuedPoint.from_stream(poll.id, sid, f) for sid, f in entries]
+    points = [p for sid, f in entries for p in points_of_entry(poll.id, sid, f)]
     got = [(p.seq, p.ts_s, p.source) for p in points]
     assert got == [
         (1, now_s - 60, "device"),
@@ -107,8 +108,14 @@ async def test_a_full_queue_counts_the_vote_and_the_dropped_point(redis: Redis, 
     tally = Tally(redis, timeout_s=5, points_max=2)
     result = await tally.commit([Vote(poll.id, "k", 0, s) for s in (1, 2, 3)], now_ms=NOW_S * 1000)
     assert result.codes == [0, 0, 0]
-    assert await redis.xlen(PollKeys(poll.id).points) == 2
-    assert await redis.hget(PollKeys(poll.id).fates, "point_dropped") == b"1"
+    keys = PollKeys(poll.id)
+    [(sid, fields)] = await xrange(redis, keys.points)  # one entry per batch
+    assert [p.seq for p in points_of_entry(poll.id, sid, fields)] == [1, 2]
+    assert await redis.hget(keys.tally, "queued_points") == b"2"
+    assert await redis.hget(keys.fates, "point_dropped") == b"1"
+    # The next batch finds the queue full too, until the drainer takes points off.
+    await tally.commit([Vote(poll.id, "k", 0, 4)], now_ms=NOW_S * 1000)
+    assert await redis.hget(keys.fates, "point_dropped") == b"2"
 
 
 async def test_without_influxdb_nothing_is_queued(redis: Redis, poll: Poll) -> None:
@@ -158,11 +165,10 @@ async def test_a_bad_point_is_set_aside_and_the_rest_land(
 ) -> None:
     database = unique_id(request)
     keys = PollKeys(poll.id)
-    good: dict[str, str | int] = {"d": "k", "e": 0, "o": 1, "t": NOW_S, "src": "device"}
-    for seq in range(1, 10):
-        await redis.xadd(keys.points, cast(Any, good | {"s": seq}))
+    good = [f"k\t0\t{seq}\t1\t{NOW_S}\tdevice\t" for seq in range(1, 10)]
     # A timestamp past the year 2262 is beyond InfluxDB's range: it answers 400 for this point.
-    await redis.xadd(keys.points, cast(Any, good | {"s": 99, "t": 10**12}))
+    await _queue(redis, keys, good[:5])
+    await _queue(redis, keys, [*good[5:], f"k\t0\t99\t1\t{10**12}\tdevice\t"])
     with _drainer(redis, v1_target(influx_proc, database)) as drainer:
         assert await drainer.drain_once([poll.id]) == 10
     assert point_count(influx_proc, database, poll.id) == 9
@@ -170,6 +176,18 @@ async def test_a_bad_point_is_set_aside_and_the_rest_land(
     assert len(refused) == 1 and refused[0][1][b"s"] == b"99"
     assert b"value out of range" in refused[0][1][b"reason"]
     assert drainer.set_aside == 1 and await redis.xlen(keys.points) == 0
+    assert await redis.hget(keys.tally, "queued_points") == b"0"
+
+
+async def queued_points(redis: Redis, poll_id: str) -> int:
+    """Points a poll (of one shard) has queued for InfluxDB (tally.lua counts them)."""
+    return int(await redis.hget(PollKeys(poll_id).tally, "queued_points") or 0)
+
+
+async def _queue(redis: Redis, keys: PollKeys, points: list[str]) -> None:
+    """Queue points as tally.lua does: one entry, its points one per line, counted."""
+    await redis.xadd(keys.points, {"n": len(points), "p": "\n".join(points)})
+    await redis.hincrby(keys.tally, "queued_points", len(points))
 
 
 @pytest.fixture(scope="module")
@@ -183,10 +201,8 @@ async def test_a_batch_too_large_is_split_until_it_fits(
     redis: Redis, poll: Poll, tiny_influx: ManagedProcess
 ) -> None:
     keys = PollKeys(poll.id)
-    for seq in range(1, 101):  # ~130 bytes a line: 13 KB in one write
-        await redis.xadd(
-            keys.points, {"d": "k", "e": 0, "s": seq, "o": 0, "t": NOW_S, "src": "device"}
-        )
+    # ~130 bytes a line: 13 KB in one write
+    await _queue(redis, keys, [f"k\t0\t{seq}\t0\t{NOW_S}\tdevice\t" for seq in range(1, 101)])
     with _drainer(redis, v1_target(tiny_influx, "tiny")) as drainer:
         assert await drainer.drain_once([poll.id]) == 100
     assert point_count(tiny_influx, "tiny", poll.id) == 100
@@ -296,7 +312,7 @@ async def test_five_thousand_votes_through_an_influxdb_outage_land_once_and_reco
         influx_proc.stop()
         await asyncio.to_thread(send, 2000)  # counted, acked, queued: InfluxDB is away
         await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
-        assert await redis.xlen(PollKeys(poll.id).points) == 2000
+        assert await queued_points(redis, poll.id) == 2000
         influx_proc.start()
         await asyncio.to_thread(send, 1500)
         await eventually(lambda: point_count(influx_proc, database, poll.id) >= 5000, timeout_s=90)
@@ -331,7 +347,7 @@ async def test_sigkill_with_points_queued_loses_none(
         influx_proc.stop()
         await asyncio.to_thread(lambda: [fleet.kiosks[i % 5].vote(poll.id, 1) for i in range(500)])
         await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
-    assert await redis.xlen(PollKeys(poll.id).points) == 500
+    assert await queued_points(redis, poll.id) == 500
     proc.kill()
     influx_proc.start()
     proc.start()
@@ -450,10 +466,15 @@ async def test_drainers_of_several_processors_write_each_point_once(
     redis: Redis, poll: Poll, influx_proc: ManagedProcess, request: pytest.FixtureRequest
 ) -> None:
     database = unique_id(request)
-    await Tally(redis, timeout_s=5, points_max=1000).commit(
-        [Vote(poll.id, f"k{s % 7}", s % 3, s, ts_s=int(time.time())) for s in range(1, 301)],
-        now_ms=int(time.time() * 1000),
-    )
+    tally = Tally(redis, timeout_s=5, points_max=1000)
+    for first in range(1, 301, 50):  # six batches: six entries to share
+        await tally.commit(
+            [
+                Vote(poll.id, f"k{s % 7}", s % 3, s, ts_s=int(time.time()))
+                for s in range(first, first + 50)
+            ],
+            now_ms=int(time.time() * 1000),
+        )
     with (
         _writer(v1_target(influx_proc, database)) as one,
         _writer(v1_target(influx_proc, database)) as two,
@@ -508,7 +529,8 @@ async def test_points_a_dead_drainer_read_are_taken_over_once_idle(
             now_ms=int(time.time() * 1000),
         )
         read: Any = await redis.xreadgroup(GROUP, "dead", {keys.points: ">"}, count=100)
-        assert len(read[0][1]) == 20
+        assert len(read[0][1]) == 1  # the batch's one entry, of twenty points
+        assert await queued_points(redis, poll.id) == 20
         survivor._next_claim_s = 0.0  # its next claim round, without waiting 0.1 s for it
         assert await survivor.drain_once([poll.id]) == 0  # not idle long enough yet
         await asyncio.sleep(0.4)
@@ -516,3 +538,4 @@ async def test_points_a_dead_drainer_read_are_taken_over_once_idle(
         assert await survivor.drain_once([poll.id]) == 20
     assert point_count(influx_proc, database, poll.id) == 40
     assert await redis.xlen(keys.points) == 0
+    assert await queued_points(redis, poll.id) == 0

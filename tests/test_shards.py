@@ -69,7 +69,8 @@ async def test_a_poll_over_three_shards_counts_each_vote_once_and_sums_its_resul
         devices = {d.decode() for d in await redis.hkeys(keys.devices)}
         assert devices == {f"dev-{d}" for d in range(60) if shard_of(f"dev-{d}", 3) == keys.shard}
         assert await redis.hget(keys.definition, "shards") == b"3"
-        assert await redis.xlen(keys.points) == len(devices)
+        assert await redis.xlen(keys.points) == 1  # one entry per batch and shard
+        assert int(await redis.hget(keys.tally, "queued_points") or 0) == len(devices)
     results = (await read_results(redis, [poll.id]))[poll.id]
     assert results.total == 60
     assert results.counts == (20, 20, 20)

@@ -201,10 +201,11 @@ async def _show(redis: Redis, poll_id: str) -> int:
     fates, unattributed = await read_fates(redis, poll_id)
     async with redis.pipeline(transaction=False) as pipe:
         for keys in shard_keys(poll_id, snap.poll.shards):
-            pipe.xlen(keys.points)
+            pipe.hget(keys.tally, "queued_points")
             pipe.xlen(keys.points_rejected)
         lengths = await pipe.execute()
-    queued, refused = sum(lengths[::2]), sum(lengths[1::2])
+    queued = sum(int(n or 0) for n in lengths[::2])
+    refused = sum(lengths[1::2])
     document = json.loads(snap.results.to_json())
     if document.get("counts") is None:  # hidden until close: the operator still sees them
         document["counts"] = list(snap.results.counts)

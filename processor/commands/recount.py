@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from processor.commands import Commands, add_command
 from processor.config import Settings
 from processor.errors import ConfigError
-from processor.influx import PointWriter, QueuedPoint, count_votes
+from processor.influx import PointWriter, count_votes, points_of_entry
 from processor.keys import shard_keys
 from processor.poll_store import load_poll, read_fates, read_results
 from processor.store import redis_errors
@@ -80,9 +80,9 @@ async def _queued_in(redis: Redis, poll: str, key: str) -> Counter[int]:
         # redis-py types stream replies loosely; without decode_responses they are bytes.
         entries = cast(_Entries, await redis.xrange(key, min=start, count=_CHUNK))
         for sid, fields in entries:
-            point = QueuedPoint.from_stream(poll, sid, fields)
-            # A withdrawn point (a voter's changed vote) takes one back.
-            counts[point.option] += -1 if point.withdrawn else 1
+            for point in points_of_entry(poll, sid, fields):
+                # A withdrawn point (a voter's changed vote) takes one back.
+                counts[point.option] += -1 if point.withdrawn else 1
         if len(entries) < _CHUNK:
             return counts
         start = "(" + entries[-1][0].decode()
