@@ -327,6 +327,88 @@ class Bench:
             "cores": meter.cores(elapsed, loadgen=load["cpu_s"], subscriber=sub_cpu),
         }
 
+    def backlog(self, broker: ManagedProcess, *, messages: int, devices: int) -> dict[str, Any]:
+        """A backlog queued in a persistent session while its subscriber was away, then
+        drained: ``mosquitto_sub`` and votebox, each from its own session on the same broker,
+        timed from the reconnect to the last message received (the last vote committed)."""
+        dup, batch = self.config.dup_share, self.config.batch_share
+        poll = self._poll("backlog-base")
+        sub_id = f"bench-backlog-sub-{self._runs}"
+        argv = [
+            "mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-u", "bench",
+            "-t", f"votes/{poll}/#", "-q", "1", "-c", "-i", sub_id,
+        ]  # fmt: skip
+        subprocess.run([*argv, "-E"], check=True, timeout=30)  # its session, subscribed, away
+        gen = _loadgen(
+            broker.port, poll=poll, messages=messages, devices=devices, dup=dup, batch=batch
+        )
+        gen.communicate()
+        started = time.time()
+        sub = subprocess.Popen([*argv, "-C", str(messages)], stdout=subprocess.DEVNULL)
+        sub_cpu = _wait_rusage_cpu_s(sub)
+        base_rate = messages / (time.time() - started)
+        end_session(broker, sub_id)
+
+        poll = self._poll("backlog")
+        [proc] = self.processors(broker)
+        proc.stop()  # its session stays: the votes queue in it
+        gen = _loadgen(
+            broker.port, poll=poll, messages=messages, devices=devices, dup=dup, batch=batch
+        )
+        load = json.loads(gen.communicate()[0])
+        proc.start(wait=False)
+        drained = asyncio.run(self._watch_drain(proc, broker, poll, load["unique_votes"]))
+        asyncio.run(self._wait_points_drained([poll], self.single, 1))
+        self.retire([proc])
+        # From the first vote counted: the process's start (imports) is not the drain.
+        votes = drained["total"] - drained["first_total"]
+        elapsed = drained["done"] - drained["first"]
+        rate = messages * votes / load["unique_votes"] / elapsed
+        total = drained["total"]
+        return {
+            "messages": messages,
+            "devices": devices,
+            "baseline_rate": base_rate,
+            "baseline_subscriber_cpu_s": sub_cpu,
+            "rate": rate,
+            "ratio": rate / base_rate,
+            "processor_us_per_message": drained["cpu_s"]
+            / (messages * votes / load["unique_votes"])
+            * 1e6,
+            "cores": drained["cores"],
+            "counted": total,
+            "unique_votes": load["unique_votes"],
+            "exact": total == load["unique_votes"],
+        }
+
+    async def _watch_drain(
+        self, proc: ManagedProcess, broker: ManagedProcess, poll: str, unique: int
+    ) -> dict[str, Any]:
+        """When the first vote of a backlog was counted, and the last; the processor's CPU
+        and every process's cores between."""
+        redis = connect(self.single.target, timeout_s=10)
+        first: tuple[float, int, float, _CpuMeter] | None = None
+        deadline = time.monotonic() + 600
+        try:
+            while time.monotonic() < deadline:
+                total = (await read_results(redis, [poll]))[poll].total
+                now = time.time()
+                if first is None and total > 0:
+                    first = (now, total, _cpu_s(proc.pid), self._meter(broker, [proc]))
+                if first is not None and total >= unique:
+                    return {
+                        "first": first[0],
+                        "first_total": first[1],
+                        "done": now,
+                        "total": total,
+                        "cpu_s": _cpu_s(proc.pid) - first[2],
+                        "cores": first[3].cores(now - first[0]),
+                    }
+                await asyncio.sleep(0.005)
+        finally:
+            await redis.aclose()
+        raise TimeoutError(f"the backlog of {poll} was not counted in 600 s")
+
     def _meter(
         self,
         broker: ManagedProcess,
@@ -607,6 +689,12 @@ def run_bench(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
             f"  {out['votebox_two_processors']['rate']:,.0f} msg/s, "
             f"exact={out['votebox_two_processors']['exact']}"
         )
+        log(f"a backlog of {c.messages} votes from 200 devices, drained ...")
+        out["backlog"] = bench.backlog(bench.mosquitto, messages=c.messages, devices=200)
+        log(
+            f"  mosquitto_sub {out['backlog']['baseline_rate']:,.0f} msg/s, votebox "
+            f"{out['backlog']['rate']:,.0f} msg/s, exact={out['backlog']['exact']}"
+        )
         rate = max(100.0, out["votebox"]["rate"] / 5)
         log(f"latency at {rate:,.0f} msg/s ...")
         out["latency"] = bench.latency(bench.mosquitto, rate)
@@ -642,6 +730,7 @@ def run_bench(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
 # The runs of `run_bench` that count votes, each checked exact.
 COUNTING_RUNS = (
     "votebox",
+    "backlog",
     "votebox_10_devices",
     "votebox_two_processors",
     "votebox_amqtt",
@@ -681,6 +770,13 @@ def table(result: dict[str, Any]) -> str:
         cores = run.get("cores", {})
         shown = " / ".join(f"{cores[g]:.2f}" if g in cores else "-" for g in groups)
         lines.append(f"| {name} | {rate:,.0f} | {rate / base:.0%} | {shown} |")
+    backlog = result["backlog"]
+    lines.append(
+        f"| backlog drain, {backlog['messages']:,} votes queued: mosquitto_sub "
+        f"{backlog['baseline_rate']:,.0f} / votebox | {backlog['rate']:,.0f} "
+        f"| {backlog['ratio']:.0%} | processor {backlog['processor_us_per_message']:.1f} µs "
+        f"per message |"
+    )
     lat, v = result["latency"], result["votebox"]
     lines += [
         "",
@@ -702,7 +798,7 @@ def table(result: dict[str, Any]) -> str:
         "| cores of each Redis node | exact |",
         "|---|---:|---:|---:|---:|---:|---|---|",
     ]
-    for key in ("votebox", *COUNTING_RUNS[4:]):
+    for key in ("votebox", *COUNTING_RUNS[5:]):
         run = result[key]
         nodes = " / ".join(f"{c:.2f}" for c in run["redis_node_cores"])
         lines.append(

@@ -252,7 +252,7 @@ def _decode(first: int, body: bytes, v5: bool) -> Incoming:
                 raise PacketError("PUBLISH with packet id 0 (MQTT-2.2.1-3)")
         if v5:
             at = _skip_properties(body, at)
-        return Incoming(PUBLISH, mid=mid, topic=topic, payload=body[at:], qos=qos)
+        return Incoming(PUBLISH, mid, topic, body[at:], qos)  # positional: the faster build
     if flags:
         raise PacketError(f"packet type {kind} with reserved flags {flags:#x} (MQTT-2.2.2-2)")
     if kind == PUBACK:
