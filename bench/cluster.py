@@ -26,7 +26,12 @@ from processor.config import RedisTarget
 from processor.keys import PollKeys, shard_keys
 from processor.store import connect
 
-__all__ = ["hot_poll_on_distinct_primaries", "measure", "polls_on_distinct_primaries"]
+__all__ = [
+    "hot_poll_on_distinct_primaries",
+    "measure",
+    "polls_on_distinct_primaries",
+    "script_cpu_s",
+]
 
 
 async def polls_on_distinct_primaries(target: RedisTarget, prefix: str, n: int = 3) -> list[str]:
@@ -82,7 +87,7 @@ async def _commit_times(
         ids = [await hot_poll_on_distinct_primaries(target, prefix, shards)]
     else:
         ids = (await polls_on_distinct_primaries(target, prefix))[:polls]
-    before = await _script_cpu_s(target)
+    before = await script_cpu_s(target)
     times = await commit_times(
         target,
         batches=batches,
@@ -91,10 +96,11 @@ async def _commit_times(
         devices=devices,
         shards=shards,
     )
-    return times, await _script_cpu_s(target) - before
+    return times, await script_cpu_s(target) - before
 
 
-async def _script_cpu_s(target: RedisTarget) -> float:
+async def script_cpu_s(target: RedisTarget) -> float:
+    """Seconds Redis has spent in scripts (EVAL, EVALSHA) since it started, over every primary."""
     client = connect(target, timeout_s=10)
     try:
         if isinstance(client, RedisCluster):
