@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -34,6 +35,7 @@ __all__ = [
     "end_session",
     "mqtt_ready",
     "port_open",
+    "prometheus",
     "rss_mb",
     "processor",
     "redis_cluster",
@@ -556,6 +558,54 @@ def influxdb(
         ["influxd", "run", "-config", str(conf)],
         ready=lambda: _influx_ping(port),
         log_path=data_dir / "influxd.log",
+        timeout_s=60,
+        port=port,
+        url=f"http://{HOST}:{port}",
+    )
+    with _running(process):
+        yield process
+
+
+def _prometheus_ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/-/ready", timeout=1) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def prometheus(
+    data_dir: Path, *, targets: Sequence[str], rule_files: Sequence[Path] = ()
+) -> Iterator[ManagedProcess]:
+    """Debian's prometheus on 127.0.0.1, scraping ``targets`` (host:port of processors'
+    /metrics) every second as job ``votebox``, evaluating ``rule_files``; its HTTP API on
+    ``.url``, data in ``data_dir``."""
+    require_binaries("prometheus")
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "prometheus.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(path) for path in rule_files],
+                "scrape_configs": [
+                    {"job_name": "votebox", "static_configs": [{"targets": list(targets)}]}
+                ],
+            }
+        )  # JSON is YAML
+    )
+    process = ManagedProcess(
+        "prometheus",
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data_dir / 'data'}",
+            f"--web.listen-address={HOST}:{port}",
+        ],
+        ready=lambda: _prometheus_ready(port),
+        log_path=data_dir / "prometheus.log",
         timeout_s=60,
         port=port,
         url=f"http://{HOST}:{port}",
