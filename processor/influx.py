@@ -80,13 +80,17 @@ class QueuedPoint(NamedTuple):
     source: str
     # A voter changed their vote: this point takes the old one back (value -1).
     withdrawn: bool = False
+    # The device's site when the vote was counted ("" for none): fixed with the point, so a
+    # point written twice is the same point.
+    site: str = ""
 
 
 def points_of_entry(
     poll: str, stream_id: bytes | str, fields: Mapping[bytes, bytes]
 ) -> list[QueuedPoint]:
     """The points of one entry of a poll's stream, as tally.lua queues them: ``n`` points in
-    ``p``, one per line, "device, epoch, seq, option, ts, source, withdrawn" tab-separated; or,
+    ``p``, one per line, "device, epoch, seq, option, ts, source, withdrawn, site"
+    tab-separated; or,
     as queued before 2026-12-03, one point with a field each."""
     sid = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
     packed = fields.get(b"p")
@@ -106,7 +110,8 @@ def points_of_entry(
         ]
     out = []
     for line in packed.decode().split("\n"):
-        device, epoch, seq, option, ts, source, withdrawn = line.split("\t")
+        # device, epoch, seq, option, ts, source, withdrawn, and the site from 2026-12-03
+        device, epoch, seq, option, ts, source, withdrawn, *site = line.split("\t")
         out.append(
             QueuedPoint(
                 sid,
@@ -118,7 +123,8 @@ def points_of_entry(
                 int(ts),
                 source,
                 withdrawn == "1",
-            )  # fmt: skip
+                site[0] if site else "",
+            )
         )
     return out
 
@@ -138,7 +144,7 @@ def line_for(point: QueuedPoint, label: str) -> bytes:
     """The line protocol of one vote (docs/analytics.md, Schema); tags in key order."""
     tags = (
         f"device={point.device},label={_escape_tag(label) or '-'},option={point.option},"
-        f"poll={point.poll}"
+        f"poll={point.poll},site={_escape_tag(point.site) or '-'}"
     )
     value = 1
     if point.withdrawn:

@@ -16,6 +16,7 @@ from typing import Final
 __all__ = [
     "DEVICES_HEALTH",
     "DEVICES_SEEN",
+    "DEVICES_SITE",
     "DEVICES_STATUS",
     "POLLS_CHANGED",
     "POLLS_DELETED",
@@ -52,6 +53,8 @@ DEVICES_SEEN: Final = "votebox:devices:last_seen"
 # device -> its last heartbeat as JSON (uptime_s, outbox, battery, at_ms); device -> its last
 # status as JSON (state online/offline, at_ms). docs/protocol.md, Device health.
 DEVICES_HEALTH: Final = "votebox:devices:health"
+# device -> its site (`votebox device add --site`): a tag of its votes' InfluxDB points.
+DEVICES_SITE: Final = "votebox:devices:site"
 DEVICES_STATUS: Final = "votebox:devices:status"
 
 

@@ -37,6 +37,7 @@ from processor.mqtt import Delivery, MqttIntake
 from processor.ratelimit import DeviceRateLimiter
 from processor.reasons import Fate, Reason
 from processor.results import Lease, ResultsPublisher
+from processor.sites import Sites
 from processor.stats import StatsPublisher
 from processor.store import connect, redis_errors
 from processor.supervise import EXIT_FAILED, Watchdog, supervised
@@ -73,6 +74,7 @@ class BatchProcessor:
         health: told when a batch is done, so that /readyz can tell a stalled intake.
         drainer: told how many points were queued for InfluxDB, when it is on.
         limiter: refuses a device's messages beyond its rate, before decoding them.
+        sites: each device's site, stored with its votes' points.
     """
 
     def __init__(
@@ -86,7 +88,9 @@ class BatchProcessor:
         health: Health | None = None,
         drainer: InfluxDrainer | None = None,
         limiter: DeviceRateLimiter | None = None,
+        sites: Sites | None = None,
     ) -> None:
+        self._sites = sites
         self._limiter = limiter
         self._drainer = drainer
         self._metrics = metrics
@@ -207,6 +211,7 @@ class BatchProcessor:
                     seen=seen,
                     reports=reports,
                     token=token,
+                    sites=self._sites.current if self._sites is not None else None,
                 )
                 if self._health is not None:
                     self._health.store_answered()
@@ -500,7 +505,13 @@ async def _serve(
         timeout_s=settings.redis_timeout_s,
         about_me=about_me,
     )
+    sites = Sites(redis, timeout_s=settings.redis_timeout_s)
+    try:
+        await sites.load()  # before the first vote: its point carries its site
+    except StoreUnavailable as exc:
+        log.warning("device sites not read yet (Redis unavailable): %s", exc)
     processor = BatchProcessor(
+        sites=sites,
         tally=tally,
         intake=intake,
         results=results,
@@ -513,7 +524,11 @@ async def _serve(
         ),
     )
     log.info("ready: consuming %s", shared(VOTES_FILTER, settings.mqtt_share_group))
-    parts = {"votebox.results": results.run(), "votebox.stats": stats.run()}
+    parts = {
+        "votebox.results": results.run(),
+        "votebox.stats": stats.run(),
+        "votebox.sites": sites.run(),
+    }
     if drainer is not None:
         log.info("writing every vote to %r", settings.influx_target())
         # Points still queued at a stop stay in Redis and are written by the next start.

@@ -10,8 +10,8 @@
 -- KEYS[4] votebox:{poll}:devices  hash  device -> "epoch:max_seq"
 -- KEYS[5] votebox:{poll}:points   stream of accepted votes waiting for InfluxDB, an entry
 --                                      per batch
--- KEYS[6] votebox:{poll}:voters  hash  voter (hex) -> "ts\tseq\tdevice\toptions\tepoch" of the
---                                      vote that counts
+-- KEYS[6] votebox:{poll}:voters  hash  voter (hex) -> "ts\tseq\tdevice\toptions\tepoch\tsite"
+--                                      of the vote that counts
 -- KEYS[7] votebox:{poll}:presses hash  device -> time (s) of its last counted press (cooldown)
 -- KEYS[8] votebox:{poll}:suppressed  stream of presses inside the cooldown (capped)
 -- KEYS[9] votebox:{poll}:commit:<token>  optional: this batch's answer, kept ARGV[6] ms, so a
@@ -23,7 +23,8 @@
 --         (keys.py, shard_of): a caller that guessed wrong is told {-1, shards} (0: this shard
 --         has no definition) and nothing is written, so it routes the votes again
 -- ARGV[9..] one per vote, tab-separated: device, epoch, seq, choice ("3", or "1,4": values as
---          the device sent them), device ts in s or "", voter in hex or "". One packed
+--          the device sent them), device ts in s or "", voter in hex or "", the device's
+--          site (keys.DEVICES_SITE) or "", stored with its points. One packed
 --          argument instead of six: packing arguments was 16% of the processor's CPU
 --          (docs/benchmarks.md).
 --
@@ -164,9 +165,9 @@ local CHUNK = 1000
 local parsed = {}
 local order = {}
 for i = 0, n_votes - 1 do
-  local device, epoch_s, seq_s, choice_s, ts_arg, voter = string.match(ARGV[FIRST + i],
-    '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)$')
-  parsed[i + 1] = {device, epoch_s, seq_s, choice_s, ts_arg, voter}
+  local device, epoch_s, seq_s, choice_s, ts_arg, voter, site = string.match(ARGV[FIRST + i],
+    '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t?([^\t]*)$')
+  parsed[i + 1] = {device, epoch_s, seq_s, choice_s, ts_arg, voter, site}
   if not devs[device] then
     devs[device] = true
     order[#order + 1] = device
@@ -188,7 +189,7 @@ for from = 1, #order, CHUNK do
 end
 
 for i = 1, n_votes do
-  local device, epoch_s, seq_s, choice_s, ts_arg, voter = unpack(parsed[i])
+  local device, epoch_s, seq_s, choice_s, ts_arg, voter, site = unpack(parsed[i])
   local epoch, seq = tonumber(epoch_s), tonumber(seq_s)
   local d = devs[device]
 
@@ -248,10 +249,11 @@ for i = 1, n_votes do
             local stored = redis.call('HGET', KEYS[6], voter)
             prior = false
             if stored then
-              local pts, pseq, pdev, popts, pepoch = string.match(stored,
-                '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)$')
+              -- The site came sixth from 2026-12-03: older records have five fields.
+              local pts, pseq, pdev, popts, pepoch, psite = string.match(stored,
+                '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t?([^\t]*)$')
               prior = {ts = tonumber(pts), seq = tonumber(pseq), device = pdev, seq_s = pseq,
-                       opts_s = popts, epoch_s = pepoch}
+                       opts_s = popts, epoch_s = pepoch, site = psite}
             end
             voters[voter] = prior
           end
@@ -271,7 +273,8 @@ for i = 1, n_votes do
             for part in string.gmatch(prior.opts_s, '[^,]+') do
               local o = tonumber(part)
               counted[o] = (counted[o] or 0) - 1
-              points[#points + 1] = {prior.device, prior.epoch_s, prior.seq_s, o, ts, src, '1'}
+              points[#points + 1] = {prior.device, prior.epoch_s, prior.seq_s, o, ts, src, '1',
+                                     prior.site}
             end
           else
             n_counted = n_counted + 1
@@ -279,12 +282,12 @@ for i = 1, n_votes do
           local opts_s = table.concat(opts, ',')
           if per_voter then
             voters[voter] = {ts = ts, seq = seq, device = device, seq_s = seq_s, opts_s = opts_s,
-                             epoch_s = epoch_s}
+                             epoch_s = epoch_s, site = site}
             voters_changed[voter] = true
           end
           for _, o in ipairs(opts) do
             counted[o] = (counted[o] or 0) + 1
-            points[#points + 1] = {device, epoch_s, seq_s, o, ts, src, ''}
+            points[#points + 1] = {device, epoch_s, seq_s, o, ts, src, '', site}
           end
         end
       end
@@ -358,8 +361,8 @@ end
 for device in pairs(presses_changed) do redis.call('HSET', KEYS[7], device, presses[device]) end
 for voter in pairs(voters_changed) do
   local v = voters[voter]
-  redis.call('HSET', KEYS[6], voter,
-    v.ts .. '\t' .. v.seq_s .. '\t' .. v.device .. '\t' .. v.opts_s .. '\t' .. v.epoch_s)
+  redis.call('HSET', KEYS[6], voter, v.ts .. '\t' .. v.seq_s .. '\t' .. v.device .. '\t'
+    .. v.opts_s .. '\t' .. v.epoch_s .. '\t' .. v.site)
 end
 
 for code, n in pairs(fates) do redis.call('HINCRBY', KEYS[3], NAMES[code], n) end

@@ -132,6 +132,7 @@ class Tally:
         seen: Iterable[str] = (),
         reports: Mapping[str, Mapping[str, str]] | None = None,
         token: str | None = None,
+        sites: Mapping[str, str] | None = None,
     ) -> CommitResult:
         """De-duplicate and count ``votes`` atomically per poll, in one round trip.
 
@@ -146,6 +147,7 @@ class Tally:
             token: names this batch, the same for every retry of it: each poll remembers
                 its answer for `COMMIT_MEMORY_S` and gives it again, so a retry after a lost
                 reply is answered as the first attempt was (not "duplicate" of itself).
+            sites: each device's site (processor/sites.py), stored with its votes' points.
 
         Returns:
             One `Fate`/`Reason` code per vote, and each changed poll's new version.
@@ -161,7 +163,9 @@ class Tally:
         )
         pending = list(range(len(votes)))
         for attempt in range(_ROUTES):
-            calls, routes = self._calls(votes, pending, now_ms, token, rerouted=attempt > 0)
+            calls, routes = self._calls(
+                votes, pending, now_ms, token, rerouted=attempt > 0, sites=sites or {}
+            )
             replies = await self._run(calls, extra)
             extra = None  # sent with the first round trip
             pending = []
@@ -210,6 +214,7 @@ class Tally:
         token: str | None,
         *,
         rerouted: bool,
+        sites: Mapping[str, str],
     ) -> tuple[list[tuple[list[str], list[str | int]]], list[tuple[PollKeys, int, list[int]]]]:
         """One script call per poll (per shard of a poll spread over several), and which votes
         each carries."""
@@ -241,6 +246,7 @@ class Tally:
                     f"{device}\t{epoch}\t{seq}\t"
                     f"{choice if type(choice) is int else _choice_arg(choice)}\t"
                     f"{'' if ts_s is None else ts_s}\t{'' if voter is None else voter.hex()}"
+                    f"\t{sites.get(device, '')}"
                 )
             call_keys = list(keys.all_keys())
             if token is not None:

@@ -68,8 +68,12 @@ def point_count(influx: ManagedProcess, database: str, poll: str) -> int:
 def test_line_protocol_of_a_vote() -> None:
     point = QueuedPoint("1-0", "final", "kiosk-7", 0, 17, 2, NOW_S, "device")
     assert line_for(point, "Ada, the Countess=1") == (
-        b"vote,device=kiosk-7,label=Ada\\,\\ the\\ Countess\\=1,option=2,poll=final "
+        b"vote,device=kiosk-7,label=Ada\\,\\ the\\ Countess\\=1,option=2,poll=final,site=- "
         b'value=1i,seq=17i,epoch=0i,ts_source="device" 1767225600000000017'
+    )
+    at_site = point._replace(site="North stand")
+    assert line_for(at_site, "Ada").split(b" value=")[0] == (
+        b"vote,device=kiosk-7,label=Ada,option=2,poll=final,site=North\\ stand"
     )
 
 
@@ -381,12 +385,13 @@ async def test_the_documented_influxql_examples_run_on_real_data(
     database = unique_id(request)
     now = int(time.time())
     votes = [Vote(poll.id, f"k{s % 4}", s % 3, s, ts_s=now - s) for s in range(1, 31)]
-    await Tally(redis, timeout_s=5, points_max=100).commit(votes, now_ms=now * 1000)
+    sites = {"k0": "North stand", "k1": "North stand", "k2": "South"}  # k3 has none
+    await Tally(redis, timeout_s=5, points_max=100).commit(votes, now_ms=now * 1000, sites=sites)
     with _drainer(redis, v1_target(influx_proc, database)) as drainer:
         assert await drainer.drain_once([poll.id]) == 30
     queries = _doc_queries()
-    assert len(queries) == 5
-    per_option, per_hour, per_device, turnout, undated = (
+    assert len(queries) == 7
+    per_option, per_hour, per_device, turnout, undated, per_site, site_results = (
         influx_query(influx_proc, database, q.replace("'final'", f"'{poll.id}'")) for q in queries
     )
     three_tens = {"red": 10, "green": 10, "blue": 10}
@@ -401,6 +406,16 @@ async def test_the_documented_influxql_examples_run_on_real_data(
     running = [v[1] for v in turnout[0]["values"]]
     assert running == sorted(running) and running[-1] == 30
     assert undated == []  # every vote here carried a plausible device time
+    assert {s["tags"]["site"]: s["values"][0][1] for s in per_site} == {
+        "North stand": 15,
+        "South": 8,
+        "-": 7,
+    }
+    by_site_label = {
+        (s["tags"]["site"], s["tags"]["label"]): s["values"][0][1] for s in site_results
+    }
+    assert sum(by_site_label.values()) == 30
+    assert sum(n for (site, _), n in by_site_label.items() if site == "South") == 8
 
 
 async def test_changed_votes_and_multiple_choices_sum_to_the_tally_in_influxdb(

@@ -1,4 +1,5 @@
-"""``votebox device add|remove|list``: broker accounts, for devices, processors and dashboards.
+"""``votebox device add|remove|list|site``: broker accounts, for devices, processors and
+dashboards; and a device's site (in Redis, processor/sites.py).
 
 Rule: the accounts file is the source of truth; Mosquitto's password file and ACL are written
 from it on every change (broker/accounts.py).
@@ -7,12 +8,34 @@ from it on every change (broker/accounts.py).
 from __future__ import annotations
 
 import argparse
+import asyncio
 from pathlib import Path
 
 from processor.commands import Commands, add_command
 from processor.config import Settings
+from processor.errors import ConfigError
+from processor.sites import clear_site, set_site
+from processor.store import open_redis, redis_errors
+from processor.topics import is_valid_id
 
 __all__ = ["register"]
+
+
+async def _set_site(settings: Settings, device: str, site: str | None, *, clear: bool) -> int:
+    if clear == (site is not None):
+        raise ConfigError("give a site, or --clear to take it away (not both)")
+    if not is_valid_id(device):
+        raise ConfigError(f"device id {device!r} must be 1-64 chars of A-Z a-z 0-9 _ -")
+    async with open_redis(settings.redis_target(), timeout_s=settings.redis_timeout_s) as redis:
+        with redis_errors():
+            if site is not None:
+                await set_site(redis, device, site)
+                print(f"device {device} is at site {site!r}; its next votes carry it")
+            elif await clear_site(redis, device):
+                print(f"device {device} has no site now")
+            else:
+                print(f"device {device} had no site")
+    return 0
 
 
 def register(commands: Commands) -> None:
@@ -36,6 +59,20 @@ def register(commands: Commands) -> None:
         default=None,
         help="the password (default: a random one, printed once)",
     )
+    a.add_argument(
+        "--site",
+        default=None,
+        help="where the device stands (a tag of its votes' InfluxDB points; in Redis)",
+    )
+    s = actions.add_parser(
+        "site",
+        help="set or change a device's site (in Redis: its next votes carry it)",
+        description="A device's site tags its votes' points in InfluxDB (docs/analytics.md, "
+        "Sites). The processors read it again within 5 s; votes counted before keep theirs.",
+    )
+    s.add_argument("username", metavar="DEVICE")
+    s.add_argument("site", nargs="?", default=None, help="the site; leave out with --clear")
+    s.add_argument("--clear", action="store_true", help="take the device's site away")
     r = actions.add_parser("remove", help="remove an account")
     r.add_argument("username")
     actions.add_parser("list", help="every account and its role")
@@ -56,7 +93,14 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
     store = AccountStore(Path(args.accounts), Path(args.passwd), Path(args.acl))
     written = f"{args.passwd} and {args.acl} rewritten"
+    if args.device_command == "site":
+        return asyncio.run(_set_site(settings, args.username, args.site, clear=args.clear))
     if args.device_command == "add":
+        if args.site is not None:
+            if args.role != "device":
+                raise ConfigError("only a device has a site (--role device)")
+            # In Redis first: if it is away, nothing has changed yet.
+            asyncio.run(_set_site(settings, args.username, args.site, clear=False))
         password = store.add(args.username, args.role, args.password)
         shown = "" if args.password else f" with password {password} (shown once: keep it)"
         print(f"account {args.username} ({args.role}){shown}; {written}")

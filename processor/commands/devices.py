@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from processor.commands import Commands, add_command
 from processor.config import Settings
-from processor.keys import DEVICES_HEALTH, DEVICES_SEEN, DEVICES_STATUS
+from processor.keys import DEVICES_HEALTH, DEVICES_SEEN, DEVICES_SITE, DEVICES_STATUS
 from processor.store import open_redis, redis_errors, redis_text
 
 __all__ = ["DeviceHealth", "format_devices", "print_devices", "read_devices", "register"]
@@ -40,6 +40,7 @@ class DeviceHealth:
     outbox: int | None
     battery: int | None
     heartbeat_ms: int | None
+    site: str | None = None
 
 
 def _json(value: object) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def _json(value: object) -> dict[str, Any]:
 
 
 async def read_devices(redis: Redis, *, now_ms: int, silent_after_s: float) -> list[DeviceHealth]:
-    """Every device that ever sent a vote, a status or a heartbeat, by id.
+    """Every device that ever sent a vote, a status or a heartbeat, or was given a site, by id.
 
     Raises:
         StoreUnavailable: Redis is down.
@@ -61,13 +62,15 @@ async def read_devices(redis: Redis, *, now_ms: int, silent_after_s: float) -> l
             pipe.hgetall(DEVICES_SEEN)
             pipe.hgetall(DEVICES_STATUS)
             pipe.hgetall(DEVICES_HEALTH)
-            seen_raw, status_raw, health_raw = await pipe.execute()
+            pipe.hgetall(DEVICES_SITE)
+            seen_raw, status_raw, health_raw, site_raw = await pipe.execute()
     seen = {redis_text(k): int(v) for k, v in seen_raw.items()}
     status = {redis_text(k): _json(v) for k, v in status_raw.items()}
     health = {redis_text(k): _json(v) for k, v in health_raw.items()}
+    sites = {redis_text(k): redis_text(v) for k, v in site_raw.items()}
     cutoff = now_ms - int(silent_after_s * 1000)
     out = []
-    for device in sorted(seen.keys() | status.keys() | health.keys()):
+    for device in sorted(seen.keys() | status.keys() | health.keys() | sites.keys()):
         st, hb = status.get(device, {}), health.get(device, {})
         times = [t for t in (seen.get(device), st.get("at_ms"), hb.get("at_ms")) if t]
         last = max(times) if times else None
@@ -83,6 +86,7 @@ async def read_devices(redis: Redis, *, now_ms: int, silent_after_s: float) -> l
                 outbox=hb.get("outbox"),
                 battery=hb.get("battery"),
                 heartbeat_ms=hb.get("at_ms"),
+                site=sites.get(device),
             )
         )
     return out
@@ -103,11 +107,12 @@ def format_devices(devices: list[DeviceHealth], *, now_ms: int) -> str:
     """The table ``votebox devices`` prints."""
     if not devices:
         return "no devices yet: none has sent a vote, a status or a heartbeat"
-    rows = [("DEVICE", "STATE", "LAST SEEN", "UPTIME", "OUTBOX", "BATTERY")]
+    rows = [("DEVICE", "SITE", "STATE", "LAST SEEN", "UPTIME", "OUTBOX", "BATTERY")]
     for d in devices:
         rows.append(
             (
                 d.device,
+                d.site or "-",
                 d.state,
                 _ago(d.last_seen_ms, now_ms),
                 "-" if d.uptime_s is None else f"{d.uptime_s}s",
