@@ -22,6 +22,7 @@ import base64
 import logging
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, Protocol
 
 import urllib3
@@ -37,6 +38,8 @@ from processor.store import raise_if_away, redis_errors
 
 __all__ = [
     "CLAIM_IDLE_MS",
+    "EXPORT_BY",
+    "ExportRow",
     "GROUP",
     "InfluxDrainer",
     "PointWriter",
@@ -165,7 +168,30 @@ class PointWriter(Protocol):
         """The sum of ``poll``'s point values per option index: its votes, changed votes
         taken back."""
 
+    def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
+        """``poll``'s votes (sums of point values) per option and per ``by`` (`EXPORT_BY`),
+        dated from ``since_ns`` (inclusive) to ``until_ns`` (exclusive)."""
+
     def close(self) -> None: ...
+
+
+# What `votebox export --by` groups votes by, besides the option: a tag, or a time bucket.
+EXPORT_BY: Final = {
+    "option": None,
+    "site": "site",
+    "device": "device",
+    "minute": "1m",
+    "hour": "1h",
+}
+
+
+class ExportRow(NamedTuple):
+    """One row of ``votebox export``: the votes for one option in one group."""
+
+    group: str  # the site, the device, the bucket's start (RFC 3339), or "" by option
+    option: int
+    label: str
+    votes: int
 
 
 def _retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -228,13 +254,41 @@ class V1Writer:
         query = (
             f'SELECT sum("value") FROM "{MEASUREMENT}" WHERE "poll" = \'{poll}\' GROUP BY "option"'
         )
-        reply = self._request("GET", "/query", {"db": self._target.database, "q": query})
+        series = self._query(query)
+        return {int(s["tags"]["option"]): int(s["values"][0][1]) for s in series}
+
+    def _query(self, query: str) -> list[Any]:
+        """The series of one InfluxQL statement's result, times in ns."""
+        params = {"db": self._target.database, "q": query, "epoch": "ns"}
+        reply = self._request("GET", "/query", params)
         if reply.status != 200:
             raise InfluxRejected(reply.status, reply.data.decode(errors="replace")[:500])
         result = reply.json()["results"][0]
         if "error" in result:
             raise InfluxRejected(400, result["error"])
-        return {int(s["tags"]["option"]): int(s["values"][0][1]) for s in result.get("series", [])}
+        return list(result.get("series", []))
+
+    def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
+        group = ['"option"', '"label"']
+        dimension = EXPORT_BY[by]
+        if by in ("minute", "hour"):
+            group.append(f"time({dimension}) fill(none)")
+        elif dimension is not None:
+            group.append(f'"{dimension}"')
+        query = (
+            f'SELECT sum("value") FROM "{MEASUREMENT}" WHERE "poll" = \'{poll}\' '
+            f"AND time >= {since_ns} AND time < {until_ns} GROUP BY {', '.join(group)}"
+        )
+        rows = []
+        for series in self._query(query):
+            tags = series["tags"]
+            for when, total in series["values"]:
+                if by in ("minute", "hour"):
+                    key = _rfc3339(int(when))
+                else:
+                    key = tags.get(str(dimension), "") if dimension else ""
+                rows.append(ExportRow(key, int(tags["option"]), tags["label"], int(total)))
+        return rows
 
     def close(self) -> None:
         self._http.clear()
@@ -288,8 +342,41 @@ class V2Writer:
             for r in t.records
         }
 
+    def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
+        # Not run by the tests here: there is no InfluxDB 2 to run it on (docs/analytics.md).
+        dimension = EXPORT_BY[by]
+        flux = (
+            f'from(bucket: "{self._target.bucket}") '
+            f"|> range(start: time(v: {since_ns}), stop: time(v: {until_ns})) "
+            f'|> filter(fn: (r) => r._measurement == "{MEASUREMENT}" and r.poll == "{poll}" '
+            'and r._field == "value") '
+        )
+        if by in ("minute", "hour"):
+            flux += (
+                '|> group(columns: ["option", "label"]) '
+                f"|> aggregateWindow(every: {dimension}, fn: sum, createEmpty: false)"
+            )
+        else:
+            columns = ", ".join(f'"{c}"' for c in ("option", "label", dimension) if c)
+            flux += f"|> group(columns: [{columns}]) |> sum()"
+        rows = []
+        for table in self._client.query_api().query(flux, org=self._org):
+            for record in table.records:
+                values = record.values
+                if by in ("minute", "hour"):
+                    key = _rfc3339(int(values["_time"].timestamp() * 1_000_000_000))
+                else:
+                    key = str(values.get(str(dimension), "")) if dimension else ""
+                total = int(record.get_value())  # type: ignore[no-untyped-call]
+                rows.append(ExportRow(key, int(values["option"]), str(values["label"]), total))
+        return rows
+
     def close(self) -> None:
         self._client.close()  # type: ignore[no-untyped-call]
+
+
+def _rfc3339(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def make_writer(target: InfluxTarget, *, timeout_s: float = 10.0) -> PointWriter:

@@ -27,6 +27,7 @@ from processor.commands.recount import recount
 from processor.config import InfluxTarget
 from processor.influx import (
     GROUP,
+    ExportRow,
     InfluxDrainer,
     PointWriter,
     QueuedPoint,
@@ -472,6 +473,9 @@ class _Counting:
 
     def query_counts(self, poll: str) -> dict[int, int]:
         return self._writer.query_counts(poll)
+
+    def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
+        return self._writer.query_sums(poll, by, since_ns, until_ns)
 
     def close(self) -> None:
         self._writer.close()

@@ -1,0 +1,134 @@
+"""``votebox export POLL``: a poll's votes from InfluxDB as CSV or JSON, for spreadsheets.
+
+Rule: every row is a sum of point values (a changed vote's withdrawn point is -1), so the rows
+of any grouping add up to the poll's total in InfluxDB, which ``votebox recount`` compares with
+the tally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import sys
+import time
+from typing import TextIO
+
+from processor.commands import Commands, add_command
+from processor.config import Settings
+from processor.errors import ConfigError
+from processor.influx import EXPORT_BY, ExportRow, make_writer
+from processor.keys import PollKeys
+from processor.poll import parse_time_ms
+from processor.poll_store import load_poll
+from processor.store import open_redis, redis_errors
+
+__all__ = ["export_rows", "register", "write_rows"]
+
+_COLUMNS = {
+    "option": ("poll", "option", "label", "votes"),
+    "site": ("poll", "site", "option", "label", "votes"),
+    "device": ("poll", "device", "option", "label", "votes"),
+    "minute": ("poll", "time", "option", "label", "votes"),
+    "hour": ("poll", "time", "option", "label", "votes"),
+}
+
+
+def register(commands: Commands) -> None:
+    """Add ``votebox export``."""
+    p = add_command(
+        commands,
+        "export",
+        _run,
+        env_epilog=True,
+        help="a poll's votes from InfluxDB as CSV or JSON, per option and per minute, hour, "
+        "site or device",
+        description="Votes are sums of points (docs/analytics.md): the rows of any grouping add "
+        "up to the poll's votes in InfluxDB, which `votebox recount` checks against the tally.",
+    )
+    p.add_argument("poll")
+    p.add_argument("--format", choices=["csv", "json"], default="csv")
+    p.add_argument(
+        "--by", choices=list(EXPORT_BY), default="option", help="group votes by (default option)"
+    )
+    p.add_argument(
+        "--since",
+        metavar="TIME",
+        default=None,
+        help="votes dated from then (ISO 8601 or Unix seconds; default: the poll's creation)",
+    )
+    p.add_argument(
+        "--until", metavar="TIME", default=None, help="votes dated before then (default: now)"
+    )
+    p.add_argument("--out", default="-", help="the file to write (default: standard output)")
+    p.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
+    p.add_argument("--influx-url", dest="influx_url", metavar="VOTEBOX_INFLUX_URL")
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    rows = asyncio.run(
+        export_rows(settings, args.poll, by=args.by, since=args.since, until=args.until)
+    )
+    if args.out == "-":
+        write_rows(sys.stdout, args.poll, args.by, rows, args.format)
+    else:
+        with open(args.out, "w", newline="", encoding="utf-8") as out:
+            write_rows(out, args.poll, args.by, rows, args.format)
+    return 0
+
+
+async def export_rows(
+    settings: Settings, poll: str, *, by: str, since: str | None, until: str | None
+) -> list[ExportRow]:
+    """The rows of the export, sorted by group then option.
+
+    Raises:
+        ConfigError: InfluxDB is not configured, there is no such poll, or a time is not one.
+        InfluxRejected, InfluxUnavailable: InfluxDB cannot be queried.
+    """
+    target = settings.influx_target()
+    if target is None:
+        raise ConfigError("export reads InfluxDB: set VOTEBOX_INFLUX_URL (and its friends)")
+    async with open_redis(settings.redis_target(), timeout_s=settings.redis_timeout_s) as redis:
+        with redis_errors():
+            if await load_poll(redis, poll) is None:
+                raise ConfigError(f"no poll {poll!r}; votebox poll list shows the polls there are")
+            created_ms = int(await redis.hget(PollKeys(poll).definition, "created_ms") or 0)
+    # A point is dated by the device's clock when plausible: no earlier than the poll's creation
+    # less the clock skew allowed (docs/analytics.md, Timestamps).
+    skew_ms = settings.clock_skew_s * 1000
+    since_ms = _time_ms(since) if since else max(0, created_ms - skew_ms)
+    until_ms = _time_ms(until) if until else int(time.time() * 1000) + skew_ms
+    if until_ms <= since_ms:
+        raise ConfigError("--until must come after --since")
+    writer = make_writer(target)
+    try:
+        rows = await asyncio.to_thread(
+            writer.query_sums, poll, by, since_ms * 1_000_000, until_ms * 1_000_000
+        )
+    finally:
+        writer.close()
+    return sorted(rows, key=lambda row: (row.group, row.option))
+
+
+def _time_ms(text: str) -> int:
+    """Unix milliseconds from ISO 8601 text or Unix seconds (digits)."""
+    return parse_time_ms(int(text) if text.isdigit() else text)
+
+
+def write_rows(out: TextIO, poll: str, by: str, rows: list[ExportRow], fmt: str) -> None:
+    """Write ``rows`` as CSV (a header, then a row each) or as a JSON array of objects."""
+    columns = _COLUMNS[by]
+    records = [
+        dict(zip(columns, (poll, *((row.group,) if by != "option" else ()), row.option,
+                           row.label, row.votes), strict=True))
+        for row in rows
+    ]  # fmt: skip
+    if fmt == "json":
+        json.dump(records, out, indent=1)
+        out.write("\n")
+        return
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
