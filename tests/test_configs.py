@@ -4,9 +4,13 @@ the operations doc match the metrics. Mosquitto running this file: tests/test_se
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 import tomllib
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -14,6 +18,7 @@ import yaml
 from harness.services import (
     MOSQUITTO_MAX_INFLIGHT_MESSAGES,
     MOSQUITTO_MAX_QUEUED_MESSAGES,
+    free_port,
 )
 from processor.metrics import Metrics
 from tests.conftest import REPO
@@ -157,3 +162,44 @@ def test_the_replicated_overlay_validates_and_leaves_a_replica_after_a_failover(
     monitor = services["sentinel-1"]["command"][-1]
     quorum = int(re.search(r"sentinel monitor votebox redis 6379 (\d+)", monitor).group(1))  # type: ignore[union-attr]
     assert quorum == len(sentinels) // 2 + 1
+
+
+def test_the_composed_results_page_serves_its_config_from_the_environment(tmp_path: Path) -> None:
+    """The compose file's dashboard service, as composed (its command line and environment
+    after docker-compose fills them from .env), run here for real on a free port."""
+    (tmp_path / ".env").write_text(
+        "DASHBOARD_WS_URL=wss://votes.stadium.example:9001\nMQTT_DASHBOARD_PASSWORD=s3cret\n"
+    )
+    composed = subprocess.run(
+        ["docker-compose", "-f", str(REPO / "docker-compose.yml"), "--env-file",
+         str(tmp_path / ".env"), "config"],
+        capture_output=True, text=True, check=False, cwd=REPO,
+    )  # fmt: skip
+    assert composed.returncode == 0, composed.stderr
+    service = yaml.safe_load(composed.stdout)["services"]["dashboard"]
+    assert service["command"][:5] == ["dashboard", "--host", "0.0.0.0", "--port", "8080"]
+    assert any(str(p).endswith("8080") or "8080" in str(p) for p in service["ports"])
+    argv = list(service["command"])
+    argv[argv.index("--port") + 1] = str(free_port())
+    argv[argv.index("--host") + 1] = "127.0.0.1"
+    env = os.environ | {k: str(v) for k, v in service["environment"].items()}
+    page = subprocess.Popen(
+        [sys.executable, "-m", "processor.cli", *argv],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert page.stdout is not None
+        first = page.stdout.readline()  # "votebox dashboard on http://...": it is serving
+        url = first.split(" on ", 1)[1].split(" ", 1)[0]
+        with urllib.request.urlopen(f"{url}config.json", timeout=5) as reply:
+            config = json.load(reply)
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            assert b"<html" in reply.read().lower()
+    finally:
+        page.terminate()
+        page.communicate(timeout=10)  # reaped, its pipe closed
+    assert config == {
+        "ws_url": "wss://votes.stadium.example:9001",
+        "username": "dashboard",
+        "password": "s3cret",
+    }
