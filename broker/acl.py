@@ -69,6 +69,7 @@ GRANTS: Final[Mapping[Role, tuple[Grant, ...]]] = {
     "dashboard": (
         Grant("read", "polls/+/results"),
         Grant("read", "polls/+/config"),
+        Grant("read", "polls/+/series"),
         Grant("read", "devices/+/status"),
         Grant("read", "votebox/stats"),
     ),

@@ -1,5 +1,6 @@
-// votebox live results: subscribes to polls/+/config and polls/+/results over MQTT WebSockets
-// (docs/protocol.md, Poll config and Results) and draws every poll, or one with ?poll=ID.
+// votebox live results: subscribes to polls/+/config, polls/+/results and polls/+/series over
+// MQTT WebSockets (docs/protocol.md, Poll config, Results, Votes per minute) and draws every
+// poll, or one with ?poll=ID, with its votes per minute over the last hour.
 // Text from the broker is only ever set with textContent: a poll title is not HTML.
 "use strict";
 
@@ -10,7 +11,8 @@
   const only = params.get("poll");
   if (only) document.body.classList.add("single");
 
-  const polls = new Map(); // id -> {config, results, element}
+  const polls = new Map(); // id -> {config, results, series, element}
+  const SVG = "http://www.w3.org/2000/svg";
   const container = document.getElementById("polls");
   const empty = document.getElementById("empty");
   const connection = document.getElementById("connection");
@@ -80,6 +82,34 @@
     } else if (results.mean !== undefined && results.mean !== null) {
       card.appendChild(el("div", "figure mean", `mean ${results.mean}`));
     }
+    if (poll.series) card.appendChild(chart(poll.series));
+  }
+
+  // Votes per minute over the last hour: one bar a minute, the current one last.
+  function chart(series) {
+    const counts = Array.isArray(series.counts) ? series.counts.map((n) => Number(n) || 0) : [];
+    const box = el("figure", "series");
+    const top = Math.max(1, ...counts);
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("viewBox", `0 0 ${counts.length * 4} 40`);
+    svg.setAttribute("preserveAspectRatio", "none");
+    svg.setAttribute("role", "img");
+    const total = counts.reduce((a, b) => a + b, 0);
+    svg.setAttribute("aria-label", `${total} votes in the last hour`);
+    counts.forEach((n, i) => {
+      const bar = document.createElementNS(SVG, "rect");
+      const height = (40 * n) / top;
+      bar.setAttribute("x", String(i * 4));
+      bar.setAttribute("y", String(40 - height));
+      bar.setAttribute("width", "3");
+      bar.setAttribute("height", String(height));
+      bar.dataset.count = String(n);
+      svg.appendChild(bar);
+    });
+    box.appendChild(svg);
+    const last = counts.length ? counts[counts.length - 1] : 0;
+    box.appendChild(el("figcaption", "series-caption", `votes per minute, last hour · now ${last}/min`));
+    return box;
   }
 
   function forget(id) {
@@ -98,8 +128,8 @@
     clean: true,
   });
   const filters = only
-    ? [`polls/${only}/config`, `polls/${only}/results`]
-    : ["polls/+/config", "polls/+/results"];
+    ? [`polls/${only}/config`, `polls/${only}/results`, `polls/${only}/series`]
+    : ["polls/+/config", "polls/+/results", "polls/+/series"];
 
   client.on("connect", () => {
     setConnection("connected", "connected");
@@ -115,9 +145,17 @@
     const parts = topic.split("/");
     if (parts.length !== 3 || parts[0] !== "polls") return;
     const [, id, kind] = parts;
-    if (kind !== "config" && kind !== "results") return;
+    if (kind !== "config" && kind !== "results" && kind !== "series") return;
     if (only && id !== only) return; // docs/brokers.md: a broker may hand us another topic
-    if (payload.length === 0) return forget(id); // a deleted poll's retained topics clear
+    if (payload.length === 0) {
+      // A deleted poll's retained topics clear; its series alone says nothing of the poll.
+      if (kind === "series") {
+        const known = polls.get(id);
+        if (known) delete known.series;
+        return;
+      }
+      return forget(id);
+    }
     let body;
     try {
       body = JSON.parse(new TextDecoder().decode(payload));
@@ -128,6 +166,7 @@
     if (kind === "results" && poll.results && body.version < poll.results.version) return;
     poll[kind] = body;
     polls.set(id, poll);
+    if (kind === "series" && !poll.config && !poll.results) return; // drawn with its poll
     empty.hidden = true;
     render(id);
   });

@@ -83,6 +83,7 @@ class PollKeys:
         "definition",
         "devices",
         "fates",
+        "minutes",
         "points",
         "poll",
         "points_rejected",
@@ -113,9 +114,11 @@ class PollKeys:
         self.voters = f"{tag}:voters"
         self.presses = f"{tag}:presses"
         self.suppressed = f"{tag}:suppressed"
+        # minute (Unix time // 60) -> votes accepted in it: the retained per-minute series.
+        self.minutes = f"{tag}:minutes"
 
     def commit(self, token: str) -> str:
-        """The answer this poll gave the batch named ``token`` (tally.lua, KEYS[9])."""
+        """The answer this poll gave the batch named ``token`` (tally.lua, KEYS[10])."""
         return f"votebox:{self.tag}:commit:{token}"
 
     def all_keys(self) -> tuple[str, ...]:
@@ -129,6 +132,7 @@ class PollKeys:
             self.voters,
             self.presses,
             self.suppressed,
+            self.minutes,
         )
 
     def every_key(self) -> tuple[str, ...]:

@@ -42,6 +42,7 @@ __all__ = [
     "plan_update",
     "read_fates",
     "read_results",
+    "read_series",
     "read_snapshots",
     "shards_of",
     "update_poll",
@@ -388,6 +389,47 @@ async def read_results(
     """Results of several polls in one round trip; polls that do not exist are left out."""
     snapshots = await read_snapshots(redis, poll_ids, now_ms=now_ms)
     return {poll_id: snap.results for poll_id, snap in snapshots.items()}
+
+
+# Minutes in a poll's retained series (docs/protocol.md, Votes per minute).
+SERIES_MINUTES: Final = 60
+
+
+async def read_series(
+    redis: Redis, polls: Mapping[str, int], *, now_ms: int
+) -> dict[str, list[int]]:
+    """Votes accepted per minute over the last `SERIES_MINUTES` minutes, oldest first, of each
+    poll (by id, with its shards), the current minute last. Minutes older than those are
+    deleted as they are read: the tally only adds."""
+    now_minute = now_ms // 60_000
+    first = now_minute - SERIES_MINUTES + 1
+    ids = list(polls)
+    async with redis.pipeline(transaction=False) as pipe:
+        for poll_id in ids:
+            for keys in shard_keys(poll_id, polls[poll_id]):
+                pipe.hgetall(keys.minutes)
+        replies = iter(await pipe.execute())
+    out: dict[str, list[int]] = {}
+    stale: list[tuple[str, list[bytes]]] = []
+    for poll_id in ids:
+        counts = [0] * SERIES_MINUTES
+        for keys in shard_keys(poll_id, polls[poll_id]):
+            old = []
+            for field, value in next(replies).items():
+                minute = int(field)
+                if minute < first:
+                    old.append(field)
+                elif minute <= now_minute:
+                    counts[minute - first] += int(value)
+            if old:
+                stale.append((keys.minutes, old))
+        out[poll_id] = counts
+    if stale:
+        async with redis.pipeline(transaction=False) as pipe:
+            for key, fields in stale:
+                pipe.hdel(key, *fields)
+            await pipe.execute()
+    return out
 
 
 _STATE_BUMP: Final = """

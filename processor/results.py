@@ -1,4 +1,5 @@
-"""Retained poll topics: ``polls/{poll}/results`` and ``polls/{poll}/config``.
+"""Retained poll topics: ``polls/{poll}/results``, ``polls/{poll}/config`` and
+``polls/{poll}/series`` (votes per minute over the last hour).
 
 Rule: one results publish per poll per interval at most, and always the last; a config or
 state change (announced by the CLI on Redis pub/sub, or reached by the clock) is published at
@@ -30,9 +31,18 @@ from processor.errors import StoreUnavailable
 from processor.keys import POLLS_CHANGED, RESULTS_CHANGED
 from processor.metrics import Metrics
 from processor.mqtt import Publish
-from processor.poll_store import Snapshot, list_deleted, list_polls, note_states, read_snapshots
+from processor.poll import iso_time
+from processor.poll_store import (
+    SERIES_MINUTES,
+    Snapshot,
+    list_deleted,
+    list_polls,
+    note_states,
+    read_series,
+    read_snapshots,
+)
 from processor.store import redis_errors
-from processor.topics import config_topic, results_topic
+from processor.topics import config_topic, results_topic, series_topic
 
 __all__ = ["Lease", "ResultsPublisher"]
 
@@ -41,6 +51,9 @@ log = logging.getLogger(__name__)
 
 # How long one wait for an announcement lasts before the listener looks again.
 _LISTEN_WAIT_S: Final = 1.0
+# A poll's series is published at most this often while votes flow (and at each rescan, so a
+# quiet poll's hour moves on): a chart of minutes needs no more.
+SERIES_EVERY_S: Final = 5.0
 
 _HOLD: Final = """
 local holder = redis.call('GET', KEYS[1])
@@ -108,6 +121,10 @@ class ResultsPublisher:
         self._urgent: set[str] = set()
         self._published: dict[str, int] = {}
         self._config_sent: dict[str, bytes] = {}
+        self._series_sent: dict[str, bytes] = {}
+        self._series_due: dict[str, float] = {}
+        # Polls whose results moved while their series was not due: published when it is.
+        self._series_later: set[str] = set()
         self._cleared: set[str] = set()
         self._next_change_ms: int | None = None
         self._force_rescan = False
@@ -146,13 +163,21 @@ class ResultsPublisher:
             wait_s = next_rescan - loop.time()
             if self._next_change_ms is not None:
                 wait_s = min(wait_s, self._next_change_ms / 1000 - time.time() + 0.001)
+            if self._series_later:
+                soonest = min(self._series_due.get(poll, 0.0) for poll in self._series_later)
+                wait_s = min(wait_s, soonest - loop.time())
             try:
                 async with asyncio.timeout(max(0.0, wait_s)):
                     await self._wake.wait()
             except TimeoutError:
                 if self._next_change_ms is not None and time.time() * 1000 >= self._next_change_ms:
                     next_rescan = 0.0  # a poll opens or closes now: publish its new state
-                continue
+                due = {p for p in self._series_later if loop.time() >= self._series_due.get(p, 0.0)}
+                if not due:
+                    continue
+                # The last votes' minute reaches the chart without waiting for a rescan.
+                self._series_later -= due
+                self._dirty |= due
             self._wake.clear()
             try:
                 if self._urgent:
@@ -241,6 +266,8 @@ class ResultsPublisher:
             log.info("publishing the retained results (lease %s)", self._lease.key)
             self._published.clear()
             self._config_sent.clear()
+            self._series_sent.clear()
+            self._series_due.clear()
             self._force_rescan = True
         elif self._holding and not held:
             log.warning("another processor publishes the retained results now")
@@ -288,9 +315,21 @@ class ResultsPublisher:
                 if moved:
                     await note_states(self._redis, moved, now_ms=now_ms)
                     snapshots |= await read_snapshots(self._redis, moved, now_ms=now_ms)
+                clock = asyncio.get_running_loop().time()
+                due = {
+                    poll: snap.poll.shards
+                    for poll, snap in snapshots.items()
+                    if every or clock >= self._series_due.get(poll, 0.0)
+                }
+                series = await read_series(self._redis, due, now_ms=now_ms) if due else {}
         for poll in deleted:
             if poll not in self._cleared and poll not in snapshots:
                 self._clear(poll)
+        self._series_later |= snapshots.keys() - series.keys()
+        for poll, counts in series.items():
+            self._series_due[poll] = clock + SERIES_EVERY_S
+            self._series_later.discard(poll)
+            self._publish_series(poll, counts, now_ms)
         for poll, snap in snapshots.items():
             self._cleared.discard(poll)
             self._publish_one(poll, snap, now_ms)
@@ -312,13 +351,24 @@ class ResultsPublisher:
             if self._metrics is not None:
                 self._metrics.results_published.labels(poll).inc()
 
+    def _publish_series(self, poll: str, counts: list[int], now_ms: int) -> None:
+        """docs/protocol.md, Votes per minute; sent only when it changed."""
+        first_ms = (now_ms // 60_000 - SERIES_MINUTES + 1) * 60_000
+        body = _json({"poll": poll, "every_s": 60, "start": iso_time(first_ms), "counts": counts})
+        if self._series_sent.get(poll) != body:
+            self._publish(series_topic(poll), body)
+            self._series_sent[poll] = body
+
     def _clear(self, poll: str) -> None:
         # MQTT-3.3.1-10: a retained message with an empty payload removes the retained one.
         self._publish(results_topic(poll), b"")
         self._publish(config_topic(poll), b"")
+        self._publish(series_topic(poll), b"")
         self._cleared.add(poll)
         self._published.pop(poll, None)
         self._config_sent.pop(poll, None)
+        self._series_sent.pop(poll, None)
+        self._series_later.discard(poll)
         log.info("poll %s was deleted: its retained topics are cleared", poll)
 
 

@@ -14,11 +14,12 @@
 --                                      of the vote that counts
 -- KEYS[7] votebox:{poll}:presses hash  device -> time (s) of its last counted press (cooldown)
 -- KEYS[8] votebox:{poll}:suppressed  stream of presses inside the cooldown (capped)
--- KEYS[9] votebox:{poll}:commit:<token>  optional: this batch's answer, kept ARGV[6] ms, so a
+-- KEYS[9] votebox:{poll}:minutes  hash  minute (Unix time / 60) -> votes accepted in it
+-- KEYS[10] votebox:{poll}:commit:<token>  optional: this batch's answer, kept ARGV[6] ms, so a
 --         retry after a lost reply gets the same answer instead of "duplicate" of itself
 -- ARGV[1] now_ms    ARGV[2] window bits W    ARGV[3] window key prefix votebox:{poll}:win:
 -- ARGV[4] points queue bound (0: InfluxDB is off, queue nothing)   ARGV[5] clock skew, s
--- ARGV[6] how long the answer is kept under KEYS[9], ms
+-- ARGV[6] how long the answer is kept under KEYS[10], ms
 -- ARGV[7] the poll's shards as the caller believes, ARGV[8] which of them these keys are
 --         (keys.py, shard_of): a caller that guessed wrong is told {-1, shards} (0: this shard
 --         has no definition) and nothing is written, so it routes the votes again
@@ -62,14 +63,14 @@ local assumed_shards = tonumber(ARGV[7])
 local shard = tonumber(ARGV[8])
 local FIRST = 9
 local n_votes = #ARGV - FIRST + 1
-local answer_key = KEYS[9]
+local answer_key = KEYS[10]
 
 if answer_key then
   local answered = redis.call('GET', answer_key)
   if answered then return cjson.decode(answered) end
 end
 
--- Remembers the answer (see KEYS[9]) and returns it.
+-- Remembers the answer (see KEYS[10]) and returns it.
 local function answer(codes)
   if answer_key then redis.call('SET', answer_key, cjson.encode(codes), 'PX', answer_ms) end
   return codes
@@ -366,6 +367,10 @@ for voter in pairs(voters_changed) do
 end
 
 for code, n in pairs(fates) do redis.call('HINCRBY', KEYS[3], NAMES[code], n) end
+-- Votes per minute, for the retained series (poll_store.read_series trims the old minutes).
+if fates[ACCEPTED] then
+  redis.call('HINCRBY', KEYS[9], math.floor(now / 60000), fates[ACCEPTED])
+end
 
 if changed then
   for option, n in pairs(counted) do

@@ -26,6 +26,7 @@ __all__ = [
     "parse_vote_topic",
     "probe_topic",
     "results_topic",
+    "series_topic",
     "shared",
     "vote_topic",
 ]
@@ -106,6 +107,11 @@ def acks_topic(device: str) -> str:
 def results_topic(poll: str) -> str:
     """``polls/{poll}/results``: the retained live result of a poll."""
     return f"polls/{poll}/results"
+
+
+def series_topic(poll: str) -> str:
+    """Retained votes per minute of the last hour, JSON (docs/protocol.md, Votes per minute)."""
+    return f"polls/{poll}/series"
 
 
 def shared(topic_filter: str, group: str | None) -> str:

@@ -75,6 +75,24 @@ def test_the_page_shows_live_bars_and_a_closed_poll(
         assert row.find_element(By.CSS_SELECTOR, ".pct").text == "50.0%"
         bar = row.find_element(By.CSS_SELECTOR, ".bar").get_attribute("style") or ""
         assert "width: 100%" in bar  # the largest count fills its track
+        # Votes per minute over the last hour (polls/{poll}/series): 60 bars, the six votes in
+        # the newest minutes, within a few seconds of the last vote (not at the next rescan).
+        # Read in one script: the card is redrawn as documents arrive.
+        read_bars = (
+            "return [...document.querySelectorAll(arguments[0])]"
+            ".map((r) => Number(r.dataset.count));"
+        )
+        minute_bars = f"{card} .series rect"
+        WebDriverWait(browser, 15, poll_frequency=0.2).until(
+            lambda d: sum(d.execute_script(read_bars, minute_bars)) == 6,
+            message="the chart never showed the six votes",
+        )
+        bars = browser.execute_script(read_bars, minute_bars)
+        assert len(bars) == 60 and sum(bars[-2:]) == 6
+        caption = browser.execute_script(
+            "return document.querySelector(arguments[0]).textContent;", f"{card} .series-caption"
+        )
+        assert caption.startswith("votes per minute, last hour")
 
         poll_cli(redis_proc, "poll", "close", poll_id)
         wait_for(browser, card, "data-state", "closed")

@@ -19,7 +19,7 @@ from processor.poll import Poll
 from processor.poll_store import close_poll, create_poll
 from processor.reasons import Fate, Reason
 from processor.results import ResultsPublisher
-from processor.topics import config_topic, results_topic
+from processor.topics import config_topic, results_topic, series_topic
 from tests.conftest import eventually, unique_id
 from tests.fleet import Fleet, first_message, results_url
 from tests.test_cli import poll_cli, votebox
@@ -246,7 +246,11 @@ async def test_deleting_a_poll_clears_its_retained_topics(
                     await asyncio.to_thread(
                         poll_cli, redis_proc, "poll", "delete", poll_id, "--yes"
                     )
-                if cleared == {config_topic(poll_id), results_topic(poll_id)}:
+                if cleared == {
+                    config_topic(poll_id),
+                    results_topic(poll_id),
+                    series_topic(poll_id),
+                }:
                     break
 
 
@@ -278,3 +282,29 @@ async def test_a_close_is_published_at_once_not_at_the_next_rescan(
         await close_poll(redis, poll.id)
         await eventually(closed, timeout_s=10)
         task.cancel()
+
+
+async def test_the_retained_series_counts_the_votes_of_the_last_minutes(
+    broker_with_processor: ManagedProcess, redis: Redis, poll: Poll
+) -> None:
+    """docs/protocol.md, Votes per minute: sixty minutes, oldest first, summing to the votes."""
+    broker = broker_with_processor
+    with Fleet(broker, poll.id, 3) as fleet:
+        await asyncio.to_thread(fleet.cast, poll.id, 45, lambda i: i % 3)
+        for kiosk in fleet.kiosks:  # duplicates are not activity
+            kiosk.vote(poll.id, 0, seq=kiosk.seq)
+        await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
+    seen: dict[str, Any] = {}
+
+    async def counted() -> bool:
+        seen.update(await retained(broker, series_topic(poll.id), f"{poll.id}-s") or {})
+        return sum(seen.get("counts", [])) == 45
+
+    await eventually(counted, timeout_s=30, every_s=0.5)
+    assert seen["poll"] == poll.id and seen["every_s"] == 60
+    assert len(seen["counts"]) == 60
+    # The votes were cast in the last minute or two: the newest buckets hold them.
+    assert sum(seen["counts"][-2:]) == 45
+    start = seen["start"]
+    started = time.mktime(time.strptime(start[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    assert 59 * 60 <= time.time() - started < 61 * 60
