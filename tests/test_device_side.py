@@ -202,13 +202,14 @@ def test_the_kiosk_screen_and_what_it_accepts() -> None:
 def test_the_devices_table_shows_state_outbox_and_battery() -> None:
     now = 1_800_000_000_000
     devices = [
-        DeviceHealth("kiosk-1", "online", now - 3_000, 120, 4, 87, now - 3_000),
+        DeviceHealth("kiosk-1", "online", now - 3_000, 120, 4, 87, now - 3_000, "North"),
         DeviceHealth("button-9", "offline", now - 600_000, None, None, None, None),
     ]
     table = format_devices(devices, now_ms=now).splitlines()
-    assert table[0].split() == ["DEVICE", "STATE", "LAST", "SEEN", "UPTIME", "OUTBOX", "BATTERY"]
-    assert table[1].split() == ["kiosk-1", "online", "3s", "ago", "120s", "4", "87%"]
-    assert table[2].split() == ["button-9", "offline", "10m", "ago", "-", "-", "-"]
+    head = ["DEVICE", "SITE", "STATE", "LAST", "SEEN", "UPTIME", "OUTBOX", "BATTERY"]
+    assert table[0].split() == head
+    assert table[1].split() == ["kiosk-1", "North", "online", "3s", "ago", "120s", "4", "87%"]
+    assert table[2].split() == ["button-9", "-", "offline", "10m", "ago", "-", "-", "-"]
     assert table[3] == "2 devices: 1 offline, 1 online"
 
 

@@ -183,21 +183,26 @@ async def test_a_device_votes_only_as_itself_and_writes_no_results_config_acks_o
         await kiosk.subscribe("acks/kiosk-a", qos=1)
         await dashboard.subscribe("polls/+/results", qos=1)
         await dashboard.subscribe("polls/+/config", qos=1)
+        await dashboard.subscribe("polls/+/series", qos=1)
         # Forgeries first: had any got through, it would arrive before what is expected.
         await kiosk.publish("votes/p/kiosk-b", b"forged", qos=1)
         await kiosk.publish("devices/kiosk-b/status", b"offline", qos=1, retain=True)
         await kiosk.publish("polls/p/results", b"forged", qos=1, retain=True)
         await kiosk.publish("polls/p/config", b"forged", qos=1, retain=True)
+        await kiosk.publish("polls/p/series", b"forged", qos=1, retain=True)
         await kiosk.publish("acks/kiosk-a", b"forged", qos=1)
         await dashboard.publish("polls/p/results", b"forged", qos=1, retain=True)
+        await dashboard.publish("polls/p/series", b"forged", qos=1, retain=True)
         await processor.publish("acks/kiosk-b", b"not yours", qos=1)
         await kiosk.publish("votes/p/kiosk-a", b"mine", qos=1)
         await processor.publish("acks/kiosk-a", b"yours", qos=1)
         await processor.publish("polls/p/results", b"{}", qos=1, retain=True)
+        await processor.publish("polls/p/series", b"[]", qos=1, retain=True)
 
         assert await _next(processor) == ("votes/p/kiosk-a", b"mine")
         assert await _next(kiosk) == ("acks/kiosk-a", b"yours")
         assert await _next(dashboard) == ("polls/p/results", b"{}")
+        assert await _next(dashboard) == ("polls/p/series", b"[]")
         await asyncio.sleep(0.5)
         for client in (processor, kiosk, dashboard):
             assert len(client.messages) == 0
