@@ -15,7 +15,7 @@ COPY broker ./broker
 COPY devices ./devices
 COPY harness ./harness
 COPY bench ./bench
-COPY dashboard/index.html dashboard/app.js dashboard/style.css ./dashboard/
+COPY dashboard/index.html dashboard/app.js dashboard/style.css dashboard/kiosk.html dashboard/kiosk.js ./dashboard/
 COPY --from=dashboard /dashboard/node_modules ./dashboard/node_modules
 # Installed, then the sources removed: the image runs the package as pip laid it out.
 RUN pip install --no-cache-dir . && rm -rf /app/*

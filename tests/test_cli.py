@@ -117,6 +117,11 @@ def test_demo_runs_end_to_end_and_prints_the_tally() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Which snack should the stadium sell?" in result.stdout
     assert "Live results in a browser: http://127.0.0.1:" in result.stdout
+    assert re.search(
+        r"A touch kiosk in a browser \(the device tablet-01\): http://127\.0\.0\.1:\d+/"
+        r"kiosk\.html#device=tablet-01&password=\S+&poll=demo",
+        result.stdout,
+    ), result.stdout
     match = re.search(
         r"sent (\d+): accepted (\d+), duplicate (\d+), rejected 0, still queued 0", result.stdout
     )

@@ -1,4 +1,5 @@
-"""``votebox dashboard``: serves the live results page (dashboard/) to browsers.
+"""``votebox dashboard``: serves the live results page and the touch kiosk page (dashboard/) to
+browsers.
 
 Rule: the page talks to the broker, not to us: we serve four static files and a config.json
 saying where the broker's WebSockets listener is. No vote or result passes through here.
@@ -38,6 +39,9 @@ _FILES: Final = {
     "/index.html": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
+    # The touch kiosk for tablets: a device in a browser (docs/operations.md, Tablet kiosks).
+    "/kiosk.html": ("kiosk.html", "text/html; charset=utf-8"),
+    "/kiosk.js": ("kiosk.js", "text/javascript; charset=utf-8"),
 }
 
 

@@ -34,6 +34,8 @@ from processor.store import connect, open_redis
 __all__ = ["register", "run_demo"]
 
 _KIOSKS = "kiosk"  # the kiosks' device ids: kiosk-0000 and up (fleet_ids)
+# The touch kiosk page's device: a tablet whose votes a person presses in the browser.
+_TABLET = "tablet-01"
 _POLL = Poll(
     id="demo",
     title="Which snack should the stadium sell?",
@@ -87,6 +89,12 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
                     )
                 except ConfigError as exc:  # npm's part of scripts/setup not done
                     dashboard_url = f"(not available: {exc})"
+                kiosk_url = (
+                    f"{dashboard_url}kiosk.html#device={_TABLET}&password={accounts[_TABLET]}"
+                    f"&poll={_POLL.id}"
+                    if dashboard_url.startswith("http")
+                    else dashboard_url
+                )
                 query = f"SELECT sum(value) FROM vote WHERE poll='{_POLL.id}' GROUP BY label"
                 print(
                     f"votebox demo: amqtt broker on mqtt://127.0.0.1:{broker.port}, Redis on "
@@ -101,6 +109,7 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
                     f"retained topic polls/{_POLL.id}/results. Ctrl-C stops."
                 )
                 print(f"Live results in a browser: {dashboard_url}")
+                print(f"A touch kiosk in a browser (the device {_TABLET}): {kiosk_url}")
                 print(
                     f"Operators: Prometheus metrics on {proc.url}/metrics, readiness on "
                     f"{proc.url}/readyz (or: votebox status --url {proc.url}); a retained "
@@ -149,6 +158,7 @@ def _provision(root: Path, devices: int) -> dict[str, str]:
     wanted: dict[str, tuple[Role, str | None]] = {
         "processor": ("processor", None),
         "dashboard": ("dashboard", None),
+        _TABLET: ("device", None),
     }
     wanted |= {device: ("device", None) for device in fleet_ids(_KIOSKS, devices)}
     return AccountStore(root / "accounts.json", root / "mosquitto.passwd").add_all(wanted)
