@@ -5,6 +5,7 @@ real Mosquitto, processor and Redis. Screenshots in test-artifacts/."""
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable
 
 import pytest
@@ -21,6 +22,7 @@ from processor.poll_store import read_results
 from tests.conftest import unique_id
 from tests.test_cli import poll_cli
 from tests.test_dashboard import ARTIFACTS, wait_for
+from tests.test_protocol_doc import VOTES
 
 pytestmark = pytest.mark.e2e
 
@@ -48,9 +50,22 @@ def test_the_page_encodes_votes_and_reads_acks_as_the_protocol_says(
             "return window.voteboxKiosk.decodeAck(new Uint8Array(arguments[0]));",
             list(encode_ack(acks)),
         )
+        # docs/protocol.md's vote examples a kiosk sends (one vote, no voter token).
+        examples = [
+            (literal, bytes.fromhex(hex_.replace(" ", "")))
+            for _, value, hex_ in VOTES
+            if isinstance(literal := ast.literal_eval(value), dict) and 3 not in literal
+        ]
+        assert len(examples) >= 3
+        documented = browser.execute_script(
+            "return arguments[0].map(([c, s, t, e]) =>"
+            " Array.from(window.voteboxKiosk.encodeVote(c, s, t, e)));",
+            [[m[0], m[1], m.get(2), m.get(4, 0)] for m, _ in examples],
+        )
         said = browser.find_element(By.ID, "question").text
     for (choice, seq, ts, epoch), got in zip(cases, encoded, strict=True):
         assert bytes(got) == encode_vote(choice, seq, ts=ts, epoch=epoch), (choice, seq, ts)
+    assert [bytes(got) for got in documented] == [expected for _, expected in examples]
     assert [tuple(entry) for entry in decoded] == [tuple(a) for a in acks]
     assert "kiosk.html#device=" in said
 
