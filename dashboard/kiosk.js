@@ -189,21 +189,47 @@ async function main() {
     options.dataset.state = cfg.state || "open";
     const labels = cfg.labels || [];
     const offset = cfg.scale ? cfg.scale[0] : 0; // a rating's vote carries the value itself
+    const multiple = cfg.type === "multiple";
+    const picked = new Set(); // a multiple-choice poll: options chosen, sent with "Vote"
+
+    async function cast(choice) {
+      answer.dataset.code = "";
+      answer.textContent = "Sending…";
+      await storeVote(store, poll, choice);
+      await showPending();
+      await flush();
+    }
+
     labels.forEach((label, index) => {
       const button = document.createElement("button");
       button.className = "choice";
       button.textContent = label;
       button.dataset.option = String(index);
       button.addEventListener("click", async () => {
-        answer.dataset.code = "";
-        answer.textContent = "Sending…";
-        const choice = cfg.type === "rating" || cfg.type === "nps" ? index + offset : index;
-        await storeVote(store, poll, choice);
-        await showPending();
-        await flush();
+        if (!multiple) {
+          await cast(cfg.type === "rating" || cfg.type === "nps" ? index + offset : index);
+          return;
+        }
+        if (picked.has(index)) picked.delete(index);
+        else if (picked.size < (cfg.max_choices || 1)) picked.add(index);
+        button.dataset.picked = String(picked.has(index));
       });
       options.appendChild(button);
     });
+    if (multiple) {
+      const submit = document.createElement("button");
+      submit.className = "choice submit";
+      submit.id = "submit";
+      submit.textContent = `Vote (up to ${cfg.max_choices || 1})`;
+      submit.addEventListener("click", async () => {
+        if (picked.size === 0) return;
+        const choice = [...picked].sort((a, b) => a - b);
+        picked.clear();
+        for (const b of options.querySelectorAll(".choice")) b.dataset.picked = "false";
+        await cast(choice);
+      });
+      options.appendChild(submit);
+    }
   }
 
   client = mqtt.connect(config.ws_url, {

@@ -184,3 +184,29 @@ async def test_the_voter_is_told_of_the_cooldown_and_of_a_closed_poll(
         WebDriverWait(browser, 10).until(lambda d: _pending(d) == "0")
     results = (await read_results(redis, [poll_id]))[poll_id]
     assert results.total == 1 and results.counts == (0, 0, 0, 0, 1)
+
+
+async def test_a_multiple_choice_vote_is_picked_then_sent_as_one(
+    mosquitto_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    redis_proc: ManagedProcess,
+    redis: Redis,
+    browser: WebDriver,
+    request: pytest.FixtureRequest,
+) -> None:
+    spawn_processor(mosquitto_proc)
+    poll_id = unique_id(request)
+    poll_cli(redis_proc, "poll", "create", poll_id, "--type", "multiple", "--max-choices", "2",
+             "--option", "A", "--option", "B", "--option", "C")  # fmt: skip
+    with serve_dashboard(port=0, ws_url=mosquitto_proc.ws_url) as url:
+        browser.get(f"{url}kiosk.html#device={poll_id[:40]}-tab&poll={poll_id}")
+        wait_for(browser, "#connection", "data-state", "connected")
+        WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "submit"))
+        for option in (2, 0, 1):  # the third pick is refused: two at most
+            _press(browser, option)
+        wait_for(browser, '.choice[data-option="1"]', "data-picked", "false")
+        browser.find_element(By.ID, "submit").click()
+        wait_for(browser, "#answer", "data-code", "0")
+        WebDriverWait(browser, 10).until(lambda d: _pending(d) == "0")
+    results = (await read_results(redis, [poll_id]))[poll_id]
+    assert results.total == 1 and results.counts == (1, 0, 1)
