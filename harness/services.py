@@ -7,11 +7,13 @@ server's own protocol (Redis PING, MQTT CONNACK, InfluxDB /ping), never with a f
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import getpass
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -65,9 +67,38 @@ def require_binaries(*names: str) -> None:
         )
 
 
+# The ports this process handed out lately: two servers started together must not get one.
+_GIVEN: Final[collections.deque[int]] = collections.deque(maxlen=2000)
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral range.
+
+    A port the kernel hands out for bind(0) comes from the same range as the source ports of
+    outgoing connections, so one of the many clients a test run opens could take it between
+    this call and the server's bind (seen: amqtt failing with EADDRINUSE). Below that range
+    only listeners take ports.
+    """
+    low = min(_ephemeral_low(), 65536) - 1
+    for _ in range(200):
+        port = random.randint(10_000, max(10_001, low))
+        if port in _GIVEN:  # handed out, maybe not bound yet
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+        _GIVEN.append(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded machine
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
 
