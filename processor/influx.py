@@ -31,9 +31,9 @@ from redis.asyncio import Redis
 from processor.backoff import backoff_delays
 from processor.config import InfluxTarget
 from processor.errors import InfluxRejected, InfluxUnavailable, StoreUnavailable
-from processor.keys import PollKeys, shard_keys
+from processor.keys import QUEUED_POINTS, PollKeys, shard_keys
 from processor.metrics import Metrics
-from processor.poll_store import list_polls, load_poll, shards_of
+from processor.poll_store import list_polls, load_poll, point_queues, shards_of
 from processor.store import raise_if_away, redis_errors
 
 __all__ = [
@@ -164,10 +164,6 @@ class PointWriter(Protocol):
     def write(self, lines: Sequence[bytes]) -> None:
         """Raises InfluxRejected (4xx, 5xx with a status) or InfluxUnavailable (no answer)."""
 
-    def query_counts(self, poll: str) -> dict[int, int]:
-        """The sum of ``poll``'s point values per option index: its votes, changed votes
-        taken back."""
-
     def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
         """``poll``'s votes (sums of point values) per option and per ``by`` (`EXPORT_BY`),
         dated from ``since_ns`` (inclusive) to ``until_ns`` (exclusive)."""
@@ -250,13 +246,6 @@ class V1Writer:
                 retry_after_s=_retry_after(reply.headers),
             )
 
-    def query_counts(self, poll: str) -> dict[int, int]:
-        query = (
-            f'SELECT sum("value") FROM "{MEASUREMENT}" WHERE "poll" = \'{poll}\' GROUP BY "option"'
-        )
-        series = self._query(query)
-        return {int(s["tags"]["option"]): int(s["values"][0][1]) for s in series}
-
     def _query(self, query: str) -> list[Any]:
         """The series of one InfluxQL statement's result, times in ns."""
         params = {"db": self._target.database, "q": query, "epoch": "ns"}
@@ -329,19 +318,6 @@ class V2Writer:
         except HTTPError as exc:
             raise InfluxUnavailable(f"InfluxDB at {self._target.url}: {exc}") from exc
 
-    def query_counts(self, poll: str) -> dict[int, int]:
-        flux = (
-            f'from(bucket: "{self._target.bucket}") |> range(start: 0) '
-            f'|> filter(fn: (r) => r._measurement == "{MEASUREMENT}" and r.poll == "{poll}" '
-            'and r._field == "value") |> group(columns: ["option"]) |> sum()'
-        )
-        tables = self._client.query_api().query(flux, org=self._org)
-        return {
-            int(r.values["option"]): int(r.get_value())  # type: ignore[no-untyped-call]
-            for t in tables
-            for r in t.records
-        }
-
     def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
         # Not run by the tests here: there is no InfluxDB 2 to run it on (docs/analytics.md).
         dimension = EXPORT_BY[by]
@@ -388,18 +364,28 @@ def make_writer(target: InfluxTarget, *, timeout_s: float = 10.0) -> PointWriter
     )
 
 
+# Every time InfluxDB can store (1677-2262 is its range; no vote is dated before 1970).
+_ALL_TIME_NS: Final = (0, 9_223_372_036_854_775_806)
+
+
 async def count_votes(writer: PointWriter, poll: str) -> dict[int, int]:
-    """Points of ``poll`` in InfluxDB per option (for ``votebox recount``)."""
-    return await asyncio.to_thread(writer.query_counts, poll)
+    """The sum of ``poll``'s point values in InfluxDB per option index: its votes, changed
+    votes taken back (for ``votebox recount``)."""
+    rows = await asyncio.to_thread(writer.query_sums, poll, "option", *_ALL_TIME_NS)
+    counts: dict[int, int] = {}
+    for row in rows:
+        counts[row.option] = counts.get(row.option, 0) + row.votes
+    return counts
 
 
-# KEYS[1] a poll's points stream, KEYS[2] its tally; ARGV: entry id, points it holds, ...
+# KEYS[1] a poll's points stream, KEYS[2] its tally; ARGV[1] the tally's field counting queued
+# points (keys.QUEUED_POINTS), then entry id, points it holds, ...
 _SETTLE: Final = """
 local n = 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then n = n + tonumber(ARGV[i + 1]) end
 end
-if n > 0 then redis.call('HINCRBY', KEYS[2], 'queued_points', -n) end
+if n > 0 then redis.call('HINCRBY', KEYS[2], ARGV[1], -n) end
 return n
 """
 
@@ -549,11 +535,9 @@ class InfluxDrainer:
         """Points waiting in all polls' queues."""
         with redis_errors():
             async with asyncio.timeout(self._redis_timeout_s):
-                queues = await self._queues(None)
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for keys in queues:
-                        pipe.hget(keys.tally, "queued_points")
-                    return sum(int(n or 0) for n in await pipe.execute())
+                polls = await list_polls(self._redis)
+                queues = await point_queues(self._redis, await shards_of(self._redis, polls))
+                return sum(queue.queued for queue in queues.values())
 
     async def _labels_of(self, poll: str) -> tuple[str, ...]:
         if poll not in self._labels:
@@ -588,7 +572,14 @@ class InfluxDrainer:
                     pipe.xack(keys.points, GROUP, *(sid for sid, _ in ids))
                     # Deleted and uncounted together, and only what this call deleted: a
                     # drainer that took over an entry another one also settled counts it once.
-                    pipe.eval(_SETTLE, 2, keys.points, keys.tally, *(x for e in ids for x in e))
+                    pipe.eval(
+                        _SETTLE,
+                        2,
+                        keys.points,
+                        keys.tally,
+                        QUEUED_POINTS,
+                        *(x for entry in ids for x in entry),
+                    )
                     await pipe.execute()
         self.set_aside += len(refused)
         if self._metrics is not None:

@@ -21,6 +21,7 @@ __all__ = [
     "POLLS_CHANGED",
     "POLLS_DELETED",
     "POLLS_INDEX",
+    "QUEUED_POINTS",
     "SET_ASIDE",
     "UNATTRIBUTED_FATES",
     "PollKeys",
@@ -74,6 +75,11 @@ def shard_of(device: str, shards: int) -> int:
     """The shard of a poll spread over ``shards`` that holds ``device``'s votes. Stored data
     depends on it (a device's de-duplication window lives on its shard): never change it."""
     return zlib.crc32(device.encode()) % shards if shards > 1 else 0
+
+
+# The field of a poll's (shard's) tally hash counting its points queued for InfluxDB: tally.lua
+# adds them, the drainer takes them off as it deletes their stream entries.
+QUEUED_POINTS: Final = "queued_points"
 
 
 class PollKeys:

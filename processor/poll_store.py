@@ -19,6 +19,7 @@ from processor.keys import (
     POLLS_CHANGED,
     POLLS_DELETED,
     POLLS_INDEX,
+    QUEUED_POINTS,
     UNATTRIBUTED_FATES,
     PollKeys,
     shard_keys,
@@ -38,6 +39,7 @@ __all__ = [
     "load_poll",
     "load_polls",
     "note_states",
+    "point_queues",
     "open_poll",
     "plan_update",
     "read_fates",
@@ -233,10 +235,7 @@ async def delete_poll(redis: Redis, poll_id: str) -> int:
     """
     poll = await _must_load(redis, poll_id)
     shards = shard_keys(poll_id, poll.shards)
-    async with redis.pipeline(transaction=False) as pipe:
-        for keys in shards:
-            pipe.hget(keys.tally, "queued_points")
-        queued = sum(int(n or 0) for n in await pipe.execute())
+    queued = (await point_queues(redis, {poll_id: poll.shards}))[poll_id].queued
     # Marked deleted first (outside the poll's slot, idempotent): a delete that dies before
     # its keys are gone is done by running it again, and processors clear the topics already.
     async with redis.pipeline(transaction=False) as pipe:
@@ -251,7 +250,7 @@ async def delete_poll(redis: Redis, poll_id: str) -> int:
         windows = [keys.window_prefix + redis_text(device) for device in devices]
         await redis.delete(*keys.every_key(), *windows)  # one command, one slot: all at once
     await redis.publish(POLLS_CHANGED, poll_id)
-    return int(queued)
+    return queued
 
 
 def _definition(poll_id: str, stored: Mapping[Any, Any]) -> Poll | None:
@@ -293,6 +292,32 @@ async def shards_of(redis: Redis, poll_ids: Iterable[str]) -> dict[str, int]:
             pipe.hget(PollKeys(poll_id).definition, "shards")
         replies = await pipe.execute()
     return {poll_id: int(k or 1) for poll_id, k in zip(ids, replies, strict=True)}
+
+
+@dataclass(frozen=True, slots=True)
+class PointQueue:
+    """A poll's points for InfluxDB, over its shards: still queued, and refused and set aside."""
+
+    queued: int
+    refused: int
+
+
+async def point_queues(redis: Redis, polls: Mapping[str, int]) -> dict[str, PointQueue]:
+    """The point queues of each poll (by id, with its shards), in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for poll_id, shards in polls.items():
+            for keys in shard_keys(poll_id, shards):
+                pipe.hget(keys.tally, QUEUED_POINTS)
+                pipe.xlen(keys.points_rejected)
+        replies = iter(await pipe.execute())
+    out = {}
+    for poll_id, shards in polls.items():
+        queued = refused = 0
+        for _ in range(max(shards, 1)):
+            queued += int(next(replies) or 0)
+            refused += int(next(replies))
+        out[poll_id] = PointQueue(queued, refused)
+    return out
 
 
 async def list_polls(redis: Redis) -> list[str]:

@@ -368,6 +368,7 @@ class ResultsPublisher:
         self._published.pop(poll, None)
         self._config_sent.pop(poll, None)
         self._series_sent.pop(poll, None)
+        self._series_due.pop(poll, None)
         self._series_later.discard(poll)
         log.info("poll %s was deleted: its retained topics are cleared", poll)
 

@@ -17,7 +17,7 @@ from typing import Any, Final
 from redis.asyncio import Redis
 
 from processor.errors import StoreUnavailable
-from processor.keys import DEVICES_SEEN, UNATTRIBUTED_FATES, shard_keys
+from processor.keys import DEVICES_SEEN, QUEUED_POINTS, UNATTRIBUTED_FATES, shard_keys
 from processor.metrics import Metrics
 from processor.mqtt import Publish
 from processor.poll_store import list_polls, shards_of
@@ -81,7 +81,7 @@ async def read_stats(redis: Redis, *, now_ms: int, silent_after_s: float) -> Sta
         for _, keys in queues:
             pipe.hgetall(keys.fates)
             pipe.hlen(keys.devices)
-            pipe.hget(keys.tally, "queued_points")
+            pipe.hget(keys.tally, QUEUED_POINTS)
         pipe.hgetall(UNATTRIBUTED_FATES)
         pipe.hgetall(DEVICES_SEEN)
         replies = await pipe.execute()

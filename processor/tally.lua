@@ -342,7 +342,8 @@ end
 -- either queued here or counted as point_dropped when the queue is at its bound. One stream
 -- entry per batch, its points one per line (influx.py, points_of_entry): an entry per point
 -- was a third of this script's time, and as much again for the drainer to read and delete.
--- The tally's queued_points counts the points queued (the drainer takes them off).
+-- The tally's queued_points (keys.QUEUED_POINTS) counts the points queued (the drainer takes
+-- them off).
 if queue_max > 0 and #points > 0 then
   local queued = tonumber(redis.call('HGET', KEYS[2], 'queued_points') or '0') or 0
   local n = math.min(#points, math.max(0, queue_max - queued))

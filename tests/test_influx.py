@@ -471,9 +471,6 @@ class _Counting:
         self._writer.write(lines)
         self.lines += len(lines)
 
-    def query_counts(self, poll: str) -> dict[int, int]:
-        return self._writer.query_counts(poll)
-
     def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
         return self._writer.query_sums(poll, by, since_ns, until_ns)
 

@@ -26,13 +26,12 @@ from processor.store import open_redis, redis_errors
 
 __all__ = ["export_rows", "register", "write_rows"]
 
-_COLUMNS = {
-    "option": ("poll", "option", "label", "votes"),
-    "site": ("poll", "site", "option", "label", "votes"),
-    "device": ("poll", "device", "option", "label", "votes"),
-    "minute": ("poll", "time", "option", "label", "votes"),
-    "hour": ("poll", "time", "option", "label", "votes"),
-}
+
+def _columns(by: str) -> tuple[str, ...]:
+    """The columns of an export grouped ``by``: the group's (a time bucket's is "time")."""
+    if by == "option":
+        return ("poll", "option", "label", "votes")
+    return ("poll", "time" if by in ("minute", "hour") else by, "option", "label", "votes")
 
 
 def register(commands: Commands) -> None:
@@ -119,7 +118,7 @@ def _time_ms(text: str) -> int:
 
 def write_rows(out: TextIO, poll: str, by: str, rows: list[ExportRow], fmt: str) -> None:
     """Write ``rows`` as CSV (a header, then a row each) or as a JSON array of objects."""
-    columns = _COLUMNS[by]
+    columns = _columns(by)
     records = [
         dict(zip(columns, (poll, *((row.group,) if by != "option" else ()), row.option,
                            row.label, row.votes), strict=True))

@@ -18,7 +18,6 @@ from redis.asyncio import Redis
 from processor.commands import Commands, add_command
 from processor.config import Settings
 from processor.errors import ConfigError
-from processor.keys import shard_keys
 from processor.poll import POLL_FIELDS, Poll, PollField
 from processor.poll_results import format_results
 from processor.poll_store import (
@@ -31,6 +30,7 @@ from processor.poll_store import (
     load_poll,
     open_poll,
     plan_update,
+    point_queues,
     read_fates,
     read_results,
     read_snapshots,
@@ -199,13 +199,8 @@ async def _show(redis: Redis, poll_id: str) -> int:
         print(f"votebox: no poll {poll_id!r}; create it with votebox poll create", file=sys.stderr)
         return 1
     fates, unattributed = await read_fates(redis, poll_id)
-    async with redis.pipeline(transaction=False) as pipe:
-        for keys in shard_keys(poll_id, snap.poll.shards):
-            pipe.hget(keys.tally, "queued_points")
-            pipe.xlen(keys.points_rejected)
-        lengths = await pipe.execute()
-    queued = sum(int(n or 0) for n in lengths[::2])
-    refused = sum(lengths[1::2])
+    points = (await point_queues(redis, {poll_id: snap.poll.shards}))[poll_id]
+    queued, refused = points.queued, points.refused
     document = json.loads(snap.results.to_json())
     if document.get("counts") is None:  # hidden until close: the operator still sees them
         document["counts"] = list(snap.results.counts)

@@ -19,7 +19,7 @@ from processor.config import Settings
 from processor.errors import ConfigError
 from processor.influx import PointWriter, count_votes, points_of_entry
 from processor.keys import shard_keys
-from processor.poll_store import load_poll, read_fates, read_results
+from processor.poll_store import load_poll, point_queues, read_fates, read_results
 from processor.store import redis_errors
 
 __all__ = ["Recount", "recount", "register"]
@@ -115,10 +115,7 @@ async def recount(redis: Redis, writer: PointWriter, poll: str) -> Recount:
                 "votes or points kept moving while counting; recount once voting has paused"
             )
         fates, _ = await read_fates(redis, poll)
-        async with redis.pipeline(transaction=False) as pipe:
-            for keys in shard_keys(poll, definition.shards):
-                pipe.xlen(keys.points_rejected)
-            refused = sum(await pipe.execute())
+        refused = (await point_queues(redis, {poll: definition.shards}))[poll].refused
     return Recount(
         poll=poll,
         labels=definition.labels,
