@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 def test_the_page_encodes_votes_and_reads_acks_as_the_protocol_says(
     mosquitto_proc: ManagedProcess, browser: WebDriver
 ) -> None:
-    cases = [
+    cases: list[tuple[int | list[int], int, int | None, int]] = [
         (2, 7, None, 0),
         (63, 2**32 - 1, 1_764_000_000, 3),
         (0, 23, None, 0),

@@ -66,7 +66,9 @@ async def test_a_poll_over_three_shards_counts_each_vote_once_and_sums_its_resul
 
     for keys in shard_keys(poll.id, 3):
         # Each shard holds its own devices' windows and the definition it checks votes by.
-        devices = {d.decode() for d in await redis.hkeys(keys.devices)}
+        devices = {
+            d.decode() if isinstance(d, bytes) else d for d in await redis.hkeys(keys.devices)
+        }
         assert devices == {f"dev-{d}" for d in range(60) if shard_of(f"dev-{d}", 3) == keys.shard}
         assert await redis.hget(keys.definition, "shards") == b"3"
         assert await redis.xlen(keys.points) == 1  # one entry per batch and shard
