@@ -13,7 +13,15 @@ from collections import Counter as CodeCounter
 from collections.abc import Callable
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 from processor.reasons import Fate, Reason
 
@@ -39,6 +47,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The process's CPU, memory and file descriptors, and its garbage collections: the
+        # standard families every Python exporter has (docs/operations.md, Metrics).
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
         self.votes = Counter(
             "votebox_votes",
             "Votes by fate: accepted, duplicate or rejected (see votebox_votes_rejected_total).",

@@ -118,6 +118,24 @@ async def test_metrics_report_exactly_the_accepted_duplicate_and_rejected_votes_
     assert fate(samples, "votebox_receive_to_commit_seconds_count") == batches
 
 
+async def test_the_processor_reports_its_cpu_and_memory_and_rarely_runs_the_collector(
+    mosquitto_proc: ManagedProcess, spawn_processor: Callable[..., ManagedProcess], poll: Poll
+) -> None:
+    proc = spawn_processor(mosquitto_proc)
+    before = scrape(proc)
+    with Fleet(mosquitto_proc, poll.id, 4) as fleet:
+        await asyncio.to_thread(fleet.cast, poll.id, 9000, lambda i: i % 3)
+        await eventually(lambda: fleet.unacked() == 0, timeout_s=120)
+    after = scrape(proc)
+    assert fate(after, "votebox_votes_total", fate="accepted") == 9000
+    young = [fate(s, "python_gc_collections_total", generation="0") for s in (before, after)]
+    # With CPython's default threshold (700) the young collection ran about 20 times for these
+    # votes (processor/service.py, tune_collector).
+    assert 0 <= young[1] - young[0] <= 3, young
+    assert fate(after, "process_cpu_seconds_total") > fate(before, "process_cpu_seconds_total")
+    assert fate(after, "process_resident_memory_bytes") > 10_000_000
+
+
 async def test_readiness_turns_false_while_redis_is_stopped_and_true_after_it_restarts(
     mosquitto_proc: ManagedProcess,
     redis_proc: ManagedProcess,

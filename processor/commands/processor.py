@@ -27,9 +27,10 @@ def register(commands: Commands) -> None:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from processor.service import run
+    from processor.service import run, tune_collector
     from processor.supervise import EXIT_FAILED
 
+    tune_collector()
     try:
         asyncio.run(run(settings))
     except VoteboxError:
