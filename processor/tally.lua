@@ -7,7 +7,7 @@
 -- KEYS[2] votebox:{poll}:tally    hash  c:<option> counts, total, version, updated_ms,
 --                                      queued_points
 -- KEYS[3] votebox:{poll}:fates    hash  accepted, duplicate and rejection counts by reason code
--- KEYS[4] votebox:{poll}:devices  hash  device -> "epoch:max_seq"
+-- KEYS[4] votebox:{poll}:devices  hash  device -> "epoch:max_seq:run_start" (see the window)
 -- KEYS[5] votebox:{poll}:points   stream of accepted votes waiting for InfluxDB, an entry
 --                                      per batch
 -- KEYS[6] votebox:{poll}:voters  hash  voter (hex) -> "ts\tseq\tdevice\toptions\tepoch\tsite"
@@ -36,9 +36,14 @@
 -- voter's latest vote (by time, then seq, then device id) wins: an older one is superseded, a
 -- newer one moves the voter's count.
 --
--- The de-duplication window of a device is a ring of W bits (key prefix .. device): bit
--- seq % W is set when seq was counted. It is exact for seqs above max_seq - W; older ones are
--- SEQ_TOO_OLD (never counted twice). Memory per device and poll: W/8 bytes.
+-- The de-duplication window of a device is its run plus a ring of W bits (key prefix ..
+-- device). The run [run_start, max_seq] holds seqs all counted: a device that sends its seqs
+-- in order only moves max_seq, and writes no bit. Below the run, bit seq % W is set when seq
+-- was counted: the ring is exact for seqs in (max_seq - W, run_start), and its positions of
+-- the run's seqs mean nothing. A vote above max_seq + 1 (a gap) ends the run: its seqs are
+-- written to the ring as set and the gap's as clear, and a new run starts at the vote. Seqs at
+-- or below max_seq - W are SEQ_TOO_OLD (never counted twice). Memory per device and poll: W/8
+-- bytes at most. State stored as "epoch:max_seq" (before 2026-12-04) is a run of none.
 --
 -- Returns {version, code_1, ..., code_n}: version of this shard's tally after the batch, then a Fate
 -- (0 accepted, 1 duplicate, 3 superseded, 4 suppressed) or Reason (16 up) per vote;
@@ -146,8 +151,9 @@ local function later(ts_a, seq_a, dev_a, ts_b, seq_b, dev_b)
 end
 
 -- Phase 1: decide every vote against the stored state plus what this batch already decided.
--- device -> {e, m0, m, reset, seen = {seq = true}, bits = {seq ...}}. Seqs go back to Redis as
--- the strings they came in (es, ms): Lua prints numbers above 1e14 in exponent form.
+-- device -> {e, m0, r0, m, r, reset, seen = {seq = true}}: m0 and r0 as stored, m and r as
+-- decided; seen holds every seq this batch counted. Seqs go back to Redis as the strings they
+-- came in (es, ms) or formatted with %.0f: Lua prints numbers above 1e14 in exponent form.
 local devs = {}
 local counted = {}    -- option -> votes to add (negative when a voter's vote moved away)
 -- {device, epoch, seq, option, ts_s, ts_source, withdrawn ('1' or '')} per counted option, and
@@ -179,13 +185,14 @@ for from = 1, #order, CHUNK do
   local stored_all = redis.call('HMGET', KEYS[4], unpack(order, from, to))
   for j = from, to do
     local stored = stored_all[j - from + 1]
-    local es, ms = '-1', '-1'
+    local es, ms, rs = '-1', '-1', nil
     if stored then
-      local sep = string.find(stored, ':', 1, true)
-      es, ms = string.sub(stored, 1, sep - 1), string.sub(stored, sep + 1)
+      es, ms, rs = string.match(stored, '^([^:]*):([^:]*):?([^:]*)$')
     end
-    devs[order[j]] = {e = tonumber(es), es = es, m0 = tonumber(ms), m = tonumber(ms), ms = ms,
-                      reset = false, seen = {}, bits = {}}
+    local m = tonumber(ms)
+    local r = tonumber(rs) or m + 1
+    devs[order[j]] = {e = tonumber(es), es = es, m0 = m, r0 = r, m = m, ms = ms, r = r,
+                      reset = false, seen = {}}
   end
 end
 
@@ -211,12 +218,12 @@ for i = 1, n_votes do
     local shut = window_refuses(dev_ts)
     if not fresh and d.m >= 0 and seq <= d.m - W then
       note(SEQ_TOO_OLD)
-    elseif not fresh and d.seen[seq] then
+    elseif not fresh and (d.seen[seq] or (seq >= d.r0 and seq <= d.m0)) then
       note(DUPLICATE)
-    elseif not fresh and seq <= d.m0
+    elseif not fresh and seq < d.r0
       and redis.call('GETBIT', win_prefix .. device, seq % W) == 1 then
-      -- seq <= m0 and inside the window: the stored bit is still valid, since advances made
-      -- by this batch clear only positions of seqs at or below d.m - W.
+      -- Below the stored run and inside the window: the stored bit is valid (this batch writes
+      -- none before phase 2, and what it counted is in seen).
       note(DUPLICATE)
     elseif shut then
       note(shut)
@@ -225,11 +232,15 @@ for i = 1, n_votes do
     else
       if fresh then
         d.reset = d.reset or d.e >= 0 or d.m0 >= 0
-        d.e, d.es, d.m0, d.m, d.ms, d.seen, d.bits = epoch, epoch_s, -1, -1, '-1', {}, {}
+        d.e, d.es, d.m0, d.r0, d.m, d.ms, d.r, d.seen = epoch, epoch_s, -1, 0, -1, '-1', 0, {}
       end
       -- From here the seq is spent: a re-send of this vote is a duplicate, whatever its fate.
       d.seen[seq] = true
-      d.bits[#d.bits + 1] = seq
+      if seq > d.m + 1 then
+        d.r = seq  -- a gap ends the run; phase 2 writes the old run and the gap to the ring
+      elseif seq == d.r - 1 then
+        d.r = seq  -- a late seq just below the run joins it
+      end
       if seq > d.m then d.m, d.ms = seq, seq_s end
       local last = nil
       if cooldown_s > 0 then
@@ -296,41 +307,53 @@ for i = 1, n_votes do
   end
 end
 
--- Phase 2: write. Clear the ring positions of seqs (m0, m] that the window advanced over,
--- then set the bits of the counted seqs.
-local function clear_bits(key, lo, hi)
-  while lo <= hi and lo % 8 ~= 0 do redis.call('SETBIT', key, lo, 0); lo = lo + 1 end
-  while hi >= lo and (hi + 1) % 8 ~= 0 do redis.call('SETBIT', key, hi, 0); hi = hi - 1 end
-  if hi >= lo then redis.call('SETRANGE', key, lo / 8, string.rep('\0', (hi - lo + 1) / 8)) end
+-- Phase 2: write. The ring must be exact for seqs in (m - W, r) once more: below the stored
+-- run it was, but for the seqs this batch counted there; the stored run's seqs and those
+-- above it that now lie below the run (a gap) are written whole.
+local function fill_positions(key, lo, hi, bit)
+  while lo <= hi and lo % 8 ~= 0 do redis.call('SETBIT', key, lo, bit); lo = lo + 1 end
+  while hi >= lo and (hi + 1) % 8 ~= 0 do redis.call('SETBIT', key, hi, bit); hi = hi - 1 end
+  if hi >= lo then
+    redis.call('SETRANGE', key, lo / 8, string.rep(bit == 1 and '\255' or '\0', (hi - lo + 1) / 8))
+  end
+end
+
+-- Sets (bit 1) or clears (0) the ring positions of seqs lo..hi, fewer than W of them.
+local function fill_seqs(key, lo, hi, bit)
+  if lo > hi then return end
+  local a, b = lo % W, hi % W
+  if a <= b then
+    fill_positions(key, a, b, bit)
+  else
+    fill_positions(key, a, W - 1, bit)
+    fill_positions(key, 0, b, bit)
+  end
 end
 
 local stored_devs = {}
 for _, device in ipairs(order) do
   local d = devs[device]
   local key = win_prefix .. device
-  if d.reset then redis.call('DEL', key) end
-  -- Positions (m0, m] that this batch set every one of need no clearing first (the common
-  -- case: a device's next vote, or a run of them).
-  local above = 0
-  for _, seq in ipairs(d.bits) do if seq > d.m0 then above = above + 1 end end
-  if d.m > d.m0 and above < d.m - d.m0 then
-    local from = d.m0 + 1
-    if d.m - from + 1 >= W then
-      redis.call('DEL', key)
-    elseif d.m0 >= 0 then
-      local lo, hi = from % W, d.m % W
-      if lo <= hi then
-        clear_bits(key, lo, hi)
-      else
-        clear_bits(key, lo, W - 1)
-        clear_bits(key, 0, hi)
-      end
-    end
+  local low = d.m - W + 1  -- the lowest seq the window still holds
+  -- A new epoch, or a window moved past all it held: every position clear, and only the
+  -- counted seqs below r need setting. A device with no state has no ring yet.
+  local clear = d.m0 < 0
+  if d.reset or (not clear and low > d.m0) then
+    redis.call('DEL', key)
+    clear = true
   end
-  for _, seq in ipairs(d.bits) do redis.call('SETBIT', key, seq % W, 1) end
-  if #d.bits > 0 or d.reset then
+  if not clear and d.r > d.r0 then
+    -- The stored run, now below the run, is all set; the seqs between it and the run are
+    -- set where this batch counted them (below), clear otherwise.
+    fill_seqs(key, math.max(d.r0, low), math.min(d.m0, d.r - 1), 1)
+    fill_seqs(key, math.max(d.m0 + 1, low), d.r - 1, 0)
+  end
+  for seq in pairs(d.seen) do
+    if seq < d.r and seq >= low then redis.call('SETBIT', key, seq % W, 1) end
+  end
+  if d.m ~= d.m0 or d.r ~= d.r0 or d.reset then
     stored_devs[#stored_devs + 1] = device
-    stored_devs[#stored_devs + 1] = d.es .. ':' .. d.ms
+    stored_devs[#stored_devs + 1] = d.es .. ':' .. d.ms .. ':' .. string.format('%.0f', d.r)
   end
 end
 for from = 1, #stored_devs, 2 * CHUNK do

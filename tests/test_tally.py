@@ -60,6 +60,54 @@ async def test_out_of_order_inside_the_window_each_counts_once(tally: Tally, pol
     ]
 
 
+async def test_votes_in_order_keep_a_run_and_write_no_ring(
+    tally: Tally, poll: Poll, redis: Redis
+) -> None:
+    keys = PollKeys(poll.id)
+    for first in range(1, 1000, 100):
+        batch = votes(poll, "k1", range(first, first + 100))
+        assert (await tally.commit(batch, now_ms=1)).codes == [A] * 100
+    assert await redis.hget(keys.devices, "k1") == b"0:1000:1"
+    assert not await redis.exists(keys.window_prefix + "k1")  # the hot path's saving
+    # A gap ends the run: its seqs go to the ring, and each still counts once.
+    gap = await tally.commit(votes(poll, "k1", [1002, 1, 1001, 1000]), now_ms=2)
+    assert gap.codes == [A, D, A, D]
+    assert await redis.hget(keys.devices, "k1") == b"0:1002:1001"
+    again = await tally.commit(votes(poll, "k1", [1, 999, 1001, 1003, 1002]), now_ms=3)
+    assert again.codes == [D, D, D, A, D]
+    assert (await read_results(redis, [poll.id]))[poll.id].total == 1003
+
+
+async def test_a_gap_clears_what_the_ring_held_for_seqs_a_window_ago(
+    tally: Tally, poll: Poll
+) -> None:
+    # Seq 2 goes to the ring (below the run 4), then the window moves past it: seq W + 2 has
+    # the same ring position and must not read seq 2's bit.
+    assert (await tally.commit(votes(poll, "k1", [2, 4]), now_ms=1)).codes == [A, A]
+    assert (await tally.commit(votes(poll, "k1", [DEDUP_WINDOW + 3]), now_ms=2)).codes == [A]
+    late = await tally.commit(votes(poll, "k1", [DEDUP_WINDOW + 2, 4, 3]), now_ms=3)
+    assert late.codes == [A, D, int(Reason.SEQ_TOO_OLD)]
+
+
+async def test_state_stored_before_runs_is_read_as_a_ring_alone(
+    tally: Tally, poll: Poll, redis: Redis
+) -> None:
+    # Stored by the tally before 2026-12-04: "epoch:max_seq", and a bit per counted seq.
+    keys = PollKeys(poll.id)
+    await redis.hset(keys.devices, "k1", "0:10")
+    for seq in (1, 2, 3, 4, 6, 7, 8, 9, 10):
+        await redis.setbit(keys.window_prefix + "k1", seq % DEDUP_WINDOW, 1)
+    assert (await tally.commit(votes(poll, "k1", [5, 7, 11, 12, 10]), now_ms=1)).codes == [
+        A,
+        D,
+        A,
+        A,
+        D,
+    ]
+    assert await redis.hget(keys.devices, "k1") == b"0:12:11"
+    assert (await tally.commit(votes(poll, "k1", [5, 1, 11, 13]), now_ms=2)).codes == [D, D, D, A]
+
+
 async def test_seq_older_than_the_window_is_never_counted(tally: Tally, poll: Poll) -> None:
     top = DEDUP_WINDOW + 100
     result = await tally.commit(votes(poll, "k1", [top, 100, 101, 99]), now_ms=1)
@@ -72,6 +120,13 @@ async def test_new_epoch_restarts_seqs_and_old_epoch_is_stale(tally: Tally, poll
     assert (await tally.commit(votes(poll, "k1", [3], epoch=0), now_ms=3)).codes == [
         int(Reason.STALE_EPOCH)
     ]
+
+
+async def test_a_new_epoch_forgets_the_ring_of_the_old_one(tally: Tally, poll: Poll) -> None:
+    # Epoch 0 leaves seq 2 in the ring (below its run 4); in epoch 1, seq 2 is a new vote.
+    assert (await tally.commit(votes(poll, "k1", [2, 4]), now_ms=1)).codes == [A, A]
+    assert (await tally.commit(votes(poll, "k1", [4], epoch=1), now_ms=2)).codes == [A]
+    assert (await tally.commit(votes(poll, "k1", [2, 4], epoch=1), now_ms=3)).codes == [A, D]
 
 
 async def test_devices_are_independent(tally: Tally, poll: Poll) -> None:
@@ -102,11 +157,14 @@ async def test_unknown_poll_and_option_are_rejected_without_state(
 
 async def test_largest_seq_is_stored_exactly(tally: Tally, poll: Poll, redis: Redis) -> None:
     assert (await tally.commit(votes(poll, "k1", [MAX_UINT]), now_ms=1)).codes == [A]
-    assert await redis.hget(PollKeys(poll.id).devices, "k1") == f"0:{MAX_UINT}".encode()
+    # "epoch:max_seq:run_start" (tally.lua): one seq is a run of one.
+    state = PollKeys(poll.id).devices
+    assert await redis.hget(state, "k1") == f"0:{MAX_UINT}:{MAX_UINT}".encode()
     assert (await tally.commit(votes(poll, "k1", [MAX_UINT, MAX_UINT - 1]), now_ms=2)).codes == [
         D,
         A,
     ]
+    assert await redis.hget(state, "k1") == f"0:{MAX_UINT}:{MAX_UINT - 1}".encode()
 
 
 async def test_dedup_state_per_device_stays_bounded(tally: Tally, poll: Poll, redis: Redis) -> None:
@@ -196,7 +254,13 @@ _events = st.lists(
     st.tuples(
         st.sampled_from(["k1", "k2"]),
         st.integers(0, 1),
-        st.one_of(st.integers(0, 40), st.integers(0, 3 * DEDUP_WINDOW)),
+        # A seq, or relative to the device's highest: -1 the next one (a run, which the
+        # script keeps without bits), -2 one gap further (ends the run), -3 just below it.
+        st.one_of(
+            st.integers(0, 40),
+            st.integers(0, 3 * DEDUP_WINDOW),
+            st.sampled_from([-1, -1, -1, -2, -3]),
+        ),
         st.booleans(),  # end the batch after this vote
     ),
     min_size=1,
@@ -205,7 +269,7 @@ _events = st.lists(
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(events=_events)
 async def test_tally_equals_the_reference_rules(
@@ -219,7 +283,9 @@ async def test_tally_equals_the_reference_rules(
     batch: list[Vote] = []
     expected: list[int] = []
     got: list[int] = []
-    for device, epoch, seq, cut in events:
+    for device, epoch, relative, cut in events:
+        top = reference.top.get(device, -1)
+        seq = relative if relative >= 0 else max(0, top + {-1: 1, -2: 2, -3: -1}[relative])
         batch.append(Vote(poll.id, device, seq % 3, seq, epoch))
         expected.append(reference.apply(device, epoch, seq))
         if cut:
