@@ -43,7 +43,7 @@
 -- the run's seqs mean nothing. A vote above max_seq + 1 (a gap) ends the run: its seqs are
 -- written to the ring as set and the gap's as clear, and a new run starts at the vote. Seqs at
 -- or below max_seq - W are SEQ_TOO_OLD (never counted twice). Memory per device and poll: W/8
--- bytes at most. State stored as "epoch:max_seq" (before 2026-12-04) is a run of none.
+-- bytes at most. State that earlier versions stored as "epoch:max_seq" is a run of none.
 --
 -- Returns {version, code_1, ..., code_n}: version of this shard's tally after the batch, then a Fate
 -- (0 accepted, 1 duplicate, 3 superseded, 4 suppressed) or Reason (16 up) per vote;

@@ -92,7 +92,7 @@ async def test_a_gap_clears_what_the_ring_held_for_seqs_a_window_ago(
 async def test_state_stored_before_runs_is_read_as_a_ring_alone(
     tally: Tally, poll: Poll, redis: Redis
 ) -> None:
-    # Stored by the tally before 2026-12-04: "epoch:max_seq", and a bit per counted seq.
+    # As earlier versions of the tally stored it: "epoch:max_seq", and a bit per counted seq.
     keys = PollKeys(poll.id)
     await redis.hset(keys.devices, "k1", "0:10")
     for seq in (1, 2, 3, 4, 6, 7, 8, 9, 10):
