@@ -137,16 +137,17 @@ def _escape_tag(value: str) -> str:
 
 def line_for(point: QueuedPoint, label: str) -> bytes:
     """The line protocol of one vote (docs/analytics.md, Schema); tags in key order."""
+    _, poll, device, epoch, seq, option, ts_s, source, withdrawn, site = point  # one unpacking
     tags = (
-        f"device={point.device},label={_escape_tag(label) or '-'},option={point.option},"
-        f"poll={point.poll},site={_escape_tag(point.site) or '-'}"
+        f"device={device},label={_escape_tag(label) or '-'},option={option},"
+        f"poll={poll},site={_escape_tag(site) or '-'}"
     )
     value = 1
-    if point.withdrawn:
+    if withdrawn:
         # Its own series (tag withdrawn=1), so it never overwrites a vote's point.
         tags, value = tags + ",withdrawn=1", -1
-    fields = f'value={value}i,seq={point.seq}i,epoch={point.epoch}i,ts_source="{point.source}"'
-    timestamp = point.ts_s * _NS + point.seq % _NS
+    fields = f'value={value}i,seq={seq}i,epoch={epoch}i,ts_source="{source}"'
+    timestamp = ts_s * _NS + seq % _NS
     return f"{MEASUREMENT},{tags} {fields} {timestamp}".encode()
 
 

@@ -116,8 +116,10 @@ def triage(batch: Sequence[Delivery], *, allow: Callable[[str], bool] | None = N
             if isinstance(item, VoteRejected):
                 out._reject(device, item)
             else:
-                out.slots.append((device, len(out.acks[device])))
-                out.acks[device].append(AckEntry(item.epoch, item.seq, PENDING_CODE))
+                entries = out.acks[device]
+                out.slots.append((device, len(entries)))
+                # Every field in order, without the generated __new__ (codec._build says why).
+                entries.append(tuple.__new__(AckEntry, (item.epoch, item.seq, PENDING_CODE)))
                 out.votes.append(item)
     return out
 
