@@ -239,7 +239,8 @@ for i = 1, n_votes do
       if seq > d.m + 1 then
         d.r = seq  -- a gap ends the run; phase 2 writes the old run and the gap to the ring
       elseif seq == d.r - 1 then
-        d.r = seq  -- a late seq just below the run joins it
+        d.r = seq  -- a late seq just below the run joins it,
+        if seq == d.m0 + 1 then d.r = d.r0 end  -- and may join it to the stored run (a swap)
       end
       if seq > d.m then d.m, d.ms = seq, seq_s end
       local last = nil

@@ -70,12 +70,26 @@ async def test_votes_in_order_keep_a_run_and_write_no_ring(
     assert await redis.hget(keys.devices, "k1") == b"0:1000:1"
     assert not await redis.exists(keys.window_prefix + "k1")  # the hot path's saving
     # A gap ends the run: its seqs go to the ring, and each still counts once.
-    gap = await tally.commit(votes(poll, "k1", [1002, 1, 1001, 1000]), now_ms=2)
+    gap = await tally.commit(votes(poll, "k1", [1003, 1, 1001, 1000]), now_ms=2)
     assert gap.codes == [A, D, A, D]
-    assert await redis.hget(keys.devices, "k1") == b"0:1002:1001"
-    again = await tally.commit(votes(poll, "k1", [1, 999, 1001, 1003, 1002]), now_ms=3)
-    assert again.codes == [D, D, D, A, D]
-    assert (await read_results(redis, [poll.id]))[poll.id].total == 1003
+    assert await redis.hget(keys.devices, "k1") == b"0:1003:1003"
+    assert await redis.exists(keys.window_prefix + "k1")
+    again = await tally.commit(votes(poll, "k1", [1, 999, 1001, 1002, 1003, 1004]), now_ms=3)
+    assert again.codes == [D, D, D, A, D, A]
+    assert await redis.hget(keys.devices, "k1") == b"0:1004:1002"
+    assert (await read_results(redis, [poll.id]))[poll.id].total == 1004
+
+
+async def test_two_votes_swapped_in_one_batch_write_no_ring(
+    tally: Tally, poll: Poll, redis: Redis
+) -> None:
+    keys = PollKeys(poll.id)
+    assert (await tally.commit(votes(poll, "k1", [1, 2, 3]), now_ms=1)).codes == [A, A, A]
+    # 5 before 4: a gap for a moment, closed in the same batch, so the run goes on from 1.
+    assert (await tally.commit(votes(poll, "k1", [5, 4, 3, 6]), now_ms=2)).codes == [A, A, D, A]
+    assert await redis.hget(keys.devices, "k1") == b"0:6:1"
+    assert not await redis.exists(keys.window_prefix + "k1")
+    assert (await tally.commit(votes(poll, "k1", [1, 4, 5, 7]), now_ms=3)).codes == [D, D, D, A]
 
 
 async def test_a_gap_clears_what_the_ring_held_for_seqs_a_window_ago(
