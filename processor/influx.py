@@ -39,7 +39,9 @@ from processor.store import raise_if_away, redis_errors
 
 __all__ = [
     "CLAIM_IDLE_MS",
+    "EXPORT_BUCKETS",
     "EXPORT_BY",
+    "EXPORT_TAGS",
     "ExportRow",
     "GROUP",
     "InfluxDrainer",
@@ -94,8 +96,7 @@ def points_of_entry(
 ) -> list[QueuedPoint]:
     """The points of one entry of a poll's stream, as tally.lua queues them: ``n`` points in
     ``p``, one per line, "device, epoch, seq, option, ts, source, withdrawn, site"
-    tab-separated; or,
-    as queued before 2026-12-03, one point with a field each."""
+    tab-separated; or, as queued before 2026-12-03, one point with a field each."""
     sid = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
     packed = fields.get(b"p")
     if packed is None:
@@ -116,7 +117,7 @@ def points_of_entry(
     for line in packed.decode().split("\n"):
         # device, epoch, seq, option, ts, source, withdrawn, and the site from 2026-12-03
         device, epoch, seq, option, ts, source, withdrawn, *site = line.split("\t")
-        # Every field in order, without the generated __new__ (codec._build says why).
+        # Every field in order, without the generated __new__ (see codec.Vote).
         point = (sid, poll, device, int(epoch), int(seq), int(option), int(ts), source,
                  withdrawn == "1", site[0] if site else "")  # fmt: skip
         out.append(tuple.__new__(QueuedPoint, point))
@@ -164,14 +165,11 @@ class PointWriter(Protocol):
     def close(self) -> None: ...
 
 
-# What `votebox export --by` groups votes by, besides the option: a tag, or a time bucket.
-EXPORT_BY: Final = {
-    "option": None,
-    "site": "site",
-    "device": "device",
-    "minute": "1m",
-    "hour": "1h",
-}
+# What `votebox export --by` groups votes by, besides the option: a tag of the points, or a
+# time bucket (its duration in InfluxQL and in Flux).
+EXPORT_TAGS: Final = ("site", "device")
+EXPORT_BUCKETS: Final = {"minute": "1m", "hour": "1h"}
+EXPORT_BY: Final = ("option", *EXPORT_TAGS, *EXPORT_BUCKETS)
 
 
 class ExportRow(NamedTuple):
@@ -252,11 +250,10 @@ class V1Writer:
 
     def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
         group = ['"option"', '"label"']
-        dimension = EXPORT_BY[by]
-        if by in ("minute", "hour"):
-            group.append(f"time({dimension}) fill(none)")
-        elif dimension is not None:
-            group.append(f'"{dimension}"')
+        if by in EXPORT_BUCKETS:
+            group.append(f"time({EXPORT_BUCKETS[by]}) fill(none)")
+        elif by in EXPORT_TAGS:
+            group.append(f'"{by}"')
         query = (
             f'SELECT sum("value") FROM "{MEASUREMENT}" WHERE "poll" = \'{poll}\' '
             f"AND time >= {since_ns} AND time < {until_ns} GROUP BY {', '.join(group)}"
@@ -265,10 +262,10 @@ class V1Writer:
         for series in self._query(query):
             tags = series["tags"]
             for when, total in series["values"]:
-                if by in ("minute", "hour"):
+                if by in EXPORT_BUCKETS:
                     key = _rfc3339(int(when))
                 else:
-                    key = tags.get(str(dimension), "") if dimension else ""
+                    key = tags.get(by, "") if by in EXPORT_TAGS else ""
                 rows.append(ExportRow(key, int(tags["option"]), tags["label"], int(total)))
         return rows
 
@@ -313,29 +310,29 @@ class V2Writer:
 
     def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
         # Not run by the tests here: there is no InfluxDB 2 to run it on (docs/analytics.md).
-        dimension = EXPORT_BY[by]
         flux = (
             f'from(bucket: "{self._target.bucket}") '
             f"|> range(start: time(v: {since_ns}), stop: time(v: {until_ns})) "
             f'|> filter(fn: (r) => r._measurement == "{MEASUREMENT}" and r.poll == "{poll}" '
             'and r._field == "value") '
         )
-        if by in ("minute", "hour"):
+        if by in EXPORT_BUCKETS:
             flux += (
                 '|> group(columns: ["option", "label"]) '
-                f"|> aggregateWindow(every: {dimension}, fn: sum, createEmpty: false)"
+                f"|> aggregateWindow(every: {EXPORT_BUCKETS[by]}, fn: sum, createEmpty: false)"
             )
         else:
-            columns = ", ".join(f'"{c}"' for c in ("option", "label", dimension) if c)
+            tag = (by,) if by in EXPORT_TAGS else ()
+            columns = ", ".join(f'"{c}"' for c in ("option", "label", *tag))
             flux += f"|> group(columns: [{columns}]) |> sum()"
         rows = []
         for table in self._client.query_api().query(flux, org=self._org):
             for record in table.records:
                 values = record.values
-                if by in ("minute", "hour"):
+                if by in EXPORT_BUCKETS:
                     key = _rfc3339(int(values["_time"].timestamp() * 1_000_000_000))
                 else:
-                    key = str(values.get(str(dimension), "")) if dimension else ""
+                    key = str(values.get(by, "")) if by in EXPORT_TAGS else ""
                 total = int(record.get_value())  # type: ignore[no-untyped-call]
                 rows.append(ExportRow(key, int(values["option"]), str(values["label"]), total))
         return rows

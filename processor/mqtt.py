@@ -631,7 +631,7 @@ class MqttIntake:
                 topic = packet.topic.decode()
             except UnicodeDecodeError:
                 topic = ""  # MQTT-1.5.3-1 forbids it; parse_vote_topic rejects it as bad_topic
-            # Every field in order, without the generated __new__ (codec._build says why).
+            # Every field in order, without the generated __new__ (see codec.Vote).
             self._pending.append(
                 tuple.__new__(
                     Delivery,

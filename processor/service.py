@@ -162,7 +162,7 @@ class BatchProcessor:
         codes, versions = result
         committed_s, now_s = time.monotonic(), time.time()
         for (device, slot), vote, code in zip(t.slots, votes, codes, strict=True):
-            # Every field in order, without the generated __new__ (codec._build says why).
+            # Every field in order, without the generated __new__ (see codec.Vote).
             acks[device][slot] = tuple.__new__(AckEntry, (vote.epoch, vote.seq, code))
             if code >= 16:
                 self._rejections.rejected(Reason(code).code, device, f"poll {vote.poll}")

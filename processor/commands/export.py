@@ -18,7 +18,7 @@ from typing import TextIO
 from processor.commands import Commands, add_command
 from processor.config import Settings
 from processor.errors import ConfigError
-from processor.influx import EXPORT_BY, ExportRow, make_writer
+from processor.influx import EXPORT_BUCKETS, EXPORT_BY, ExportRow, make_writer
 from processor.keys import PollKeys
 from processor.poll import parse_time_ms
 from processor.poll_store import load_poll
@@ -31,7 +31,7 @@ def _columns(by: str) -> tuple[str, ...]:
     """The columns of an export grouped ``by``: the group's (a time bucket's is "time")."""
     if by == "option":
         return ("poll", "option", "label", "votes")
-    return ("poll", "time" if by in ("minute", "hour") else by, "option", "label", "votes")
+    return ("poll", "time" if by in EXPORT_BUCKETS else by, "option", "label", "votes")
 
 
 def register(commands: Commands) -> None:
