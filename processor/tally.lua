@@ -334,23 +334,28 @@ end
 local stored_devs = {}
 for _, device in ipairs(order) do
   local d = devs[device]
-  local key = win_prefix .. device
+  local key = nil  -- the ring's key, built only for a device whose ring is written (few are)
   local low = d.m - W + 1  -- the lowest seq the window still holds
   -- A new epoch, or a window moved past all it held: every position clear, and only the
   -- counted seqs below r need setting. A device with no state has no ring yet.
   local clear = d.m0 < 0
   if d.reset or (not clear and low > d.m0) then
+    key = win_prefix .. device
     redis.call('DEL', key)
     clear = true
   end
   if not clear and d.r > d.r0 then
     -- The stored run, now below the run, is all set; the seqs between it and the run are
     -- set where this batch counted them (below), clear otherwise.
+    key = key or win_prefix .. device
     fill_seqs(key, math.max(d.r0, low), math.min(d.m0, d.r - 1), 1)
     fill_seqs(key, math.max(d.m0 + 1, low), d.r - 1, 0)
   end
   for seq in pairs(d.seen) do
-    if seq < d.r and seq >= low then redis.call('SETBIT', key, seq % W, 1) end
+    if seq < d.r and seq >= low then
+      key = key or win_prefix .. device
+      redis.call('SETBIT', key, seq % W, 1)
+    end
   end
   if d.m ~= d.m0 or d.r ~= d.r0 or d.reset then
     stored_devs[#stored_devs + 1] = device
