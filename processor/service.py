@@ -30,7 +30,8 @@ from processor.config import Settings
 from processor.endpoint import serve_endpoint
 from processor.errors import StoreUnavailable
 from processor.health import Health
-from processor.influx import InfluxDrainer, make_writer
+from processor.influx.drainer import InfluxDrainer
+from processor.influx.writers import make_writer
 from processor.keys import results_lease
 from processor.logs import RejectionLog
 from processor.metrics import Metrics

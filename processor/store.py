@@ -108,7 +108,7 @@ def connect(
     # The password and db are the primary's, from the URL; the Sentinels are asked without.
     node = parse_url(target.url)  # type: ignore[no-untyped-call]
     node = {key: node[key] for key in ("username", "password", "db") if key in node}
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
         list(target.sentinels),
         sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s},
     )

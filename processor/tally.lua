@@ -369,7 +369,7 @@ end
 
 -- The points for InfluxDB, in the same atomic step as the count: a committed vote is always
 -- either queued here or counted as point_dropped when the queue is at its bound. One stream
--- entry per batch, its points one per line (influx.py, points_of_entry): an entry per point
+-- entry per batch, its points one per line (influx/line_protocol.py, points_of_entry): an entry per point
 -- was a third of this script's time, and as much again for the drainer to read and delete.
 -- The tally's queued_points (keys.QUEUED_POINTS) counts the points queued (the drainer takes
 -- them off).

@@ -15,7 +15,8 @@ from redis.asyncio import Redis
 from harness.services import ManagedProcess
 from processor.codec import Vote
 from processor.commands.recount import recount
-from processor.influx import InfluxDrainer, make_writer
+from processor.influx.drainer import InfluxDrainer
+from processor.influx.writers import make_writer
 from processor.poll import Poll
 from processor.poll_store import create_poll, read_results
 from processor.tally import Tally

@@ -25,16 +25,9 @@ from harness.services import HOST, ManagedProcess, influxdb
 from processor.codec import Vote
 from processor.commands.recount import recount
 from processor.config import InfluxTarget
-from processor.influx import (
-    GROUP,
-    ExportRow,
-    InfluxDrainer,
-    PointWriter,
-    QueuedPoint,
-    line_for,
-    make_writer,
-    points_of_entry,
-)
+from processor.influx.drainer import GROUP, InfluxDrainer
+from processor.influx.line_protocol import QueuedPoint, line_for, points_of_entry
+from processor.influx.writers import ExportRow, PointWriter, make_writer
 from processor.keys import PollKeys
 from processor.poll import Poll, PollType
 from processor.poll_store import create_poll

@@ -10,7 +10,15 @@ from tests.conftest import REPO
 
 _SECTION = (REPO / "README.md").read_text().split("## Layout\n", 1)[1].split("\n## ", 1)[0]
 # The folders whose every file has a row; a heading may name two of them.
-_FOLDERS = ("processor", "processor/commands", "broker", "devices", "harness", "bench")
+_FOLDERS = (
+    "processor",
+    "processor/influx",
+    "processor/commands",
+    "broker",
+    "devices",
+    "harness",
+    "bench",
+)
 _KINDS = (".py", ".lua", ".yaml", ".acl")
 
 

@@ -26,7 +26,7 @@ from processor.commands.recount import recount
 from processor.commands.watch import watch_polls
 from processor.config import MqttUrl, Settings
 from processor.errors import ConfigError, VoteboxError
-from processor.influx import make_writer
+from processor.influx.writers import make_writer
 from processor.poll import Poll
 from processor.poll_store import create_poll
 from processor.store import connect, open_redis

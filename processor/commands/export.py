@@ -18,7 +18,7 @@ from typing import TextIO
 from processor.commands import Commands, add_command
 from processor.config import Settings
 from processor.errors import ConfigError
-from processor.influx import EXPORT_BUCKETS, EXPORT_BY, ExportRow, make_writer
+from processor.influx.writers import EXPORT_BUCKETS, EXPORT_BY, ExportRow, make_writer
 from processor.keys import PollKeys
 from processor.poll import parse_time_ms
 from processor.poll_store import load_poll

@@ -17,7 +17,9 @@ from redis.asyncio import Redis
 from processor.commands import Commands, add_command
 from processor.config import Settings
 from processor.errors import ConfigError
-from processor.influx import PointWriter, count_votes, points_of_entry
+from processor.influx.line_protocol import points_of_entry
+from processor.influx.queries import count_votes
+from processor.influx.writers import PointWriter
 from processor.keys import shard_keys
 from processor.poll_store import load_poll, point_queues, read_fates, read_results
 from processor.store import redis_errors
@@ -147,7 +149,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _recount(poll: str, settings: Settings) -> int:
-    from processor.influx import make_writer
+    from processor.influx.writers import make_writer
     from processor.store import connect
 
     target = settings.influx_target()

@@ -1,0 +1,235 @@
+"""InfluxDB clients: the 1.x ``/write`` and ``/query`` API, and 2.x/3.x through influxdb-client.
+
+Rule: both are blocking HTTP clients; they run in a worker thread, never on the event loop. Their
+errors leave as `InfluxRejected` (an answer with a status) or `InfluxUnavailable` (no answer).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final, NamedTuple, Protocol
+
+import urllib3
+
+from processor.config import InfluxTarget
+from processor.errors import InfluxRejected, InfluxUnavailable
+from processor.influx.line_protocol import MEASUREMENT
+
+__all__ = [
+    "EXPORT_BUCKETS",
+    "EXPORT_BY",
+    "EXPORT_TAGS",
+    "ExportRow",
+    "PointWriter",
+    "V1Writer",
+    "V2Writer",
+    "make_writer",
+]
+
+log = logging.getLogger(__name__)
+
+
+class PointWriter(Protocol):
+    """Writes line protocol; blocking (run it in a thread)."""
+
+    def write(self, lines: Sequence[bytes]) -> None:
+        """Raises InfluxRejected (4xx, 5xx with a status) or InfluxUnavailable (no answer)."""
+
+    def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
+        """``poll``'s votes (sums of point values) per option and per ``by`` (`EXPORT_BY`),
+        dated from ``since_ns`` (inclusive) to ``until_ns`` (exclusive)."""
+
+    def close(self) -> None: ...
+
+
+# What `votebox export --by` groups votes by, besides the option: a tag of the points, or a
+# time bucket (its duration in InfluxQL and in Flux).
+EXPORT_TAGS: Final = ("site", "device")
+EXPORT_BUCKETS: Final = {"minute": "1m", "hour": "1h"}
+EXPORT_BY: Final = ("option", *EXPORT_TAGS, *EXPORT_BUCKETS)
+
+
+class ExportRow(NamedTuple):
+    """One row of ``votebox export``: the votes for one option in one group."""
+
+    group: str  # the site, the device, the bucket's start (RFC 3339), or "" by option
+    option: int
+    label: str
+    votes: int
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    if not headers:
+        return None
+    value = headers.get("Retry-After") or headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class V1Writer:
+    """InfluxDB 1.x: ``POST /write?db=&rp=&precision=ns`` and ``/query`` (InfluxQL)."""
+
+    def __init__(self, target: InfluxTarget, *, timeout_s: float) -> None:
+        self._target = target
+        self._http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(total=timeout_s), retries=False, maxsize=2
+        )
+        self._headers: dict[str, str] = {"Content-Type": "text/plain; charset=utf-8"}
+        if target.username:
+            token = base64.b64encode(f"{target.username}:{target.password or ''}".encode())
+            self._headers["Authorization"] = f"Basic {token.decode()}"
+        self._database_ready = False
+
+    def _request(
+        self, method: str, path: str, params: dict[str, str], body: bytes | None = None
+    ) -> Any:
+        url = f"{self._target.url.rstrip('/')}{path}?{urllib.parse.urlencode(params)}"
+        try:
+            return self._http.request(method, url, body=body, headers=self._headers)
+        except urllib3.exceptions.HTTPError as exc:
+            raise InfluxUnavailable(f"InfluxDB at {self._target.url}: {exc}") from exc
+
+    def _ensure_database(self) -> None:
+        # Idempotent in InfluxQL; needs admin rights, so a refusal is only logged.
+        reply = self._request("POST", "/query", {"q": f'CREATE DATABASE "{self._target.database}"'})
+        if reply.status >= 300:
+            log.warning(
+                "could not create InfluxDB database %s: %s", self._target.database, reply.data[:200]
+            )
+        self._database_ready = True
+
+    def write(self, lines: Sequence[bytes]) -> None:
+        if not self._database_ready:
+            self._ensure_database()
+        params = {"db": self._target.database, "precision": "ns"}
+        if self._target.retention_policy:
+            params["rp"] = self._target.retention_policy
+        reply = self._request("POST", "/write", params, b"\n".join(lines))
+        if reply.status != 204:
+            raise InfluxRejected(
+                reply.status,
+                reply.data.decode(errors="replace")[:500],
+                retry_after_s=_retry_after(reply.headers),
+            )
+
+    def _query(self, query: str) -> list[Any]:
+        """The series of one InfluxQL statement's result, times in ns."""
+        params = {"db": self._target.database, "q": query, "epoch": "ns"}
+        reply = self._request("GET", "/query", params)
+        if reply.status != 200:
+            raise InfluxRejected(reply.status, reply.data.decode(errors="replace")[:500])
+        result = reply.json()["results"][0]
+        if "error" in result:
+            raise InfluxRejected(400, result["error"])
+        return list(result.get("series", []))
+
+    def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
+        group = ['"option"', '"label"']
+        if by in EXPORT_BUCKETS:
+            group.append(f"time({EXPORT_BUCKETS[by]}) fill(none)")
+        elif by in EXPORT_TAGS:
+            group.append(f'"{by}"')
+        query = (
+            f'SELECT sum("value") FROM "{MEASUREMENT}" WHERE "poll" = \'{poll}\' '
+            f"AND time >= {since_ns} AND time < {until_ns} GROUP BY {', '.join(group)}"
+        )
+        rows = []
+        for series in self._query(query):
+            tags = series["tags"]
+            for when, total in series["values"]:
+                if by in EXPORT_BUCKETS:
+                    key = _rfc3339(int(when))
+                else:
+                    key = tags.get(by, "") if by in EXPORT_TAGS else ""
+                rows.append(ExportRow(key, int(tags["option"]), tags["label"], int(total)))
+        return rows
+
+    def close(self) -> None:
+        self._http.clear()
+
+
+class V2Writer:
+    """InfluxDB 2.x/3.x and 1.8+: influxdb-client's synchronous write API (its batching writer
+    loses buffered points on close or crash; our queue in Redis is the buffer instead)."""
+
+    def __init__(self, target: InfluxTarget, *, timeout_s: float) -> None:
+        from influxdb_client.client.influxdb_client import InfluxDBClient
+        from influxdb_client.client.write_api import SYNCHRONOUS
+
+        assert target.token and target.org and target.bucket  # InfluxTarget checks it
+        self._target = target
+        self._org, self._bucket = target.org, target.bucket
+        self._client = InfluxDBClient(
+            url=target.url, token=target.token, org=target.org, timeout=int(timeout_s * 1000)
+        )
+        self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
+
+    def write(self, lines: Sequence[bytes]) -> None:
+        from influxdb_client.domain.write_precision import WritePrecision
+        from influxdb_client.rest import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            self._write_api.write(
+                bucket=self._bucket,
+                org=self._org,
+                record=b"\n".join(lines),
+                write_precision=WritePrecision.NS,  # type: ignore[arg-type]  # a str constant
+            )
+        except ApiException as exc:
+            raise InfluxRejected(
+                int(exc.status or 0), str(exc.body)[:500], retry_after_s=_retry_after(exc.headers)
+            ) from exc
+        except HTTPError as exc:
+            raise InfluxUnavailable(f"InfluxDB at {self._target.url}: {exc}") from exc
+
+    def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
+        # Not run by the tests here: there is no InfluxDB 2 to run it on (docs/analytics.md).
+        flux = (
+            f'from(bucket: "{self._target.bucket}") '
+            f"|> range(start: time(v: {since_ns}), stop: time(v: {until_ns})) "
+            f'|> filter(fn: (r) => r._measurement == "{MEASUREMENT}" and r.poll == "{poll}" '
+            'and r._field == "value") '
+        )
+        if by in EXPORT_BUCKETS:
+            flux += (
+                '|> group(columns: ["option", "label"]) '
+                f"|> aggregateWindow(every: {EXPORT_BUCKETS[by]}, fn: sum, createEmpty: false)"
+            )
+        else:
+            tag = (by,) if by in EXPORT_TAGS else ()
+            columns = ", ".join(f'"{c}"' for c in ("option", "label", *tag))
+            flux += f"|> group(columns: [{columns}]) |> sum()"
+        rows = []
+        for table in self._client.query_api().query(flux, org=self._org):
+            for record in table.records:
+                values = record.values
+                if by in EXPORT_BUCKETS:
+                    key = _rfc3339(int(values["_time"].timestamp() * 1_000_000_000))
+                else:
+                    key = str(values.get(by, "")) if by in EXPORT_TAGS else ""
+                total = int(record.get_value())  # type: ignore[no-untyped-call]
+                rows.append(ExportRow(key, int(values["option"]), str(values["label"]), total))
+        return rows
+
+    def close(self) -> None:
+        self._client.close()  # type: ignore[no-untyped-call]
+
+
+def _rfc3339(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def make_writer(target: InfluxTarget, *, timeout_s: float = 10.0) -> PointWriter:
+    """The writer for the target's API."""
+    return (
+        V1Writer(target, timeout_s=timeout_s)
+        if target.api == "v1"
+        else V2Writer(target, timeout_s=timeout_s)
+    )
