@@ -14,9 +14,12 @@ import zlib
 from typing import Final
 
 __all__ = [
+    "CHANGES",
     "DEVICES_HEALTH",
     "DEVICES_SEEN",
+    "DEVICES_SEEN_BEFORE",
     "DEVICES_SITE",
+    "DEVICES_SITE_VERSION",
     "DEVICES_STATUS",
     "POLLS_CHANGED",
     "POLLS_DELETED",
@@ -43,19 +46,28 @@ POLLS_CHANGED: Final = "votebox:polls:changed"
 # Pub/sub channel: poll ids whose results a processor changed while another held the results
 # lease (results.py), comma-separated: the holder publishes them.
 RESULTS_CHANGED: Final = "votebox:results:changed"
+# The change feed (processor/changes.py): a stream whose entries name the poll shards a commit
+# wrote to, and the polls an operator made, changed or deleted. Global, outside any poll's slot:
+# written beside the tally scripts in the same round trip, never by them.
+CHANGES: Final = "votebox:changes"
 # Fates of messages that name no valid poll (bad topic, unreadable payload).
 UNATTRIBUTED_FATES: Final = "votebox:fates"
 # A stream of votes the tally script could not process, with the error, for an operator to
 # inspect and replay (docs/protocol.md, store_error). Capped; see SET_ASIDE_MAXLEN in tally.py.
 SET_ASIDE: Final = "votebox:set_aside"
-# device -> when a message of it last reached a processor (ms): who is silent. Only devices
-# whose topic parsed, so a flood of garbage topics cannot grow it.
-DEVICES_SEEN: Final = "votebox:devices:last_seen"
+# device -> when a message of it last reached a processor (ms), a sorted set scored by that
+# time: who is silent is a range of it, read without visiting every device. Only devices whose
+# topic parsed, so a flood of garbage topics cannot grow it.
+DEVICES_SEEN: Final = "votebox:devices:seen"
+# The same, as a hash, before 2026-12-05: moved into DEVICES_SEEN when a processor starts.
+DEVICES_SEEN_BEFORE: Final = "votebox:devices:last_seen"
 # device -> its last heartbeat as JSON (uptime_s, outbox, battery, at_ms); device -> its last
 # status as JSON (state online/offline, at_ms). docs/protocol.md, Device health.
 DEVICES_HEALTH: Final = "votebox:devices:health"
 # device -> its site (`votebox device add --site`): a tag of its votes' InfluxDB points.
 DEVICES_SITE: Final = "votebox:devices:site"
+# Bumped with every change of DEVICES_SITE: processors read the sites again only when it moved.
+DEVICES_SITE_VERSION: Final = "votebox:devices:site:version"
 DEVICES_STATUS: Final = "votebox:devices:status"
 
 
@@ -122,6 +134,18 @@ class PollKeys:
         self.suppressed = f"{tag}:suppressed"
         # minute (Unix time // 60) -> votes accepted in it: the retained per-minute series.
         self.minutes = f"{tag}:minutes"
+
+    @property
+    def name(self) -> str:
+        """The shard's name in the change feed: the poll id, or "poll:shard" past shard 0 (":"
+        is not allowed in a poll id)."""
+        return f"{self.poll}:{self.shard}" if self.shard else self.poll
+
+    @classmethod
+    def named(cls, name: str) -> PollKeys:
+        """The keys of the shard called ``name`` (`name`)."""
+        poll, _, shard = name.partition(":")
+        return cls(poll, int(shard) if shard.isdigit() else 0)
 
     def commit(self, token: str) -> str:
         """The answer this poll gave the batch named ``token`` (tally.lua, KEYS[10])."""

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from redis.asyncio import Redis
 
+from processor.changes import announce_polls
 from processor.errors import ConfigError
 from processor.keys import (
     POLLS_CHANGED,
@@ -94,6 +95,7 @@ async def create_poll(
             pipe.srem(POLLS_DELETED, poll.id)
         await pipe.execute()
     if created:
+        await announce_polls(redis, [poll.id])
         await redis.publish(POLLS_CHANGED, poll.id)
     if not created:
         raise ConfigError(f"poll {poll.id!r} exists already; pick another id")
@@ -189,6 +191,7 @@ async def _store(redis: Redis, poll: Poll, now_ms: int) -> None:
         pipe.hincrby(keys.tally, "version", 1)
         pipe.hset(keys.tally, mapping={"state_seen": poll.state_at(now_ms), "updated_ms": now_ms})
         await pipe.execute()
+    await announce_polls(redis, [poll.id])
     await redis.publish(POLLS_CHANGED, poll.id)
 
 
@@ -249,6 +252,7 @@ async def delete_poll(redis: Redis, poll_id: str) -> int:
         devices = await redis.hkeys(keys.devices)
         windows = [keys.window_prefix + redis_text(device) for device in devices]
         await redis.delete(*keys.every_key(), *windows)  # one command, one slot: all at once
+    await announce_polls(redis, [poll_id])
     await redis.publish(POLLS_CHANGED, poll_id)
     return queued
 

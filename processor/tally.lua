@@ -22,7 +22,8 @@
 -- ARGV[6] how long the answer is kept under KEYS[10], ms
 -- ARGV[7] the poll's shards as the caller believes, ARGV[8] which of them these keys are
 --         (keys.py, shard_of): a caller that guessed wrong is told {-1, shards} (0: this shard
---         has no definition) and nothing is written, so it routes the votes again
+--         has no definition) and nothing is written, so it routes the votes again; a call
+--         for a poll that does not exist is told {-2}, and nothing is written either
 -- ARGV[9..] one per vote, tab-separated: device, epoch, seq, choice ("3", or "1,4": values as
 --          the device sent them), device ts in s or "", voter in hex or "", the device's
 --          site (keys.DEVICES_SITE) or "", stored with its points. One packed
@@ -108,12 +109,9 @@ local function note(code)
   fates[code] = (fates[code] or 0) + 1
 end
 
-if not n_options then
-  for _ = 1, n_votes do note(UNKNOWN_POLL) end
-  for code, n in pairs(fates) do redis.call('HINCRBY', KEYS[3], NAMES[code], n) end
-  codes[1] = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
-  return answer(codes)
-end
+-- No such poll: write nothing, not even the answer, so a made-up poll id makes no key (docs/
+-- security.md); the caller counts its votes as unattributed unknown_poll.
+if not n_options then return {-2} end
 
 -- The option indexes of a choice, or nil and the reason it does not fit the poll.
 local function options_of(choice_s)

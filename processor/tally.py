@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,9 +20,11 @@ from typing import Final
 
 from redis.asyncio import Redis
 
+from processor.changes import announce
 from processor.codec import Vote
 from processor.keys import (
     DEVICES_SEEN,
+    DEVICES_SEEN_BEFORE,
     SET_ASIDE,
     UNATTRIBUTED_FATES,
     PollKeys,
@@ -35,6 +38,7 @@ from processor.store import (
     raise_if_away,
     raise_unless_replicated,
     redis_errors,
+    redis_text,
     wait_for_replicas,
 )
 
@@ -59,11 +63,19 @@ if not redis.call('SET', KEYS[2], 1, 'NX', 'PX', ARGV[1]) then return 0 end
 for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
-# tally.lua's answer to a call routed by a wrong number of shards; and how many times a batch's
-# votes are routed before a poll being made or deleted meanwhile counts as unknown.
+# tally.lua's answer to a call routed by a wrong number of shards, and to one for a poll that
+# does not exist (it wrote nothing); and how many times a batch's votes are routed before a
+# poll being made or deleted meanwhile counts as unknown.
 _MISROUTED: Final = -1
+_UNKNOWN: Final = -2
+# How long a poll id found not to exist is left out of the change feed (a poll made meanwhile
+# is announced by its creator), and how many such ids are remembered.
+_UNKNOWN_MEMORY_S: Final = 5.0
+_UNKNOWN_MEMORY_MAX: Final = 10_000
 _ROUTES: Final = 3
 _SCRIPT_SHA: Final = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+# One script call: the shard's name in the change feed (keys.PollKeys.name), KEYS, ARGV.
+_Call = tuple[str, list[str], list[str | int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +123,8 @@ class Tally:
         self._replica_timeout_ms = replica_timeout_ms
         # Shards of the polls spread over several (the rest have one), learnt from the script.
         self._shards: dict[str, int] = {}
+        # Poll ids the script found not to exist, until when (monotonic s): not announced.
+        self._unknown: dict[str, float] = {}
 
     @property
     def redis(self) -> Redis:
@@ -118,10 +132,17 @@ class Tally:
         return self._redis
 
     async def load(self) -> None:
-        """Load the script, so the first batch need not; also a readiness probe of Redis."""
+        """Load the script, so the first batch need not; also a readiness probe of Redis.
+        Moves last-seen times kept in the hash of before 2026-12-05 into their sorted set."""
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):
                 await self._redis.script_load(_SCRIPT)
+                before = await self._redis.hgetall(DEVICES_SEEN_BEFORE)
+                if before:
+                    # GT: a time the new set has already is newer than the old hash's.
+                    mapping = {redis_text(k): int(v) for k, v in before.items()}
+                    await self._redis.zadd(DEVICES_SEEN, mapping, gt=True)
+                    await self._redis.delete(DEVICES_SEEN_BEFORE)
 
     async def commit(
         self,
@@ -162,6 +183,7 @@ class Tally:
             unattributed or Counter(), {device: now_ms for device in seen}, reports or {}, token
         )
         pending = list(range(len(votes)))
+        unknown = 0
         for attempt in range(_ROUTES):
             calls, routes = self._calls(
                 votes, pending, now_ms, token, rerouted=attempt > 0, sites=sites or {}
@@ -186,6 +208,14 @@ class Tally:
                         set_aside.append((votes[index], str(reply)))
                     continue
                 assert isinstance(reply, list)
+                if int(reply[0]) == _UNKNOWN:
+                    # docs/security.md: a made-up poll id writes no key and is published
+                    # nowhere; its votes count as unattributed unknown_poll below.
+                    for index in indices:
+                        codes[index] = int(Reason.UNKNOWN_POLL)
+                    unknown += len(indices)
+                    self._forget_later(keys.poll)
+                    continue
                 if int(reply[0]) == _MISROUTED:
                     # The poll has another number of shards than we thought (it was made, or
                     # made again, since): nothing was written; route these votes again.
@@ -202,9 +232,46 @@ class Tally:
         for index in pending:
             # Still misrouted: the poll is being deleted or made as we count.
             codes[index] = int(Reason.UNKNOWN_POLL)
+        unknown += len(pending)
+        if unknown:
+            # A second round trip, only for batches that name a poll that does not exist: the
+            # count lives outside every poll's slot, and the script learnt it only now.
+            await self._count_unattributed(Counter({Reason.UNKNOWN_POLL: unknown}), token)
         if set_aside:
             await self._set_aside(set_aside)
         return CommitResult(codes, versions)
+
+    def _forget_later(self, poll: str) -> None:
+        if len(self._unknown) >= _UNKNOWN_MEMORY_MAX:
+            self._unknown.clear()  # a flood of made-up ids must not grow us without bound
+        self._unknown[poll] = time.monotonic() + _UNKNOWN_MEMORY_S
+
+    def _announced(self, poll: str) -> bool:
+        until = self._unknown.get(poll)
+        if until is None:
+            return True
+        if time.monotonic() < until:
+            return False
+        del self._unknown[poll]
+        return True
+
+    async def _count_unattributed(self, counts: Counter[Reason], token: str | None) -> None:
+        with redis_errors():
+            async with asyncio.timeout(self._timeout_s):
+                if token is None:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for reason, n in counts.items():
+                            pipe.hincrby(UNATTRIBUTED_FATES, reason.code, n)
+                        await pipe.execute()
+                    return
+                await self._redis.eval(
+                    _COUNT_ONCE,
+                    2,
+                    UNATTRIBUTED_FATES,
+                    fates_counted(f"{token}.unknown"),
+                    COMMIT_MEMORY_S * 1000,
+                    *(x for r, n in counts.items() for x in (r.code, n)),
+                )
 
     def _calls(
         self,
@@ -215,7 +282,7 @@ class Tally:
         *,
         rerouted: bool,
         sites: Mapping[str, str],
-    ) -> tuple[list[tuple[list[str], list[str | int]]], list[tuple[PollKeys, int, list[int]]]]:
+    ) -> tuple[list[_Call], list[tuple[PollKeys, int, list[int]]]]:
         """One script call per poll (per shard of a poll spread over several), and which votes
         each carries."""
         by_shard: dict[tuple[str, int], list[int]] = {}
@@ -223,7 +290,7 @@ class Tally:
             vote = votes[index]
             shards = self._shards.get(vote.poll, 1)
             by_shard.setdefault((vote.poll, shard_of(vote.device, shards)), []).append(index)
-        calls: list[tuple[list[str], list[str | int]]] = []
+        calls: list[_Call] = []
         routes: list[tuple[PollKeys, int, list[int]]] = []
         for (poll, shard), carried in by_shard.items():
             keys = PollKeys(poll, shard)
@@ -257,7 +324,7 @@ class Tally:
                     call_keys.append(keys.commit(f"{token}.{shards}.{carried_crc:x}"))
                 else:
                     call_keys.append(keys.commit(token))
-            calls.append((call_keys, args))
+            calls.append((keys.name, call_keys, args))
             routes.append((keys, shards, carried))
         return calls, routes
 
@@ -281,9 +348,7 @@ class Tally:
                         )
                     await pipe.execute()
 
-    async def _run(
-        self, calls: list[tuple[list[str], list[str | int]]], extra: _Extra | None
-    ) -> list[object]:
+    async def _run(self, calls: list[_Call], extra: _Extra | None) -> list[object]:
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):
                 replies = await self._pipeline(calls, extra)
@@ -292,7 +357,7 @@ class Tally:
                     # Redis restarted or flushed its script cache: load and rerun only those.
                     await self._redis.script_load(_SCRIPT)
                     again = await self._pipeline([calls[i] for i in missing], None)
-                    for i, reply in zip(missing, again, strict=True):
+                    for i, reply in zip(missing, again[: len(missing)], strict=True):
                         replies[i] = reply
                 # READONLY, OOM, LOADING...: the store is away, not the batch at fault.
                 raise_if_away(replies)
@@ -301,13 +366,13 @@ class Tally:
                 log.warning("device bookkeeping write failed: %s", reply)
         return replies[: len(calls)]
 
-    async def _pipeline(
-        self, calls: list[tuple[list[str], list[str | int]]], extra: _Extra | None
-    ) -> list[object]:
+    async def _pipeline(self, calls: list[_Call], extra: _Extra | None) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
+            for _, keys, args in calls:
                 # execute_command: redis-py's cluster pipeline refuses its evalsha method.
                 pipe.execute_command("EVALSHA", _SCRIPT_SHA, len(keys), *keys, *args)
+            # After the scripts, never before: a reader that sees the entry finds their writes.
+            announce(pipe, [name for name, _, _ in calls if self._announced(name.split(":")[0])])
             if extra is not None:
                 if extra.unattributed and extra.token is not None:
                     # Counted once per batch, like its votes: a retry after a lost reply
@@ -327,7 +392,7 @@ class Tally:
                 if extra.seen:
                     # Outside the scripts: it spans polls, and a lost update costs nothing
                     # but a device looking silent until its next message.
-                    pipe.hset(DEVICES_SEEN, mapping=extra.seen)  # type: ignore[arg-type]
+                    pipe.zadd(DEVICES_SEEN, extra.seen)
                 for key, latest in extra.reports.items():
                     if latest:
                         pipe.hset(key, mapping=latest)  # type: ignore[arg-type]

@@ -259,8 +259,9 @@ async def test_no_account_but_a_device_votes_or_reports_and_nothing_of_theirs_is
         assert len(spy.messages) == 0 and len(kiosk.messages) == 0
     results = (await read_results(redis, [poll.id]))[poll.id]
     assert (results.total, results.counts) == (1, (0, 0, 1))
-    for key in (DEVICES_STATUS, DEVICES_HEALTH, DEVICES_SEEN):
+    for key in (DEVICES_STATUS, DEVICES_HEALTH):
         assert await redis.hmget(key, ["processor", "dashboard"]) == [None, None], key
+    assert await redis.zmscore(DEVICES_SEEN, ["processor", "dashboard"]) == [None, None]
 
 
 async def test_no_device_pushes_another_off_by_taking_its_client_id(secured: Secured) -> None:

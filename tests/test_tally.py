@@ -151,6 +151,7 @@ async def test_devices_are_independent(tally: Tally, poll: Poll) -> None:
 async def test_unknown_poll_and_option_are_rejected_without_state(
     tally: Tally, poll: Poll, redis: Redis
 ) -> None:
+    unknown_before = int(await redis.hget(UNATTRIBUTED_FATES, "unknown_poll") or 0)
     batch = [
         Vote("no-such-poll", "k1", 0, 1),
         Vote(poll.id, "k1", 3, 1),  # three options: 0..2
@@ -167,6 +168,21 @@ async def test_unknown_poll_and_option_are_rejected_without_state(
     assert (await read_results(redis, [poll.id]))[poll.id].counts == (0, 0, 1)
     fates = await redis.hgetall(PollKeys(poll.id).fates)
     assert fates == {b"accepted": b"1", b"unknown_option": b"1", b"too_many_choices": b"1"}
+    # The made-up poll: no key under its id, its vote counted with the unattributed fates, and
+    # no new version for the results publisher to publish.
+    assert [key async for key in redis.scan_iter(match="*no-such-poll*")] == []
+    assert int(await redis.hget(UNATTRIBUTED_FATES, "unknown_poll") or 0) == unknown_before + 1
+    assert "no-such-poll" not in result.versions
+
+
+async def test_a_retried_batch_counts_its_unknown_polls_once(tally: Tally, redis: Redis) -> None:
+    before = int(await redis.hget(UNATTRIBUTED_FATES, "unknown_poll") or 0)
+    batch = [Vote("made-up-a", "k1", 0, 1), Vote("made-up-b", "k1", 0, 2)]
+    for _ in range(2):
+        result = await tally.commit(batch, now_ms=1, token="retried-batch")
+        assert result.codes == [int(Reason.UNKNOWN_POLL)] * 2 and result.versions == {}
+    assert int(await redis.hget(UNATTRIBUTED_FATES, "unknown_poll") or 0) == before + 2
+    assert [key async for key in redis.scan_iter(match="*made-up*")] == []
 
 
 async def test_largest_seq_is_stored_exactly(tally: Tally, poll: Poll, redis: Redis) -> None:

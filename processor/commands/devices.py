@@ -59,12 +59,12 @@ async def read_devices(redis: Redis, *, now_ms: int, silent_after_s: float) -> l
     """
     with redis_errors():
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(DEVICES_SEEN)
+            pipe.zrange(DEVICES_SEEN, 0, -1, withscores=True)
             pipe.hgetall(DEVICES_STATUS)
             pipe.hgetall(DEVICES_HEALTH)
             pipe.hgetall(DEVICES_SITE)
             seen_raw, status_raw, health_raw, site_raw = await pipe.execute()
-    seen = {redis_text(k): int(v) for k, v in seen_raw.items()}
+    seen = {redis_text(k): int(v) for k, v in seen_raw}
     status = {redis_text(k): _json(v) for k, v in status_raw.items()}
     health = {redis_text(k): _json(v) for k, v in health_raw.items()}
     sites = {redis_text(k): redis_text(v) for k, v in site_raw.items()}
