@@ -5,6 +5,12 @@ The tally script queues each accepted vote in the poll's ``points`` stream in th
 step that counts it. The drainer here reads those streams, writes line protocol in batches (off
 the MQTT hot path), and deletes what landed.
 
+Its work follows the points, not the polls: it reads only the streams the change feed
+(processor/changes.py) said took points, until it finds them empty, and one write carries the
+points of many polls (line protocol holds any number of series), as Telegraf's outputs send
+``metric_batch_size`` points whatever series they belong to. Every `SWEEP_S` it also looks at
+every poll's stream, for points whose announcement was lost.
+
 Several processors share the work through one Redis consumer group per stream (`GROUP`): each
 point goes to one drainer, and a point a drainer read but never settled (it died, or hangs) is
 claimed by another once it has been idle for `CLAIM_IDLE_MS`.
@@ -20,12 +26,13 @@ from typing import Any, Final
 from redis.asyncio import Redis
 
 from processor.backoff import backoff_delays
+from processor.changes import SWEEP_S, ChangeFeed
 from processor.errors import InfluxRejected, InfluxUnavailable, StoreUnavailable
 from processor.influx.line_protocol import QueuedPoint, counted_points, line_for, points_of_entry
 from processor.influx.writers import PointWriter
 from processor.keys import QUEUED_POINTS, PollKeys, shard_keys
 from processor.metrics import Metrics
-from processor.poll_store import list_polls, load_poll, point_queues, shards_of
+from processor.poll_store import list_polls, load_polls, shards_of
 from processor.store import raise_if_away, redis_errors
 
 __all__ = ["CLAIM_IDLE_MS", "GROUP", "InfluxDrainer"]
@@ -39,9 +46,13 @@ GROUP: Final = "votebox-drainers"
 # drainer's point is rare, and then harmless: the rewrite overwrites itself.
 CLAIM_IDLE_MS: Final = 30_000
 # Points in one queued entry, about: a commit's batch for one poll (VOTEBOX_BATCH_MAX's default).
-# Entries are read batch_max // this at a time, so a write holds about batch_max points; a
-# read that came back full is followed by the next at once, so small entries do not slow it.
+# Entries are read batch_max // this at a time, spread over the streams read, so a round holds
+# about batch_max points; a read that came back full is followed by the next at once, so small
+# entries (a batch spread over many polls) do not slow it.
 _POINTS_PER_ENTRY: Final = 500
+# Streams read in one round; the rest wait for the next rounds, in turn. Bounds a round's
+# memory when thousands of polls have points queued at once.
+_STREAMS_PER_ROUND: Final = 1000
 
 
 # KEYS[1] a poll's points stream, KEYS[2] its tally; ARGV[1] the tally's field counting queued
@@ -98,6 +109,12 @@ class InfluxDrainer:
         self._labels: dict[str, tuple[str, ...]] = {}
         self._entries_max = max(1, batch_max // _POINTS_PER_ENTRY)
         self._more = False
+        self._feed = ChangeFeed(redis)
+        # Shards (keys.PollKeys.name) whose points stream may hold entries: announced in the
+        # feed or found by a sweep, until a read finds the stream empty.
+        self._due: set[str] = set()
+        self._sweep_at = 0.0
+        self._turn = 0
         self.set_aside = 0
         self.failures = 0
 
@@ -125,29 +142,69 @@ class InfluxDrainer:
             self._pending_hint = 0
 
     async def drain_once(self, polls: Sequence[str] | None = None) -> int:
-        """Write one batch from every poll (or those given) that has queued points.
+        """Write what is queued in the streams that took points (or every shard of the polls
+        given), in writes of up to ``batch_max`` points whatever poll they belong to.
 
         Returns:
             How many points left the queues (landed, or refused and set aside).
         """
         with redis_errors():
             async with asyncio.timeout(self._redis_timeout_s):
-                queues = await self._queues(polls)
+                if polls is None:
+                    await self._learn()
+                    names = self._this_round()
+                else:
+                    shards = await shards_of(self._redis, polls)
+                    names = [keys.name for poll in polls for keys in shard_keys(poll, shards[poll])]
+                queues = await self._known([PollKeys.named(name) for name in names])
                 await self._ensure_groups(queues)
-                batches = await self._read(queues)
-        moved = 0
-        for keys, entries in batches:
-            points = [p for sid, f in entries for p in points_of_entry(keys.poll, sid, f)]
-            ids = [(sid, counted_points(f)) for sid, f in entries]
-            moved += await self._deliver(keys, points, ids)
-        return moved
+                batches, empty = await self._read(queues)
+        self._due.difference_update(empty)
+        if not batches:
+            return 0
+        return await self._deliver(batches)
 
-    async def _queues(self, polls: Sequence[str] | None) -> list[PollKeys]:
-        """The keys of every shard of every poll (or of those given): one queue each."""
-        if polls is None:
-            polls = await list_polls(self._redis)
+    async def _learn(self) -> None:
+        """Add the shards the feed announced since the last round (all, at a sweep)."""
+        changes = await self._feed.read()
+        clock = asyncio.get_running_loop().time()
+        if changes is None or clock >= self._sweep_at:
+            self._due |= await self._sweep()
+            self._sweep_at = clock + SWEEP_S
+        if changes is not None:
+            for poll in changes.polls:
+                self._labels.pop(poll, None)  # made, changed or deleted: read its labels again
+            self._due |= changes.shards
+
+    async def _sweep(self) -> set[str]:
+        """Every shard of every poll whose points stream holds entries."""
+        polls = await list_polls(self._redis)
         shards = await shards_of(self._redis, polls)
-        return [keys for poll in polls for keys in shard_keys(poll, shards[poll])]
+        queues = [keys for poll in polls for keys in shard_keys(poll, shards[poll])]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys in queues:
+                pipe.xlen(keys.points)
+            lengths = await pipe.execute()
+        return {keys.name for keys, n in zip(queues, lengths, strict=True) if n}
+
+    def _this_round(self) -> list[str]:
+        names = sorted(self._due)
+        if len(names) <= _STREAMS_PER_ROUND:
+            return names
+        start = self._turn % len(names)
+        self._turn = start + _STREAMS_PER_ROUND
+        return (names[start:] + names[:start])[:_STREAMS_PER_ROUND]
+
+    async def _known(self, queues: list[PollKeys]) -> list[PollKeys]:
+        """The queues of polls that exist (their labels learnt); the others are forgotten, and
+        nothing is created for them."""
+        new = sorted({keys.poll for keys in queues} - self._labels.keys())
+        if new:
+            for poll, definition in (await load_polls(self._redis, new)).items():
+                self._labels[poll] = definition.labels
+        known = [keys for keys in queues if keys.poll in self._labels]
+        self._due.difference_update(keys.name for keys in queues if keys.poll not in self._labels)
+        return known
 
     async def _ensure_groups(self, queues: Sequence[PollKeys]) -> None:
         new = [keys for keys in queues if keys.points not in self._grouped]
@@ -164,68 +221,82 @@ class InfluxDrainer:
                 raise reply
             self._grouped.add(keys.points)
 
-    async def _read(self, queues: Sequence[PollKeys]) -> list[tuple[PollKeys, list[Any]]]:
-        """Up to a batch per queue: new points, and now and then points idle past their time."""
+    async def _read(
+        self, queues: Sequence[PollKeys]
+    ) -> tuple[list[tuple[PollKeys, list[Any]]], set[str]]:
+        """New points of each queue (and now and then points idle past their time), about
+        ``batch_max`` in all; and the names of the queues found empty."""
+        self._more = False
+        if not queues:
+            return [], set()
         claim = asyncio.get_running_loop().time() >= self._next_claim_s
+        count = max(1, self._entries_max // len(queues))
         async with self._redis.pipeline(transaction=False) as pipe:
             for keys in queues:
                 points = keys.points
-                pipe.xreadgroup(GROUP, self._consumer, {points: ">"}, count=self._entries_max)
+                pipe.xreadgroup(GROUP, self._consumer, {points: ">"}, count=count)
                 if claim:
-                    pipe.xautoclaim(
-                        points, GROUP, self._consumer, self._claim_idle_ms, count=self._entries_max
-                    )
+                    pipe.xautoclaim(points, GROUP, self._consumer, self._claim_idle_ms, count=count)
+                # Empty now: a point queued later is announced later, so it is not missed.
+                pipe.xlen(points)
             replies = await pipe.execute(raise_on_error=False)
         raise_if_away(replies)
         if claim:
             self._next_claim_s = asyncio.get_running_loop().time() + self._claim_idle_ms / 3000
-        step = 2 if claim else 1
-        self._more = False
+        step = 3 if claim else 2
+        self._more = len(self._due) > len(queues)
         batches: list[tuple[PollKeys, list[Any]]] = []
+        empty: set[str] = set()
         for i, keys in enumerate(queues):
-            read = replies[i * step]
+            read, length = replies[i * step], replies[i * step + step - 1]
             if isinstance(read, Exception):
                 # NOGROUP: the poll was deleted and made again since; its group next round.
                 self._grouped.discard(keys.points)
                 continue
+            if length == 0:
+                empty.add(keys.name)
             entries = [e for _, stream in (read or []) for e in stream]
-            self._more = self._more or len(entries) >= self._entries_max
+            self._more = self._more or len(entries) >= count
             if claim and not isinstance(replies[i * step + 1], Exception):
                 # [next id, claimed entries, ids deleted meanwhile]: only what still exists.
                 entries += [e for e in replies[i * step + 1][1] if e[1] is not None]
             if entries:
                 batches.append((keys, entries))
-        return batches
+        return batches, empty
 
     async def queue_depth(self) -> int:
-        """Points waiting in all polls' queues."""
-        with redis_errors():
-            async with asyncio.timeout(self._redis_timeout_s):
-                polls = await list_polls(self._redis)
-                queues = await point_queues(self._redis, await shards_of(self._redis, polls))
-                return sum(queue.queued for queue in queues.values())
-
-    async def _labels_of(self, poll: str) -> tuple[str, ...]:
-        if poll not in self._labels:
-            definition = await load_poll(self._redis, poll)
-            self._labels[poll] = definition.labels if definition else ()
-        return self._labels[poll]
-
-    async def _deliver(
-        self, keys: PollKeys, points: list[QueuedPoint], ids: list[tuple[bytes, int]]
-    ) -> int:
-        """Write ``points`` (from the entries ``ids``: id, and how many of the tally's
-        queued_points it holds), set the refused ones aside, take the entries off the queue."""
-        labels = await self._labels_of(keys.poll)
-        n = len(labels)
-        lines = [line_for(p, labels[p.option] if p.option < n else "") for p in points]
-        landed, refused = await self._write_until_done(lines, points)
+        """Points waiting in the queues that took points (every queue is one of them, or
+        is found by the next sweep)."""
+        names = sorted(self._due)
         with redis_errors():
             async with asyncio.timeout(self._redis_timeout_s):
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for point, reason in refused:
+                    for name in names:
+                        pipe.hget(PollKeys.named(name).tally, QUEUED_POINTS)
+                    return sum(int(n or 0) for n in await pipe.execute())
+
+    async def _deliver(self, batches: list[tuple[PollKeys, list[Any]]]) -> int:
+        """Write the points of ``batches`` (each queue's entries) in writes of up to
+        ``batch_max`` points, set the refused ones aside, take the entries off their queues."""
+        lines: list[bytes] = []
+        owned: list[tuple[int, QueuedPoint]] = []
+        for i, (keys, entries) in enumerate(batches):
+            labels = self._labels.get(keys.poll, ())
+            n = len(labels)
+            for sid, fields in entries:
+                for p in points_of_entry(keys.poll, sid, fields):
+                    lines.append(line_for(p, labels[p.option] if p.option < n else ""))
+                    owned.append((i, p))
+        refused: list[tuple[tuple[int, QueuedPoint], str]] = []
+        for start in range(0, len(lines), self._batch_max):
+            end = start + self._batch_max
+            refused += await self._write_until_done(lines[start:end], owned[start:end])
+        with redis_errors():
+            async with asyncio.timeout(self._redis_timeout_s):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for (i, point), reason in refused:
                         pipe.xadd(
-                            keys.points_rejected,
+                            batches[i][0].points_rejected,
                             {
                                 "d": point.device,
                                 "e": point.epoch,
@@ -235,37 +306,41 @@ class InfluxDrainer:
                                 "reason": reason[:300],
                             },
                         )
-                    pipe.xack(keys.points, GROUP, *(sid for sid, _ in ids))
-                    # Deleted and uncounted together, and only what this call deleted: a
-                    # drainer that took over an entry another one also settled counts it once.
-                    pipe.eval(
-                        _SETTLE,
-                        2,
-                        keys.points,
-                        keys.tally,
-                        QUEUED_POINTS,
-                        *(x for entry in ids for x in entry),
-                    )
+                    for keys, entries in batches:
+                        ids = [(sid, counted_points(f)) for sid, f in entries]
+                        pipe.xack(keys.points, GROUP, *(sid for sid, _ in ids))
+                        # Deleted and uncounted together, and only what this call deleted: a
+                        # drainer that took over an entry another one also settled counts it
+                        # once.
+                        pipe.eval(
+                            _SETTLE,
+                            2,
+                            keys.points,
+                            keys.tally,
+                            QUEUED_POINTS,
+                            *(x for entry in ids for x in entry),
+                        )
                     await pipe.execute()
         self.set_aside += len(refused)
         if self._metrics is not None:
             self._metrics.influx_points_refused.inc(len(refused))
-        if refused:
+        for (i, point), reason in refused[:1]:
             log.error(
-                "InfluxDB refused %d points of poll %s; set aside in %s: %s",
+                "InfluxDB refused %d points (of poll %s and others); set aside in each poll's "
+                "points_rejected, such as %s: %s",
                 len(refused),
-                keys.poll,
-                keys.points_rejected,
-                refused[0][1][:200],
+                point.poll,
+                batches[i][0].points_rejected,
+                reason[:200],
             )
-        return len(points)
+        return len(lines)
 
     async def _write_until_done(
-        self, lines: list[bytes], points: list[QueuedPoint]
-    ) -> tuple[int, list[tuple[QueuedPoint, str]]]:
+        self, lines: list[bytes], owned: list[tuple[int, QueuedPoint]]
+    ) -> list[tuple[tuple[int, QueuedPoint], str]]:
         """Write, retrying outages forever; split on 413, bisect a 400 down to the bad points.
 
-        Returns the number of points that landed and the (point, reason) pairs refused as bad.
+        Returns the points refused as bad (as given in ``owned``), each with the reason.
         """
         delays = backoff_delays(base_s=0.5, cap_s=30.0)
         while True:
@@ -273,16 +348,16 @@ class InfluxDrainer:
                 await asyncio.to_thread(self._writer.write, lines)
                 if self._metrics is not None:
                     self._metrics.influx_points_written.inc(len(lines))
-                return len(lines), []
+                return []
             except InfluxRejected as exc:
                 if exc.status == 413 and len(lines) > 1:
-                    return await self._split(lines, points)
+                    return await self._split(lines, owned)
                 if exc.status == 400:
                     if len(lines) == 1:
-                        return 0, [(points[0], exc.body)]
+                        return [(owned[0], exc.body)]
                     # Some points are bad, InfluxDB may have written the rest ("partial write");
                     # rewriting those is harmless (same series, same timestamp).
-                    return await self._split(lines, points)
+                    return await self._split(lines, owned)
                 delay = exc.retry_after_s if exc.retry_after_s is not None else next(delays)
                 await self._log_failure(f"HTTP {exc.status}: {exc.body[:200]}", delay)
                 await asyncio.sleep(delay)
@@ -292,12 +367,11 @@ class InfluxDrainer:
                 await asyncio.sleep(delay)
 
     async def _split(
-        self, lines: list[bytes], points: list[QueuedPoint]
-    ) -> tuple[int, list[tuple[QueuedPoint, str]]]:
+        self, lines: list[bytes], owned: list[tuple[int, QueuedPoint]]
+    ) -> list[tuple[tuple[int, QueuedPoint], str]]:
         half = len(lines) // 2
-        first = await self._write_until_done(lines[:half], points[:half])
-        second = await self._write_until_done(lines[half:], points[half:])
-        return first[0] + second[0], first[1] + second[1]
+        first = await self._write_until_done(lines[:half], owned[:half])
+        return first + await self._write_until_done(lines[half:], owned[half:])
 
     async def _log_failure(self, why: str, delay: float) -> None:
         self.failures += 1
