@@ -302,6 +302,7 @@ class Settings:
     results_interval_s: float = _setting(
         0.1, env="VOTEBOX_RESULTS_INTERVAL_S", help="results publish interval"
     )
+    # How often the results lease is renewed, or taken when free (its time is 3 times this).
     polls_rescan_s: float = 2.0
     batch_max: int = _setting(
         500, env="VOTEBOX_BATCH_MAX", help="votes per Redis round trip at most"

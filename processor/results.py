@@ -6,17 +6,22 @@ state change (announced by the CLI on Redis pub/sub, or reached by the clock) is
 once; a deleted poll's retained topics are cleared.
 
 Each publish re-reads the poll from Redis, and a restarted processor republishes every poll.
+Otherwise only polls that changed are read: marked by commits, announced on pub/sub, or due by
+the clock (a scheduled open or close, a new minute for a poll with votes in the last hour); a
+poll nothing happens to costs nothing.
 
 Several processors on one broker: one publishes at a time, the holder of the results lease (a
 Redis key with its client id and a TTL, renewed as it publishes), so the version a dashboard
 sees never goes back: MQTT keeps one connection's messages in order, not several's. The others
 tell it on `RESULTS_CHANGED` which polls their commits changed. When the holder stops, it lets
-go; when it dies, the lease expires and the next processor's rescan takes it.
+go; when it dies, the lease expires and the next processor to look (every ``rescan_s``) takes
+it and publishes every poll.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import time
@@ -85,7 +90,8 @@ class ResultsPublisher:
         redis: where the tallies are.
         publish: sends one retained QoS 1 message, given topic and payload.
         interval_s: the coalescing interval of results.
-        rescan_s: how often every poll is checked, to catch changes nobody announced.
+        rescan_s: how often the lease is renewed, or taken when free (a rescan of every poll
+            follows when it is taken, and after the announcements were not heard for a while).
         timeout_s: deadline of one Redis read.
         metrics: counts the publishes by poll, when given.
         pace: awaited between polls of a burst (every poll at a start or rescan), so that the
@@ -126,7 +132,13 @@ class ResultsPublisher:
         # Polls whose results moved while their series was not due: published when it is.
         self._series_later: set[str] = set()
         self._cleared: set[str] = set()
-        self._next_change_ms: int | None = None
+        # The polls' next scheduled opens and closes: a heap of (ms, poll), and each poll's
+        # current one (heap entries that differ from it are stale).
+        self._schedule: list[tuple[int, str]] = []
+        self._change_at: dict[str, int] = {}
+        # Polls whose series holds a vote: their hour moves on every minute. The rest of the
+        # polls cost nothing while nothing happens to them.
+        self._series_live: set[str] = set()
         self._force_rescan = False
         self._wake = asyncio.Event()
 
@@ -144,41 +156,43 @@ class ResultsPublisher:
         self._wake.set()
 
     async def run(self) -> None:
-        """Publish until cancelled: changed polls coalesced, announced changes at once, every
-        poll at each rescan and at each scheduled open or close."""
+        """Publish until cancelled: changed polls coalesced, announced changes at once, a poll
+        at its scheduled open or close, and every poll at the start and at each rescan (the
+        lease taken, the announcements heard again after a gap)."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._listen(), name="votebox.results.listen")
             await self._publish_loop()
 
     async def _publish_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        next_rescan = 0.0
+        self._force_rescan = True  # every poll once, at the start
+        next_lease = 0.0
+        retry_rescan_at: float | None = None
         while True:
-            if loop.time() >= next_rescan:
+            if self._lease is not None and loop.time() >= next_lease:
+                # Renewed while held (idle or not); taken when free: a holder that died is
+                # replaced within its lease's time, and the new holder publishes every poll.
+                try:
+                    await self._hold()
+                except StoreUnavailable as exc:
+                    log.warning("results lease not renewed: %s", exc)
+                next_lease = loop.time() + self._rescan_s
+            if self._force_rescan and (retry_rescan_at is None or loop.time() >= retry_rescan_at):
+                # Cleared first: a reason for another rescan that comes meanwhile stays.
+                self._force_rescan = False
                 try:
                     await self._rescan()
+                    retry_rescan_at = None
                 except StoreUnavailable as exc:
-                    log.warning("results rescan skipped: %s", exc)
-                next_rescan = loop.time() + self._rescan_s
-            wait_s = next_rescan - loop.time()
-            if self._next_change_ms is not None:
-                wait_s = min(wait_s, self._next_change_ms / 1000 - time.time() + 0.001)
-            if self._series_later:
-                soonest = min(self._series_due.get(poll, 0.0) for poll in self._series_later)
-                wait_s = min(wait_s, soonest - loop.time())
-            try:
-                async with asyncio.timeout(max(0.0, wait_s)):
-                    await self._wake.wait()
-            except TimeoutError:
-                if self._next_change_ms is not None and time.time() * 1000 >= self._next_change_ms:
-                    next_rescan = 0.0  # a poll opens or closes now: publish its new state
-                due = {p for p in self._series_later if loop.time() >= self._series_due.get(p, 0.0)}
-                if not due:
-                    continue
-                # The last votes' minute reaches the chart without waiting for a rescan.
-                self._series_later -= due
-                self._dirty |= due
-            self._wake.clear()
+                    log.warning("results rescan postponed: %s", exc)
+                    self._force_rescan = True
+                    retry_rescan_at = loop.time() + self._rescan_s
+            rescan_in = None
+            if self._force_rescan:
+                rescan_in = 0.0 if retry_rescan_at is None else retry_rescan_at - loop.time()
+            await self._sleep_until_due(
+                next_lease if self._lease is not None else None, rescan_in=rescan_in
+            )
             try:
                 if self._urgent:
                     urgent, self._urgent = self._urgent, set()
@@ -187,10 +201,52 @@ class ResultsPublisher:
             except StoreUnavailable as exc:
                 log.warning("results publish postponed: %s", exc)
                 continue
-            if self._force_rescan:
-                self._force_rescan = False
-                next_rescan = 0.0
             await asyncio.sleep(self._interval_s)
+
+    async def _sleep_until_due(
+        self, next_lease: float | None, *, rescan_in: float | None = None
+    ) -> None:
+        """Wait for a mark or an announcement, or until the clock makes something due: a
+        scheduled open or close, a series whose time came, a new minute for the series of the
+        polls that took votes in the last hour, the lease's renewal. Marks what came due."""
+        loop = asyncio.get_running_loop()
+        now_s = time.time()
+        waits = [3600.0]
+        if next_lease is not None:
+            waits.append(next_lease - loop.time())
+        if rescan_in is not None:
+            waits.append(rescan_in)
+        if self._schedule:
+            waits.append(self._schedule[0][0] / 1000 - now_s + 0.001)
+        if self._series_later:
+            soonest = min(self._series_due.get(poll, 0.0) for poll in self._series_later)
+            waits.append(soonest - loop.time())
+        if self._series_live:
+            waits.append(60.0 - now_s % 60.0 + 0.001)
+        minute = int(now_s // 60)
+        try:
+            async with asyncio.timeout(max(0.0, min(waits))):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+        self._wake.clear()
+        now_ms = int(time.time() * 1000)
+        while self._schedule and self._schedule[0][0] <= now_ms:
+            at_ms, poll = heapq.heappop(self._schedule)
+            if self._change_at.get(poll) == at_ms:
+                del self._change_at[poll]
+                self._dirty.add(poll)  # it opens or closes now: publish its new state
+        clock = loop.time()
+        if now_ms // 60_000 > minute:
+            # A new minute: the hour of every poll with votes in it moves on.
+            for poll in self._series_live:
+                self._series_due[poll] = clock
+                self._series_later.add(poll)
+        due = {p for p in self._series_later if clock >= self._series_due.get(p, 0.0)}
+        if due:
+            # The last votes' minute reaches the chart without waiting for the next vote.
+            self._series_later -= due
+            self._dirty |= due
 
     async def flush(self) -> None:
         """Publish every poll marked so far, now.
@@ -329,16 +385,31 @@ class ResultsPublisher:
         for poll, counts in series.items():
             self._series_due[poll] = clock + SERIES_EVERY_S
             self._series_later.discard(poll)
+            if any(counts):
+                self._series_live.add(poll)
+            else:
+                self._series_live.discard(poll)
             self._publish_series(poll, counts, now_ms)
+        if every:
+            self._schedule, self._change_at = [], {}
+        for poll in wanted - snapshots.keys():
+            self._change_at.pop(poll, None)  # deleted
+            self._series_live.discard(poll)
         for poll, snap in snapshots.items():
             self._cleared.discard(poll)
+            at_ms = snap.poll.next_change_ms(now_ms)
+            if at_ms and self._change_at.get(poll) != at_ms:
+                self._change_at[poll] = at_ms
+                heapq.heappush(self._schedule, (at_ms, poll))
+            elif not at_ms:
+                self._change_at.pop(poll, None)
             self._publish_one(poll, snap, now_ms)
             if self._pace is not None:
                 await self._pace()
-        changes = [t for snap in snapshots.values() if (t := snap.poll.next_change_ms(now_ms))]
-        if not every and self._next_change_ms is not None and self._next_change_ms > now_ms:
-            changes.append(self._next_change_ms)  # a partial publish keeps the others' times
-        self._next_change_ms = min(changes) if changes else None
+        if len(self._schedule) > 2 * len(self._change_at) + 64:
+            # Stale entries outnumber the live ones: rebuild, so the heap stays the polls' size.
+            self._schedule = [(t, poll) for poll, t in self._change_at.items()]
+            heapq.heapify(self._schedule)
 
     def _publish_one(self, poll: str, snap: Snapshot, now_ms: int) -> None:
         config = _json(snap.poll.config(now_ms))

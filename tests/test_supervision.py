@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from harness.services import ManagedProcess
-from processor.keys import PollKeys
+from processor.keys import POLLS_CHANGED, PollKeys
 from processor.poll import Poll
 from processor.supervise import EXIT_FAILED, EXIT_STUCK, Watchdog, supervised
 from tests.test_faults import wait_log
@@ -76,17 +76,20 @@ async def test_a_part_that_fails_ends_the_processor_with_its_cause_logged(
 ) -> None:
     proc = spawn_processor(mosquitto_proc)
     await wait_log(proc, "ready: consuming")
-    # A tally that is not a hash: the results publisher's next rescan cannot read it, and no
-    # retry will change that.
+    # A tally that is not a hash, and its poll announced as changed: the results publisher
+    # cannot read it, and no retry will change that.
     keys = PollKeys(poll.id)
     await redis.delete(keys.tally)
     await redis.set(keys.tally, "not a hash")
-    assert proc.proc is not None
-    code = await asyncio.to_thread(proc.proc.wait, 30)
+    try:
+        await redis.publish(POLLS_CHANGED, poll.id)
+        assert proc.proc is not None
+        code = await asyncio.to_thread(proc.proc.wait, 30)
+    finally:
+        await redis.delete(keys.tally)  # or every later processor would fail the same way
     assert code == EXIT_FAILED
     log = proc.log_text(since_start=True)
     assert "votebox.results failed" in log and "WRONGTYPE" in log, log[-3000:]
-    await redis.delete(keys.tally)
 
 
 @pytest.mark.e2e
