@@ -1,8 +1,9 @@
 """Device sites: where a kiosk stands, for analysts (the ``site`` tag of its InfluxDB points).
 
 Rule: a site is set by an operator (``votebox device add --site``, ``votebox device site``) in
-Redis; the processor reads all of them every `REFRESH_S` and hands each vote's to the tally,
-which stores it with the vote's point, so a point written twice is written the same.
+Redis, and its version bumped in the same transaction; the processor looks at the version every
+`REFRESH_S`, reads all sites only when it moved, and hands each vote's to the tally, which
+stores it with the vote's point, so a point written twice is written the same.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Final
 from redis.asyncio import Redis
 
 from processor.errors import ConfigError, StoreUnavailable
-from processor.keys import DEVICES_SITE
+from processor.keys import DEVICES_SITE, DEVICES_SITE_VERSION
 from processor.store import redis_errors, redis_text
 
 __all__ = ["REFRESH_S", "Sites", "check_site", "clear_site", "read_sites", "set_site"]
@@ -41,12 +42,20 @@ def check_site(site: str) -> str:
 
 async def set_site(redis: Redis, device: str, site: str) -> None:
     """Put ``device`` at ``site``: the votes it casts from now on carry it."""
-    await redis.hset(DEVICES_SITE, device, check_site(site))
+    check_site(site)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(DEVICES_SITE, device, site)
+        pipe.incr(DEVICES_SITE_VERSION)
+        await pipe.execute()
 
 
 async def clear_site(redis: Redis, device: str) -> bool:
     """Take ``device``'s site away; whether it had one."""
-    return bool(await redis.hdel(DEVICES_SITE, device))
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hdel(DEVICES_SITE, device)
+        pipe.incr(DEVICES_SITE_VERSION)
+        removed, _ = await pipe.execute()
+    return bool(removed)
 
 
 async def read_sites(redis: Redis) -> dict[str, str]:
@@ -56,26 +65,34 @@ async def read_sites(redis: Redis) -> dict[str, str]:
 
 
 class Sites:
-    """The processor's copy of every device's site, read again every `REFRESH_S`."""
+    """The processor's copy of every device's site, read again when their version moved."""
 
     def __init__(self, redis: Redis, *, timeout_s: float, refresh_s: float = REFRESH_S) -> None:
         self._redis = redis
         self._timeout_s = timeout_s
         self._refresh_s = refresh_s
         self.current: dict[str, str] = {}
+        self._version: bytes | str | None = None
+        self._loaded = False
 
     async def load(self) -> None:
-        """Read the sites now.
+        """Read the sites now, if they changed since the last read.
 
         Raises:
             StoreUnavailable: Redis is away.
         """
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):
+                version = await self._redis.get(DEVICES_SITE_VERSION)
+                if self._loaded and version == self._version:
+                    return
+                # The version first: a change after it is read is seen at the next look.
                 self.current = await read_sites(self._redis)
+                self._version, self._loaded = version, True
 
     async def run(self) -> None:
-        """Read the sites every `REFRESH_S` until cancelled; an outage keeps the last copy."""
+        """Look for changed sites every `REFRESH_S` until cancelled; an outage keeps the last
+        copy."""
         while True:
             try:
                 await self.load()

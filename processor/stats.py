@@ -10,14 +10,22 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from redis.asyncio import Redis
 
+from processor.changes import SWEEP_S, ChangeFeed
 from processor.errors import StoreUnavailable
-from processor.keys import DEVICES_SEEN, QUEUED_POINTS, UNATTRIBUTED_FATES, shard_keys
+from processor.keys import (
+    DEVICES_SEEN,
+    POLLS_INDEX,
+    QUEUED_POINTS,
+    UNATTRIBUTED_FATES,
+    PollKeys,
+    shard_keys,
+)
 from processor.metrics import Metrics
 from processor.mqtt import Publish
 from processor.poll_store import list_polls, shards_of
@@ -25,7 +33,7 @@ from processor.reasons import Fate
 from processor.store import redis_errors, redis_text
 from processor.topics import STATS_TOPIC
 
-__all__ = ["SILENT_LISTED_MAX", "Stats", "StatsPublisher", "read_stats"]
+__all__ = ["SILENT_LISTED_MAX", "Stats", "StatsPublisher", "StatsReader", "read_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -69,60 +77,157 @@ class Stats:
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 
-async def read_stats(redis: Redis, *, now_ms: int, silent_after_s: float) -> Stats:
-    """Read the totals of every poll, the InfluxDB queue and the devices' last-seen times.
+def _blank() -> dict[str, int]:
+    return {name: 0 for name in sorted(_FATES)} | {"devices": 0}
 
-    Three round trips: the poll list, their shards, then everything else in one pipeline.
+
+class StatsReader:
+    """Reads the totals incrementally: only the poll shards the change feed names, the ones
+    with points still queued (the drainer takes them off, unannounced) and, every `SWEEP_S`
+    or when the feed cannot say, every poll. Its cost follows the votes, not the polls.
+
+    Args:
+        redis: where the tallies are.
     """
-    polls = await list_polls(redis)
-    shards = await shards_of(redis, polls)
-    queues = [(poll, keys) for poll in polls for keys in shard_keys(poll, shards[poll])]
-    async with redis.pipeline(transaction=False) as pipe:
-        for _, keys in queues:
-            pipe.hgetall(keys.fates)
-            pipe.hlen(keys.devices)
-            pipe.hget(keys.tally, QUEUED_POINTS)
-        pipe.hgetall(UNATTRIBUTED_FATES)
-        pipe.hgetall(DEVICES_SEEN)
-        replies = await pipe.execute()
-    votes = {name: 0 for name in sorted(_FATES)}
-    rejected: dict[str, int] = {}
-    per_poll: dict[str, dict[str, int]] = {}
-    queue = 0
-    for i, (poll, _) in enumerate(queues):
-        fates, devices, queued = replies[3 * i : 3 * i + 3]
-        # A poll over several shards: a device votes on one of them, so their sums are exact.
-        mine = per_poll.setdefault(poll, {name: 0 for name in sorted(_FATES)} | {"devices": 0})
-        for key, value in fates.items():
-            name, n = redis_text(key), int(value)
-            if name in _FATES:
-                mine[name] += n
-            elif name != "point_dropped":  # a point's fate, not a vote's
-                mine["rejected"] += n
-                rejected[name] = rejected.get(name, 0) + n
-        mine["devices"] += int(devices)
-        queue += int(queued or 0)
-    for mine in per_poll.values():
-        for name in _FATES:
-            votes[name] += mine[name]
-    for key, value in replies[-2].items():
-        votes["rejected"] += int(value)
-        rejected[redis_text(key)] = rejected.get(redis_text(key), 0) + int(value)
-    seen = {redis_text(k): int(v) for k, v in replies[-1].items()}
-    cutoff = now_ms - int(silent_after_s * 1000)
-    silent = sorted(
-        ((d, ms) for d, ms in seen.items() if ms < cutoff), key=lambda x: x[1], reverse=True
-    )
-    return Stats(
-        ts_ms=now_ms,
-        votes=votes,
-        rejected=dict(sorted(rejected.items())),
-        polls=per_poll,
-        influx_queue=queue,
-        devices_known=len(seen),
-        silent=silent[:SILENT_LISTED_MAX],
-        silent_count=len(silent),
-    )
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._feed = ChangeFeed(redis)
+        self._shards: dict[str, int] = {}  # poll -> shards, of every poll in the index
+        # shard name -> (its fate counts by name, its devices, its queued points)
+        self._per_shard: dict[str, tuple[dict[str, int], int, int]] = {}
+        self._queued: set[str] = set()  # shard names with points queued at the last read
+        self._sweep_at = 0.0
+        # poll -> its entry of the message, JSON, kept until one of its shards is read again
+        self._poll_json: dict[str, str] = {}
+        self._poll_rows: dict[str, dict[str, int]] = {}
+
+    async def read(self, *, now_ms: int, silent_after_s: float) -> Stats:
+        """The totals now.
+
+        Raises:
+            redis.RedisError: mapped by the caller's `redis_errors`.
+        """
+        changes = await self._feed.read()
+        clock = time.monotonic()
+        if changes is None or clock >= self._sweep_at:
+            polls = await list_polls(self._redis)
+            self._shards = await shards_of(self._redis, polls)
+            self._per_shard.clear()
+            self._poll_json.clear()
+            self._poll_rows.clear()
+            names = {k.name for p, n in self._shards.items() for k in shard_keys(p, n)}
+            self._sweep_at = clock + SWEEP_S
+        else:
+            names = set(self._queued)
+            if changes.polls:
+                # Made, changed or deleted by an operator: its shards may differ now.
+                ids = sorted(changes.polls)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for poll in ids:
+                        pipe.sismember(POLLS_INDEX, poll)
+                    present = await pipe.execute()
+                shards = await shards_of(self._redis, ids)
+                for poll, there in zip(ids, present, strict=True):
+                    for name in [n for n in self._per_shard if n.split(":")[0] == poll]:
+                        del self._per_shard[name]
+                    self._poll_json.pop(poll, None)
+                    self._poll_rows.pop(poll, None)
+                    if there:
+                        self._shards[poll] = shards[poll]
+                        names |= {k.name for k in shard_keys(poll, shards[poll])}
+                    else:
+                        self._shards.pop(poll, None)
+            names |= {n for n in changes.shards if n.split(":")[0] in self._shards}
+        await self._read_shards(sorted(names))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            cutoff = now_ms - int(silent_after_s * 1000)
+            pipe.hgetall(UNATTRIBUTED_FATES)
+            pipe.zcard(DEVICES_SEEN)
+            pipe.zcount(DEVICES_SEEN, "-inf", f"({cutoff}")
+            pipe.zrevrangebyscore(
+                DEVICES_SEEN, f"({cutoff}", "-inf", start=0, num=SILENT_LISTED_MAX, withscores=True
+            )
+            unattributed, known, silent_count, silent = await pipe.execute()
+        return self._stats(now_ms, unattributed, known, silent_count, silent)
+
+    async def _read_shards(self, names: Sequence[str]) -> None:
+        if not names:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                keys = PollKeys.named(name)
+                pipe.hgetall(keys.fates)
+                pipe.hlen(keys.devices)
+                pipe.hget(keys.tally, QUEUED_POINTS)
+            replies = await pipe.execute()
+        for i, name in enumerate(names):
+            fates, devices, queued = replies[3 * i : 3 * i + 3]
+            counts = {redis_text(k): int(v) for k, v in fates.items()}
+            self._per_shard[name] = (counts, int(devices), int(queued or 0))
+            if queued and int(queued):
+                self._queued.add(name)
+            else:
+                self._queued.discard(name)
+            poll = name.split(":")[0]
+            self._poll_json.pop(poll, None)
+            self._poll_rows.pop(poll, None)
+
+    def _row(self, poll: str) -> dict[str, int]:
+        row = self._poll_rows.get(poll)
+        if row is None:
+            row = _blank()
+            for keys in shard_keys(poll, self._shards.get(poll, 1)):
+                # A poll over several shards: a device votes on one of them, so sums are exact.
+                fates, devices, _ = self._per_shard.get(keys.name, ({}, 0, 0))
+                for name, n in fates.items():
+                    if name in _FATES:
+                        row[name] += n
+                    elif name != "point_dropped":  # a point's fate, not a vote's
+                        row["rejected"] += n
+                row["devices"] += devices
+            self._poll_rows[poll] = row
+        return row
+
+    def _stats(
+        self,
+        now_ms: int,
+        unattributed: dict[bytes, bytes],
+        known: int,
+        silent_count: int,
+        silent: list[tuple[bytes, float]],
+    ) -> Stats:
+        votes = {name: 0 for name in sorted(_FATES)}
+        rejected: dict[str, int] = {}
+        queue = 0
+        for fates, _, queued in self._per_shard.values():
+            queue += queued
+            for reason, n in fates.items():
+                if reason not in _FATES and reason != "point_dropped":
+                    rejected[reason] = rejected.get(reason, 0) + n
+        per_poll = {poll: self._row(poll) for poll in self._shards}
+        for row in per_poll.values():
+            for name in _FATES:
+                votes[name] += row[name]
+        for key, value in unattributed.items():
+            votes["rejected"] += int(value)
+            rejected[redis_text(key)] = rejected.get(redis_text(key), 0) + int(value)
+        return Stats(
+            ts_ms=now_ms,
+            votes=votes,
+            rejected=dict(sorted(rejected.items())),
+            polls=per_poll,
+            influx_queue=queue,
+            devices_known=int(known),
+            silent=[(redis_text(d), int(ms)) for d, ms in silent],
+            silent_count=int(silent_count),
+        )
+
+
+async def read_stats(redis: Redis, *, now_ms: int, silent_after_s: float) -> Stats:
+    """Read the totals of every poll, the InfluxDB queue and the devices' last-seen times
+    (every poll: `StatsReader` reads only what changed since its last read)."""
+    return await StatsReader(redis).read(now_ms=now_ms, silent_after_s=silent_after_s)
 
 
 class StatsPublisher:
@@ -156,6 +261,7 @@ class StatsPublisher:
         self._silent_after_s = silent_after_s
         self._timeout_s = timeout_s
         self._about_me = about_me
+        self._reader = StatsReader(redis)
 
     async def run(self) -> None:
         """Publish until cancelled; a Redis outage skips a round (logged once per outage)."""
@@ -178,8 +284,7 @@ class StatsPublisher:
         """
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):
-                stats = await read_stats(
-                    self._redis,
+                stats = await self._reader.read(
                     now_ms=int(time.time() * 1000),
                     silent_after_s=self._silent_after_s,
                 )
