@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import redis as sync_redis
 from redis.asyncio import Redis
 
@@ -44,13 +45,21 @@ from harness.services import (
     rss_mb,
 )
 from processor.commands.watch import results_stream
-from processor.config import MqttUrl, RedisTarget
+from processor.config import InfluxTarget, MqttUrl, RedisTarget
 from processor.keys import PollKeys, shard_keys
 from processor.poll import Poll
 from processor.poll_store import create_poll, read_results
 from processor.store import connect
 
 __all__ = ["COUNTING_RUNS", "BenchConfig", "main", "run_bench"]
+
+# The sum of the polls' totals (KEYS: their tally hashes), read in one call while a backlog over
+# thousands of polls drains.
+_SUM_TOTALS = """
+local n = 0
+for _, key in ipairs(KEYS) do n = n + tonumber(redis.call('HGET', key, 'total') or '0') end
+return n
+"""
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -65,10 +74,23 @@ class BenchConfig:
     latency_seconds: float = 10.0
     dup_share: float = 0.05
     batch_share: float = 0.05
+    # The many-polls runs (docs/benchmarks.md, Many polls): a backlog spread over this many
+    # polls beside the same backlog in one, and this many open polls with nothing happening.
+    spread_polls: int = 2000
+    idle_polls: int = 10_000
+    idle_seconds: float = 30.0
 
     @classmethod
     def smoke(cls) -> BenchConfig:
-        return cls(messages=3000, devices=50, amqtt_messages=1500, latency_seconds=2.0)
+        return cls(
+            messages=3000,
+            devices=50,
+            amqtt_messages=1500,
+            latency_seconds=2.0,
+            spread_polls=20,
+            idle_polls=50,
+            idle_seconds=2.0,
+        )
 
 
 def _loadgen(
@@ -361,7 +383,7 @@ class Bench:
         )
         load = json.loads(gen.communicate()[0])
         proc.start(wait=False)
-        drained = asyncio.run(self._watch_drain(proc, broker, poll, load["unique_votes"]))
+        drained = asyncio.run(self._watch_drain(proc, broker, [poll], load["unique_votes"]))
         asyncio.run(self._wait_points_drained([poll], self.single, 1))
         self.retire([proc])
         # From the first vote counted: the process's start (imports) is not the drain.
@@ -386,16 +408,18 @@ class Bench:
         }
 
     async def _watch_drain(
-        self, proc: ManagedProcess, broker: ManagedProcess, poll: str, unique: int
+        self, proc: ManagedProcess, broker: ManagedProcess, polls: Sequence[str], unique: int
     ) -> dict[str, Any]:
         """When the first vote of a backlog was counted, and the last; the processor's CPU
-        and every process's cores between."""
+        and every process's cores between. The polls' totals are summed in one script call,
+        so that watching 2,000 polls costs Redis about what watching one does."""
         redis = connect(self.single.target, timeout_s=10)
+        tallies = [PollKeys(poll).tally for poll in polls]
         first: tuple[float, int, float, _CpuMeter] | None = None
         deadline = time.monotonic() + 600
         try:
             while time.monotonic() < deadline:
-                total = (await read_results(redis, [poll]))[poll].total
+                total = int(await redis.eval(_SUM_TOTALS, len(tallies), *tallies))
                 now = time.time()
                 if first is None and total > 0:
                     first = (now, total, _cpu_s(proc.pid), self._meter(broker, [proc]))
@@ -411,7 +435,21 @@ class Bench:
                 await asyncio.sleep(0.005)
         finally:
             await redis.aclose()
-        raise TimeoutError(f"the backlog of {poll} was not counted in 600 s")
+        raise TimeoutError(f"the backlog over {len(polls)} poll(s) was not counted in 600 s")
+
+    def _load(
+        self, broker: ManagedProcess, polls: Sequence[str], *, messages: int, devices: int
+    ) -> subprocess.Popen[str]:
+        """The load generator with the run's repeats and batches: device d votes in poll d
+        mod len(polls)."""
+        return _loadgen(
+            broker.port,
+            poll=",".join(polls),
+            messages=messages,
+            devices=devices,
+            dup=self.config.dup_share,
+            batch=self.config.batch_share,
+        )
 
     def _meter(
         self,
@@ -448,14 +486,7 @@ class Bench:
         meter = self._meter(broker, procs, store)
         per_node = _CpuMeter({node.name: [node.pid] for node in store.nodes})
         script_before = asyncio.run(script_cpu_s(store.target))
-        gen = _loadgen(
-            broker.port,
-            poll=",".join(ids),
-            messages=messages,
-            devices=devices,
-            dup=self.config.dup_share,
-            batch=self.config.batch_share,
-        )
+        gen = self._load(broker, ids, messages=messages, devices=devices)
         load, done, total = asyncio.run(self._wait_total(gen, ids, store))
         elapsed = done - load["started"]
         cpu = sum(_cpu_s(p.pid) - b for p, b in zip(procs, cpu_before, strict=True))
@@ -549,6 +580,123 @@ class Bench:
             return total / devices + statistics.mean(sizes)
         finally:
             await redis.aclose()
+
+    def polls_backlog(
+        self, broker: ManagedProcess, *, messages: int, devices: int, polls: int
+    ) -> dict[str, Any]:
+        """A backlog of ``messages`` votes from ``devices`` devices over ``polls`` polls
+        (device d votes in poll d mod polls), queued while the processor was away, then
+        drained: votes/s from the first vote counted to the last, how long InfluxDB took to
+        have the last point after that, and whether every poll's retained result is right."""
+        ids = self._polls(f"spread{polls}", self.single, polls=polls)
+        [proc] = self.processors(broker)
+        proc.stop()  # its session stays: the votes queue in it
+        gen = self._load(broker, ids, messages=messages, devices=devices)
+        load = json.loads(gen.communicate()[0])
+        proc.start(wait=False)
+        drained = asyncio.run(self._watch_drain(proc, broker, ids, load["unique_votes"]))
+        points_at = asyncio.run(self._wait_points_drained(ids, self.single, 1))
+        retained = asyncio.run(self._retained_totals(broker, ids))
+        counted = asyncio.run(self._totals(ids))
+        self.retire([proc])
+        votes = drained["total"] - drained["first_total"]
+        elapsed = drained["done"] - drained["first"]
+        return {
+            "polls": polls,
+            "messages": messages,
+            "devices": devices,
+            "votes_rate": votes / elapsed,
+            "rate": messages * votes / load["unique_votes"] / elapsed,
+            "processor_us_per_message": drained["cpu_s"]
+            / (messages * votes / load["unique_votes"])
+            * 1e6,
+            "cores": drained["cores"],
+            "influx_last_point_after_s": max(0.0, points_at - drained["done"]),
+            "counted": drained["total"],
+            "unique_votes": load["unique_votes"],
+            "exact": drained["total"] == load["unique_votes"],
+            "retained_right": retained == counted,
+        }
+
+    async def _totals(self, polls: Sequence[str]) -> dict[str, int]:
+        redis = connect(self.single.target, timeout_s=10)
+        try:
+            return {poll: r.total for poll, r in (await read_results(redis, polls)).items()}
+        finally:
+            await redis.aclose()
+
+    async def _retained_totals(
+        self, broker: ManagedProcess, polls: Sequence[str], timeout_s: float = 30
+    ) -> dict[str, int]:
+        """Each poll's total as a new subscriber to ``polls/+/results`` sees it (retained),
+        once every poll is there and its total stopped moving."""
+        wanted = set(polls)
+        seen: dict[str, int] = {}
+        async with aiomqtt.Client(
+            "127.0.0.1", broker.port, username="bench-watch", identifier=f"bench-ret-{self._runs}"
+        ) as client:
+            await client.subscribe("polls/+/results", qos=1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    async for message in client.messages:
+                        poll = str(message.topic).split("/")[1]
+                        if poll in wanted and message.payload:
+                            seen[poll] = int(json.loads(bytes(message.payload))["total"])
+                        if len(seen) == len(wanted) and seen == await self._totals(polls):
+                            break
+        return seen
+
+    def idle(self, *, polls: int, seconds: float) -> dict[str, Any]:
+        """``polls`` open polls and nothing happening: CPU of the processor (InfluxDB on) and
+        of Redis over ``seconds``, after its start-up publish of every poll settled; and the
+        CPU of one sweep (processor/changes.py, SWEEP_S) over all of them, timed here."""
+        ids = self._polls("idle", self.single, polls=polls)
+        [proc] = self.processors(self.mosquitto)
+        settle_until = time.monotonic() + 120
+        last = _cpu_s(proc.pid)
+        time.sleep(5)
+        while time.monotonic() < settle_until:  # the start-up publish of every poll is done
+            time.sleep(2)
+            now = _cpu_s(proc.pid)
+            if now - last < 0.02:
+                break
+            last = now
+        meter = _CpuMeter({"processor": [proc.pid], "redis": [self.redis.pid]})
+        time.sleep(seconds)
+        cores = meter.cores(seconds)
+        sweep = asyncio.run(self._sweep_cost())
+        self.retire([proc])
+        return {
+            "polls": len(ids),
+            "seconds": seconds,
+            "processor_cores": cores["processor"],
+            "redis_cores": cores["redis"],
+            **sweep,
+        }
+
+    async def _sweep_cost(self) -> dict[str, float]:
+        """The CPU of one drainer sweep and one full stats read, here and in Redis."""
+        from processor.influx.drainer import InfluxDrainer
+        from processor.influx.writers import make_writer
+        from processor.stats import StatsReader
+
+        redis = connect(self.single.target, timeout_s=30)
+        redis_before = _cpu_s(self.redis.pid)
+        here_before = time.process_time()
+        try:
+            writer = make_writer(InfluxTarget(url=self.influx.url, api="v1", database="bench"))
+            drainer = InfluxDrainer(
+                redis=redis, writer=writer, batch_max=5000, flush_interval_s=1, redis_timeout_s=30
+            )
+            await drainer.drain_once()  # its first round sweeps every poll
+            await StatsReader(redis).read(now_ms=int(time.time() * 1000), silent_after_s=300)
+            writer.close()
+        finally:
+            await redis.aclose()
+        return {
+            "sweep_here_cpu_s": time.process_time() - here_before,
+            "sweep_redis_cpu_s": _cpu_s(self.redis.pid) - redis_before,
+        }
 
     def latency(self, broker: ManagedProcess, rate: float) -> dict[str, Any]:
         """Publish-to-retained-result latency at a fixed rate, from per-vote timestamps."""
@@ -733,7 +881,43 @@ def run_bench(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
                 shards=shards,
             )
             log(f"  {out[key]['rate']:,.0f} msg/s, exact={out[key]['exact']}")
+        # Last: their thousands of polls stay in Redis, and every later processor would
+        # publish them all at its start.
+        out |= _polls_runs(bench, c, log)
         return out
+
+
+def _polls_runs(bench: Bench, c: BenchConfig, log: Any) -> dict[str, Any]:
+    """The many-polls runs: the same backlog in one poll and over `spread_polls`, one after
+    the other in the same run; then `idle_polls` open polls with nothing happening."""
+    out: dict[str, Any] = {}
+    for key, polls in (("polls_backlog_1", 1), ("polls_backlog_spread", c.spread_polls)):
+        log(f"a backlog of {c.messages} votes from {c.devices} devices over {polls} poll(s) ...")
+        out[key] = run = bench.polls_backlog(
+            bench.mosquitto, messages=c.messages, devices=c.devices, polls=polls
+        )
+        log(
+            f"  {run['votes_rate']:,.0f} votes/s, InfluxDB's last point "
+            f"{run['influx_last_point_after_s']:.1f} s after the last vote, "
+            f"exact={run['exact']}, retained results right={run['retained_right']}"
+        )
+    for key, polls in (("idle_1_poll", 1), ("idle_many_polls", c.idle_polls)):
+        log(f"{polls} open poll(s), nothing happening, {c.idle_seconds:.0f} s ...")
+        out[key] = run = bench.idle(polls=polls, seconds=c.idle_seconds)
+        log(
+            f"  processor {run['processor_cores']:.2%} of a core, Redis "
+            f"{run['redis_cores']:.2%}; a sweep {run['sweep_here_cpu_s'] * 1000:.0f} ms here, "
+            f"{run['sweep_redis_cpu_s'] * 1000:.0f} ms in Redis"
+        )
+    return out
+
+
+def run_polls_bench(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
+    """Only the many-polls runs (``votebox bench --polls``)."""
+    with tempfile.TemporaryDirectory(prefix="votebox-bench-") as tmp, ExitStack() as stack:
+        bench = Bench(Path(tmp), stack, config)
+        out: dict[str, Any] = {"machine": _machine(), "config": dataclasses.asdict(config)}
+        return out | _polls_runs(bench, config, log)
 
 
 # The runs of `run_bench` that count votes, each checked exact.
@@ -748,6 +932,8 @@ COUNTING_RUNS = (
     "redis_cluster_3_polls",
     "redis_cluster_hot_poll",
     "redis_cluster_hot_poll_3_shards",
+    "polls_backlog_1",
+    "polls_backlog_spread",
 )
 
 
@@ -816,11 +1002,52 @@ def table(result: dict[str, Any]) -> str:
             f"{run['script_us_per_vote']:.1f} | {nodes} "
             f"| {run['exact']} |"
         )
+    return "\n".join(lines + ["", polls_table(result)])
+
+
+def polls_table(result: dict[str, Any]) -> str:
+    """The many-polls table of docs/benchmarks.md."""
+    one, spread = result["polls_backlog_1"], result["polls_backlog_spread"]
+    lines = [
+        "| backlog drained | votes/s | / one poll | processor µs per message "
+        "| InfluxDB's last point after the last vote | exact | retained results right |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for run in (one, spread):
+        lines.append(
+            f"| {run['messages']:,} messages, {run['devices']:,} devices, {run['polls']:,} "
+            f"poll(s) | {run['votes_rate']:,.0f} | {run['votes_rate'] / one['votes_rate']:.0%} "
+            f"| {run['processor_us_per_message']:.1f} | {run['influx_last_point_after_s']:.1f} s "
+            f"| {run['exact']} | {run['retained_right']} |"
+        )
+    lines += [
+        "",
+        "| open polls, nothing happening | processor | Redis | one sweep: processor / Redis |",
+        "|---|---:|---:|---:|",
+    ]
+    for key in ("idle_1_poll", "idle_many_polls"):
+        run = result[key]
+        lines.append(
+            f"| {run['polls']:,} for {run['seconds']:.0f} s | {run['processor_cores']:.2%} "
+            f"| {run['redis_cores']:.2%} | {run['sweep_here_cpu_s'] * 1000:.0f} ms / "
+            f"{run['sweep_redis_cpu_s'] * 1000:.0f} ms |"
+        )
     return "\n".join(lines)
 
 
-def main(*, smoke: bool, out: Path, soak_s: float = 0, soak_rate: float = 5000) -> int:
-    """Run the benchmark (or only the soak), print the table, write the JSON."""
+def main(
+    *, smoke: bool, out: Path, soak_s: float = 0, soak_rate: float = 5000, polls: bool = False
+) -> int:
+    """Run the benchmark (or only the soak, or only the many-polls runs), print the table,
+    write the JSON."""
+    if polls:
+        result = run_polls_bench(BenchConfig.smoke() if smoke else BenchConfig())
+        out.write_text(json.dumps(result, indent=2))
+        print()
+        print(polls_table(result))
+        print(f"\nfigures written to {out}")
+        runs = [result[k] for k in COUNTING_RUNS[-2:]]
+        return 0 if all(run["exact"] and run["retained_right"] for run in runs) else 1
     if soak_s:
         soak = run_soak(soak_s, soak_rate)
         out.write_text(json.dumps(soak, indent=2))

@@ -29,3 +29,11 @@ def test_smoke_run_measures_everything_and_every_count_is_exact() -> None:
         assert result[run]["store"].startswith("Redis Cluster")
         assert (result[run]["polls"], result[run]["shards"]) == (polls, shards)
         assert len(result[run]["redis_node_cores"]) == 3
+    # The many-polls runs: a backlog over many polls, every poll's retained result right, and
+    # idle polls measured (the smoke sizes: 20 polls, 50 idle).
+    spread = result["polls_backlog_spread"]
+    assert spread["polls"] == BenchConfig.smoke().spread_polls and spread["retained_right"]
+    assert result["polls_backlog_1"]["retained_right"]
+    assert result["idle_many_polls"]["polls"] == BenchConfig.smoke().idle_polls
+    assert result["idle_many_polls"]["processor_cores"] >= 0
+    assert "open polls, nothing happening" in table(result)

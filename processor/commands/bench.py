@@ -29,6 +29,11 @@ def register(commands: Commands) -> None:
         help="instead: one processor at a fixed rate this long, RSS every 10 s",
     )
     p.add_argument("--soak-rate", type=float, default=5000, help="messages/s for --soak")
+    p.add_argument(
+        "--polls",
+        action="store_true",
+        help="instead: only the many-polls runs (a backlog over thousands of polls, idle polls)",
+    )
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -36,5 +41,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from bench.run import main as bench_main
 
     return bench_main(
-        smoke=args.smoke, out=Path(args.out), soak_s=args.soak, soak_rate=args.soak_rate
+        smoke=args.smoke,
+        out=Path(args.out),
+        soak_s=args.soak,
+        soak_rate=args.soak_rate,
+        polls=args.polls,
     )
