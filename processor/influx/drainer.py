@@ -50,9 +50,11 @@ CLAIM_IDLE_MS: Final = 30_000
 # about batch_max points; a read that came back full is followed by the next at once, so small
 # entries (a batch spread over many polls) do not slow it.
 _POINTS_PER_ENTRY: Final = 500
-# Streams read in one round; the rest wait for the next rounds, in turn. Bounds a round's
-# memory when thousands of polls have points queued at once.
-_STREAMS_PER_ROUND: Final = 1000
+# Streams read in one round; the rest follow in the next rounds of the same cycle (a cycle
+# visits every stream with points once, then waits for the flush interval unless some stream
+# had more than one round's worth). Bounds a round's memory when thousands of polls have
+# points queued at once: at most this many times two entries of one commit's batch each.
+_STREAMS_PER_ROUND: Final = 250
 
 
 # KEYS[1] a poll's points stream, KEYS[2] its tally; ARGV[1] the tally's field counting queued
@@ -114,7 +116,7 @@ class InfluxDrainer:
         # feed or found by a sweep, until a read finds the stream empty.
         self._due: set[str] = set()
         self._sweep_at = 0.0
-        self._turn = 0
+        self._cycle: list[str] = []  # due shards not yet visited in this cycle
         self.set_aside = 0
         self.failures = 0
 
@@ -188,12 +190,10 @@ class InfluxDrainer:
         return {keys.name for keys, n in zip(queues, lengths, strict=True) if n}
 
     def _this_round(self) -> list[str]:
-        names = sorted(self._due)
-        if len(names) <= _STREAMS_PER_ROUND:
-            return names
-        start = self._turn % len(names)
-        self._turn = start + _STREAMS_PER_ROUND
-        return (names[start:] + names[:start])[:_STREAMS_PER_ROUND]
+        if not self._cycle:
+            self._cycle = sorted(self._due)
+        names, self._cycle = self._cycle[:_STREAMS_PER_ROUND], self._cycle[_STREAMS_PER_ROUND:]
+        return names
 
     async def _known(self, queues: list[PollKeys]) -> list[PollKeys]:
         """The queues of polls that exist (their labels learnt); the others are forgotten, and
@@ -230,7 +230,9 @@ class InfluxDrainer:
         if not queues:
             return [], set()
         claim = asyncio.get_running_loop().time() >= self._next_claim_s
-        count = max(1, self._entries_max // len(queues))
+        # One poll: a write's worth of entries. Many: two entries each, so a stream that
+        # holds more says so (it came back full) and the cycle goes on at once.
+        count = max(2, self._entries_max // len(queues))
         async with self._redis.pipeline(transaction=False) as pipe:
             for keys in queues:
                 points = keys.points
@@ -244,7 +246,7 @@ class InfluxDrainer:
         if claim:
             self._next_claim_s = asyncio.get_running_loop().time() + self._claim_idle_ms / 3000
         step = 3 if claim else 2
-        self._more = len(self._due) > len(queues)
+        self._more = bool(self._cycle)
         batches: list[tuple[PollKeys, list[Any]]] = []
         empty: set[str] = set()
         for i, keys in enumerate(queues):
