@@ -21,6 +21,7 @@ __all__ = [
     "DEVICES_SITE",
     "DEVICES_SITE_VERSION",
     "DEVICES_STATUS",
+    "KEY_SUFFIXES",
     "POLLS_CHANGED",
     "POLLS_DELETED",
     "POLLS_INDEX",
@@ -28,6 +29,7 @@ __all__ = [
     "SET_ASIDE",
     "UNATTRIBUTED_FATES",
     "PollKeys",
+    "batch_commit",
     "RESULTS_CHANGED",
     "fates_counted",
     "results_lease",
@@ -94,6 +96,29 @@ def shard_of(device: str, shards: int) -> int:
 QUEUED_POINTS: Final = "queued_points"
 
 
+# What follows a poll's (shard's) key prefix, ``votebox:{tag}:``, in each of its keys, in the
+# order tally.lua takes them (KEYS[1..9]), then the window prefix's: a batch's call on one
+# Redis node names each poll by its prefix only (tally.lua, the loop at its end).
+KEY_SUFFIXES: Final = (
+    "poll",
+    "tally",
+    "fates",
+    "devices",
+    "points",
+    "voters",
+    "presses",
+    "suppressed",
+    "minutes",
+    "win:",
+)
+
+
+def batch_commit(token: str) -> str:
+    """The answer a single Redis node gave the batch named ``token`` (tally.lua, ARGV[7] of a
+    batch's call); outside every poll's slot, so never used on a Redis Cluster."""
+    return f"votebox:commit:{token}"
+
+
 class PollKeys:
     """The keys of one poll, or of one shard of a poll spread over several."""
 
@@ -105,6 +130,7 @@ class PollKeys:
         "points",
         "poll",
         "points_rejected",
+        "prefix",
         "presses",
         "shard",
         "suppressed",
@@ -116,24 +142,27 @@ class PollKeys:
 
     def __init__(self, poll: str, shard: int = 0) -> None:
         self.tag = f"{{{poll}:{shard}}}" if shard else f"{{{poll}}}"
-        tag = f"votebox:{self.tag}"
+        self.prefix = prefix = f"votebox:{self.tag}:"
         self.poll = poll
         self.shard = shard
-        self.definition = f"{tag}:poll"
-        self.tally = f"{tag}:tally"
-        self.fates = f"{tag}:fates"
-        self.devices = f"{tag}:devices"
-        self.window_prefix = f"{tag}:win:"
-        # Accepted votes waiting for InfluxDB, and points InfluxDB refused (with the reason).
-        self.points = f"{tag}:points"
-        self.points_rejected = f"{tag}:points_rejected"
-        # One vote per voter: voter (hex) -> the vote that counts. Cooldown: device -> the time
-        # of its last counted press. Presses inside a cooldown, recorded (capped), not counted.
-        self.voters = f"{tag}:voters"
-        self.presses = f"{tag}:presses"
-        self.suppressed = f"{tag}:suppressed"
-        # minute (Unix time // 60) -> votes accepted in it: the retained per-minute series.
-        self.minutes = f"{tag}:minutes"
+        (
+            self.definition,
+            self.tally,
+            self.fates,
+            self.devices,
+            # Accepted votes waiting for InfluxDB.
+            self.points,
+            # One vote per voter: voter (hex) -> the vote that counts. Cooldown: device -> the
+            # time of its last counted press. Presses inside a cooldown, recorded (capped).
+            self.voters,
+            self.presses,
+            self.suppressed,
+            # minute (Unix time // 60) -> votes accepted in it: the retained per-minute series.
+            self.minutes,
+            self.window_prefix,
+        ) = (prefix + suffix for suffix in KEY_SUFFIXES)
+        # Points InfluxDB refused, with the reason.
+        self.points_rejected = f"{prefix}points_rejected"
 
     @property
     def name(self) -> str:

@@ -59,6 +59,9 @@ local NAMES = {[0] = 'accepted', [1] = 'duplicate', [3] = 'superseded', [4] = 's
   [32] = 'missing_voter'}
 local SUPPRESSED_MAXLEN = 100000
 
+-- One poll (shard): KEYS and ARGV as described above, given by the caller or, for a call
+-- that carries several polls, by the loop at the end of this file.
+local function tally_poll(KEYS, ARGV)
 local now_ms = ARGV[1]
 local W = tonumber(ARGV[2])
 local win_prefix = ARGV[3]
@@ -306,6 +309,21 @@ for i = 1, n_votes do
   end
 end
 
+-- The tally's numbers this batch changes, read once here (phase 1 only reads) and written
+-- back below with one HSET, not an HINCRBY each: in a batch spread over many polls a poll's
+-- share is a vote or two, and each call of its own was most of its cost. A field that is not
+-- a number stops the batch here, before any write.
+local tally_fields = {'version', 'queued_points', 'total'}
+for option in pairs(counted) do tally_fields[#tally_fields + 1] = 'c:' .. option end
+local stored_tally = redis.call('HMGET', KEYS[2], unpack(tally_fields))
+local tally = {}
+for j, field in ipairs(tally_fields) do
+  local value = stored_tally[j]
+  tally[field] = tonumber(value or '0')
+  if not tally[field] then error('tally field ' .. field .. ' is not a number: ' .. value) end
+end
+local tally_changes = {}
+
 -- Phase 2: write. The ring must be exact for seqs in (m - W, r) once more: below the stored
 -- run it was, but for the seqs this batch counted there; the stored run's seqs and those
 -- above it that now lie below the run (a gap) are written whole.
@@ -372,14 +390,15 @@ end
 -- The tally's queued_points (keys.QUEUED_POINTS) counts the points queued (the drainer takes
 -- them off).
 if queue_max > 0 and #points > 0 then
-  local queued = tonumber(redis.call('HGET', KEYS[2], 'queued_points') or '0') or 0
+  local queued = tally.queued_points
   local n = math.min(#points, math.max(0, queue_max - queued))
   if n < #points then redis.call('HINCRBY', KEYS[3], 'point_dropped', #points - n) end
   if n > 0 then
     local lines = {}
     for j = 1, n do lines[j] = table.concat(points[j], '\t') end
     redis.call('XADD', KEYS[5], '*', 'n', n, 'p', table.concat(lines, '\n'))
-    redis.call('HINCRBY', KEYS[2], 'queued_points', n)
+    tally_changes[#tally_changes + 1] = 'queued_points'
+    tally_changes[#tally_changes + 1] = string.format('%.0f', queued + n)
   end
 end
 
@@ -400,14 +419,57 @@ if fates[ACCEPTED] then
   redis.call('HINCRBY', KEYS[9], math.floor(now / 60000), fates[ACCEPTED])
 end
 
+local function change(field, value)
+  tally_changes[#tally_changes + 1] = field
+  tally_changes[#tally_changes + 1] = string.format('%.0f', value)
+end
+codes[1] = tally.version
 if changed then
   for option, n in pairs(counted) do
-    if n ~= 0 then redis.call('HINCRBY', KEYS[2], 'c:' .. option, n) end
+    if n ~= 0 then change('c:' .. option, tally['c:' .. option] + n) end
   end
-  if n_counted > 0 then redis.call('HINCRBY', KEYS[2], 'total', n_counted) end
-  redis.call('HSET', KEYS[2], 'updated_ms', now_ms)
-  codes[1] = redis.call('HINCRBY', KEYS[2], 'version', 1)
-else
-  codes[1] = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+  if n_counted > 0 then change('total', tally.total + n_counted) end
+  tally_changes[#tally_changes + 1] = 'updated_ms'
+  tally_changes[#tally_changes + 1] = now_ms
+  codes[1] = tally.version + 1
+  change('version', codes[1])
 end
+if #tally_changes > 0 then redis.call('HSET', KEYS[2], unpack(tally_changes)) end
 return answer(codes)
+end
+
+-- One call for a whole batch on a single Redis node (tally.py, Tally._batch_call): saves a
+-- script call per poll. ARGV[1] '*', ARGV[2..6] as ARGV[1], [2], [4], [5], [6] above,
+-- ARGV[7] the batch's answer key or '' (a retry gets the first answer), ARGV[8] how many key
+-- suffixes follow: the suffixes of KEYS[1..9] above and of the window prefix, in that order
+-- (keys.py owns them); then, per poll: its key prefix (votebox:{tag}:), its shards, which
+-- shard, its votes n, then n votes. The keys are those of KEYS[1..9] above, named by
+-- prefix: this path is never taken on a Redis Cluster, where each poll's keys must be given.
+-- Each poll runs under pcall: its error comes before its first write (phase 1 only reads), so
+-- it costs only that poll's votes, as a call of its own would. Returns one answer per poll,
+-- {-3, error} for a poll that failed.
+if ARGV[1] ~= '*' then return tally_poll(KEYS, ARGV) end
+local batch_key = ARGV[7]
+if batch_key ~= '' then
+  local answered = redis.call('GET', batch_key)
+  if answered then return cjson.decode(answered) end
+end
+local n_suffixes = tonumber(ARGV[8])
+local out = {}
+local i = 9 + n_suffixes
+while i <= #ARGV do
+  local prefix, n = ARGV[i], tonumber(ARGV[i + 3])
+  local keys = {}
+  for j = 1, n_suffixes - 1 do keys[j] = prefix .. ARGV[8 + j] end
+  local args = {ARGV[2], ARGV[3], prefix .. ARGV[8 + n_suffixes], ARGV[4], ARGV[5], ARGV[6],
+                ARGV[i + 1], ARGV[i + 2]}
+  for j = 1, n do args[8 + j] = ARGV[i + 3 + j] end
+  local ok, reply = pcall(tally_poll, keys, args)
+  if not ok then
+    reply = {-3, type(reply) == 'table' and (reply.err or 'error') or tostring(reply)}
+  end
+  out[#out + 1] = reply
+  i = i + 4 + n
+end
+if batch_key ~= '' then redis.call('SET', batch_key, cjson.encode(out), 'PX', ARGV[6]) end
+return out

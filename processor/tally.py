@@ -1,13 +1,16 @@
 """Redis tally. Rule: every write for one batch happens in one round trip of script calls.
 
-A batch is split by poll (the script touches one poll's hash-tagged keys, so it also runs on
-Redis Cluster), and a poll spread over several shards by device (keys.shard_of); the calls travel
+A batch is split by poll, and a poll spread over several shards by device (keys.shard_of). On
+one Redis node (or Sentinel's primary) the whole batch is one script call that counts each
+poll's share in turn, so a batch spread over hundreds of polls costs one call; on a Redis
+Cluster each share is a call of its own, touching one hash tag's keys, and the calls travel
 together in one pipeline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -19,15 +22,18 @@ from importlib import resources
 from typing import Final
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from processor.changes import announce
 from processor.codec import Vote
 from processor.keys import (
     DEVICES_SEEN,
     DEVICES_SEEN_BEFORE,
+    KEY_SUFFIXES,
     SET_ASIDE,
     UNATTRIBUTED_FATES,
     PollKeys,
+    batch_commit,
     fates_counted,
     shard_of,
 )
@@ -68,14 +74,19 @@ return 1
 # poll being made or deleted meanwhile counts as unknown.
 _MISROUTED: Final = -1
 _UNKNOWN: Final = -2
+_FAILED: Final = -3
 # How long a poll id found not to exist is left out of the change feed (a poll made meanwhile
 # is announced by its creator), and how many such ids are remembered.
 _UNKNOWN_MEMORY_S: Final = 5.0
 _UNKNOWN_MEMORY_MAX: Final = 10_000
 _ROUTES: Final = 3
 _SCRIPT_SHA: Final = hashlib.sha1(_SCRIPT.encode()).hexdigest()
-# One script call: the shard's name in the change feed (keys.PollKeys.name), KEYS, ARGV.
-_Call = tuple[str, list[str], list[str | int]]
+# One script call: the names of the shards it counts on (keys.PollKeys.name, for the change
+# feed), KEYS, ARGV.
+_Call = tuple[tuple[str, ...], list[str], list[str | int]]
+# Where a share of a batch's votes goes: the shard's keys, the poll's shards as we believe,
+# the indexes of its votes, and their packed arguments (tally.lua, ARGV[9..]).
+_Route = tuple[PollKeys, int, list[int], list[str | int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +136,9 @@ class Tally:
         self._shards: dict[str, int] = {}
         # Poll ids the script found not to exist, until when (monotonic s): not announced.
         self._unknown: dict[str, float] = {}
+        # On one node (or Sentinel's primary) a batch is one script call whatever polls it
+        # touches; a cluster needs one per poll (per hash tag).
+        self._one_call = not is_cluster(redis)
 
     @property
     def redis(self) -> Redis:
@@ -185,13 +199,17 @@ class Tally:
         pending = list(range(len(votes)))
         unknown = 0
         for attempt in range(_ROUTES):
-            calls, routes = self._calls(
-                votes, pending, now_ms, token, rerouted=attempt > 0, sites=sites or {}
-            )
-            replies = await self._run(calls, extra)
+            routes = self._routes(votes, pending, sites=sites or {})
+            if self._one_call:
+                call = self._batch_call(routes, now_ms, token)
+                [batch_reply] = await self._run([call], extra)
+                replies = _per_route(batch_reply, len(routes))
+            else:
+                calls = self._calls(routes, now_ms, token, rerouted=attempt > 0)
+                replies = await self._run(calls, extra)
             extra = None  # sent with the first round trip
             pending = []
-            for (keys, shards, indices), reply in zip(routes, replies, strict=True):
+            for (keys, shards, indices, _), reply in zip(routes, replies, strict=True):
                 if isinstance(reply, Exception):
                     # Only the script's own failure is left here (`_run` raised for Redis
                     # being away). It happens before its first write (tally.lua, phase 1), so
@@ -273,28 +291,39 @@ class Tally:
                     *(x for r, n in counts.items() for x in (r.code, n)),
                 )
 
-    def _calls(
-        self,
-        votes: Sequence[Vote],
-        indices: Iterable[int],
-        now_ms: int,
-        token: str | None,
-        *,
-        rerouted: bool,
-        sites: Mapping[str, str],
-    ) -> tuple[list[_Call], list[tuple[PollKeys, int, list[int]]]]:
-        """One script call per poll (per shard of a poll spread over several), and which votes
-        each carries."""
+    def _routes(
+        self, votes: Sequence[Vote], indices: Iterable[int], *, sites: Mapping[str, str]
+    ) -> list[_Route]:
+        """The votes given by ``indices``, by poll (by shard of a poll spread over several),
+        packed as tally.lua takes them."""
         by_shard: dict[tuple[str, int], list[int]] = {}
         for index in indices:
             vote = votes[index]
             shards = self._shards.get(vote.poll, 1)
             by_shard.setdefault((vote.poll, shard_of(vote.device, shards)), []).append(index)
-        calls: list[_Call] = []
-        routes: list[tuple[PollKeys, int, list[int]]] = []
+        routes: list[_Route] = []
         for (poll, shard), carried in by_shard.items():
-            keys = PollKeys(poll, shard)
-            shards = self._shards.get(poll, 1)
+            # One argument per vote: Redis splits them in C. One argument for the whole
+            # batch saved the processor 0.6 us per vote and cost Redis 1.5 (Lua splitting it).
+            packed: list[str | int] = []
+            for index in carried:
+                _, device, choice, seq, epoch, ts_s, voter = votes[index]
+                packed.append(
+                    f"{device}\t{epoch}\t{seq}\t"
+                    f"{choice if type(choice) is int else _choice_arg(choice)}\t"
+                    f"{'' if ts_s is None else ts_s}\t{'' if voter is None else voter.hex()}"
+                    f"\t{sites.get(device, '')}"
+                )
+            routes.append((_keys_of(poll, shard), self._shards.get(poll, 1), carried, packed))
+        return routes
+
+    def _calls(
+        self, routes: list[_Route], now_ms: int, token: str | None, *, rerouted: bool
+    ) -> list[_Call]:
+        """One script call per poll (per shard of a poll spread over several): what a Redis
+        Cluster needs, a call touching one hash tag's keys."""
+        calls: list[_Call] = []
+        for keys, shards, carried, packed in routes:
             args: list[str | int] = [
                 now_ms,
                 DEDUP_WINDOW,
@@ -303,18 +332,9 @@ class Tally:
                 self._clock_skew_s,
                 COMMIT_MEMORY_S * 1000,
                 shards,
-                shard,
+                keys.shard,
+                *packed,
             ]
-            # One argument per vote: Redis splits them in C. One argument for the whole
-            # batch saved the processor 0.6 us per vote and cost Redis 1.5 (Lua splitting it).
-            for index in carried:
-                _, device, choice, seq, epoch, ts_s, voter = votes[index]
-                args.append(
-                    f"{device}\t{epoch}\t{seq}\t"
-                    f"{choice if type(choice) is int else _choice_arg(choice)}\t"
-                    f"{'' if ts_s is None else ts_s}\t{'' if voter is None else voter.hex()}"
-                    f"\t{sites.get(device, '')}"
-                )
             call_keys = list(keys.all_keys())
             if token is not None:
                 if shards > 1 or rerouted:
@@ -324,9 +344,32 @@ class Tally:
                     call_keys.append(keys.commit(f"{token}.{shards}.{carried_crc:x}"))
                 else:
                     call_keys.append(keys.commit(token))
-            calls.append((keys.name, call_keys, args))
-            routes.append((keys, shards, carried))
-        return calls, routes
+            calls.append(((keys.name,), call_keys, args))
+        return calls
+
+    def _batch_call(self, routes: list[_Route], now_ms: int, token: str | None) -> _Call:
+        """The whole batch in one script call, on one Redis node (tally.lua, the loop at its
+        end): a batch spread over hundreds of polls costs one call, not hundreds."""
+        answer_key = ""
+        if token is not None:
+            # The answer is for this routing: a retry routed otherwise (the shards learnt
+            # meanwhile) must not be given another call's answer.
+            routing = ";".join(f"{keys.name}:{shards}" for keys, shards, _, _ in routes)
+            answer_key = batch_commit(f"{token}.{zlib.crc32(routing.encode()):x}")
+        args: list[str | int] = [
+            "*",
+            now_ms,
+            DEDUP_WINDOW,
+            self._points_max,
+            self._clock_skew_s,
+            COMMIT_MEMORY_S * 1000,
+            answer_key,
+            len(KEY_SUFFIXES),
+            *KEY_SUFFIXES,
+        ]
+        for keys, shards, _, packed in routes:
+            args += (keys.prefix, shards, keys.shard, len(packed), *packed)
+        return tuple(keys.name for keys, _, _, _ in routes), [], args
 
     async def _set_aside(self, entries: list[tuple[Vote, str]]) -> None:
         with redis_errors():
@@ -372,7 +415,8 @@ class Tally:
                 # execute_command: redis-py's cluster pipeline refuses its evalsha method.
                 pipe.execute_command("EVALSHA", _SCRIPT_SHA, len(keys), *keys, *args)
             # After the scripts, never before: a reader that sees the entry finds their writes.
-            announce(pipe, [name for name, _, _ in calls if self._announced(name.split(":")[0])])
+            names = [name for shards, _, _ in calls for name in shards]
+            announce(pipe, [name for name in names if self._announced(name.split(":")[0])])
             if extra is not None:
                 if extra.unattributed and extra.token is not None:
                     # Counted once per batch, like its votes: a retry after a lost reply
@@ -424,3 +468,24 @@ class _Extra:
     seen: dict[str, int]
     reports: Mapping[str, Mapping[str, str]]
     token: str | None = None
+
+
+@functools.lru_cache(maxsize=16_384)  # the polls a processor counts for, a few keys each
+def _keys_of(poll: str, shard: int) -> PollKeys:
+    return PollKeys(poll, shard)
+
+
+def _per_route(reply: object, routes: int) -> list[object]:
+    """A batch call's answer, one per route: tally.lua's answers, a poll's own failure
+    ({-3, error}) as the error it was, or the call's failure for every route."""
+    if not isinstance(reply, list):
+        return [reply] * routes
+    out: list[object] = []
+    for answer in reply:
+        if isinstance(answer, list) and answer and int(answer[0]) == _FAILED:
+            out.append(ResponseError(redis_text(answer[1])))
+        else:
+            out.append(answer)
+    if len(out) != routes:
+        raise RuntimeError(f"the tally script answered {len(out)} polls of {routes}: a bug")
+    return out

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from harness.services import free_port
 from processor.codec import MAX_UINT, Vote
 from processor.errors import StoreUnavailable
-from processor.keys import POLLS_INDEX, SET_ASIDE, UNATTRIBUTED_FATES, PollKeys
+from processor.keys import POLLS_INDEX, SET_ASIDE, UNATTRIBUTED_FATES, PollKeys, batch_commit
 from processor.poll import Poll
 from processor.poll_store import create_poll, read_results
 from processor.reasons import Fate, Reason
@@ -211,16 +211,22 @@ async def test_a_lua_error_writes_nothing_and_sets_votes_aside(
     tally: Tally, poll: Poll, redis: Redis
 ) -> None:
     other = Poll(id=poll.id + "-ok", labels=("a", "b"))
+    before = Poll(id=poll.id + "-before", labels=("a", "b"))
     await create_poll(redis, other)
+    await create_poll(redis, before)
     keys = PollKeys(poll.id)
     await redis.hset(keys.devices, "broken", "garbage")  # tally.lua cannot parse this state
     await redis.delete(SET_ASIDE)
-    batch = votes(poll, "fine", [1]) + votes(poll, "broken", [1]) + [Vote(other.id, "k", 1, 1)]
+    # On one node the batch is one script call: the polls counted before and after the broken
+    # one in that call keep their counts, the broken one writes nothing.
+    batch = [Vote(before.id, "k", 0, 1)]
+    batch += votes(poll, "fine", [1]) + votes(poll, "broken", [1]) + [Vote(other.id, "k", 1, 1)]
     result = await tally.commit(batch, now_ms=1)
-    assert result.codes == [int(Reason.STORE_ERROR)] * 2 + [A]
+    assert result.codes == [A] + [int(Reason.STORE_ERROR)] * 2 + [A]
     assert (await read_results(redis, [poll.id]))[poll.id].total == 0  # not even "fine" counted
     assert await redis.hget(keys.devices, "fine") is None
     assert (await read_results(redis, [other.id]))[other.id].total == 1
+    assert (await read_results(redis, [before.id]))[before.id].total == 1
     aside: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(SET_ASIDE)  # type: ignore[assignment]
     assert [entry[b"device"] for _, entry in aside] == [b"fine", b"broken"]
 
@@ -239,8 +245,11 @@ async def test_a_retried_batch_gets_its_first_answer_and_counts_once(
     assert (await tally.commit(batch, now_ms=3, token="t-2")).codes == [D, D, D]
     results = (await read_results(redis, [poll.id]))[poll.id]
     assert results.total == 2 and results.version == first.versions[poll.id]
-    ttl_ms = await redis.pttl(PollKeys(poll.id).commit("t-1"))
-    assert 0 < ttl_ms <= COMMIT_MEMORY_S * 1000
+    # On one node the batch's answer is one key for all its polls (tally.lua, the batch call),
+    # kept for COMMIT_MEMORY_S; nothing is kept under the poll's own keys.
+    [answer] = [key async for key in redis.scan_iter(match=batch_commit("t-1.*"))]
+    assert 0 < await redis.pttl(answer) <= COMMIT_MEMORY_S * 1000
+    assert await redis.exists(PollKeys(poll.id).commit("t-1")) == 0
 
 
 async def test_script_cache_flush_is_survived(tally: Tally, poll: Poll, redis: Redis) -> None:
@@ -340,3 +349,14 @@ async def test_a_retried_batch_counts_its_unattributed_rejections_once(
     await tally.commit([], now_ms=2, unattributed=rejected, token=token)  # its reply was lost
     await tally.commit([], now_ms=3, unattributed=rejected, token=token + "-next")
     assert int(await redis.hget(UNATTRIBUTED_FATES, "bad_topic") or 0) == before + 6
+
+
+async def test_a_tally_field_that_is_not_a_number_stops_the_share_before_any_write(
+    tally: Tally, poll: Poll, redis: Redis
+) -> None:
+    keys = PollKeys(poll.id)
+    await redis.hset(keys.tally, "c:1", "many")
+    result = await tally.commit(votes(poll, "k1", [1], choice=1), now_ms=1)
+    assert result.codes == [int(Reason.STORE_ERROR)]
+    assert await redis.hget(keys.devices, "k1") is None  # its seq was not spent
+    assert await redis.hget(keys.tally, "c:1") == b"many" and await redis.xlen(keys.points) == 0
