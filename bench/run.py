@@ -920,6 +920,14 @@ def run_polls_bench(config: BenchConfig, *, log: Any = print) -> dict[str, Any]:
         return out | _polls_runs(bench, config, log)
 
 
+# The runs of `run_bench` on each kind of Redis (its second table).
+REDIS_RUNS = (
+    "redis_replica_wait",
+    "redis_single_3_polls",
+    "redis_cluster_3_polls",
+    "redis_cluster_hot_poll",
+    "redis_cluster_hot_poll_3_shards",
+)
 # The runs of `run_bench` that count votes, each checked exact.
 COUNTING_RUNS = (
     "votebox",
@@ -927,11 +935,7 @@ COUNTING_RUNS = (
     "votebox_10_devices",
     "votebox_two_processors",
     "votebox_amqtt",
-    "redis_replica_wait",
-    "redis_single_3_polls",
-    "redis_cluster_3_polls",
-    "redis_cluster_hot_poll",
-    "redis_cluster_hot_poll_3_shards",
+    *REDIS_RUNS,
     "polls_backlog_1",
     "polls_backlog_spread",
 )
@@ -993,7 +997,7 @@ def table(result: dict[str, Any]) -> str:
         "(process / script) | cores of each Redis node | exact |",
         "|---|---:|---:|---:|---:|---:|---|---|",
     ]
-    for key in ("votebox", *COUNTING_RUNS[5:]):
+    for key in ("votebox", *REDIS_RUNS):
         run = result[key]
         nodes = " / ".join(f"{c:.2f}" for c in run["redis_node_cores"])
         lines.append(

@@ -56,6 +56,9 @@ class Stats:
     # (device, last seen ms), the most recently silent first.
     silent: list[tuple[str, int]] = field(default_factory=list)
     silent_count: int = 0
+    # `polls` as JSON, when the reader kept each poll's part of it (so that a message listing
+    # 10,000 polls costs a join, not an encoding of every poll).
+    polls_json: str | None = field(default=None, repr=False, compare=False)
 
     def to_json(self, **extra: Any) -> bytes:
         """The ``votebox/stats`` payload (docs/operations.md, The stats topic)."""
@@ -63,7 +66,7 @@ class Stats:
             "ts_ms": self.ts_ms,
             "votes": self.votes,
             "rejected": self.rejected,
-            "polls": self.polls,
+            "polls": self.polls if self.polls_json is None else _POLLS_HERE,
             "influx_queue": self.influx_queue,
             "devices": {
                 "known": self.devices_known,
@@ -74,7 +77,14 @@ class Stats:
             },
             **extra,
         }
-        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        text = json.dumps(body, separators=(",", ":"), sort_keys=True)
+        if self.polls_json is not None:
+            text = text.replace(json.dumps(_POLLS_HERE), self.polls_json, 1)
+        return text.encode()
+
+
+# Stands for the polls' JSON in the message until it is put in (no poll id or number has a NUL).
+_POLLS_HERE: Final = "\x00polls\x00"
 
 
 def _blank() -> dict[str, int]:
@@ -101,6 +111,7 @@ class StatsReader:
         # poll -> its entry of the message, JSON, kept until one of its shards is read again
         self._poll_json: dict[str, str] = {}
         self._poll_rows: dict[str, dict[str, int]] = {}
+        self._order: list[str] | None = None  # the polls, sorted
 
     async def read(self, *, now_ms: int, silent_after_s: float) -> Stats:
         """The totals now.
@@ -116,6 +127,7 @@ class StatsReader:
             self._per_shard.clear()
             self._poll_json.clear()
             self._poll_rows.clear()
+            self._order = None
             names = {k.name for p, n in self._shards.items() for k in shard_keys(p, n)}
             self._sweep_at = clock + SWEEP_S
         else:
@@ -133,6 +145,7 @@ class StatsReader:
                         del self._per_shard[name]
                     self._poll_json.pop(poll, None)
                     self._poll_rows.pop(poll, None)
+                    self._order = None
                     if there:
                         self._shards[poll] = shards[poll]
                         names |= {k.name for k in shard_keys(poll, shards[poll])}
@@ -205,10 +218,19 @@ class StatsReader:
             for reason, n in fates.items():
                 if reason not in _FATES and reason != "point_dropped":
                     rejected[reason] = rejected.get(reason, 0) + n
-        per_poll = {poll: self._row(poll) for poll in self._shards}
-        for row in per_poll.values():
+        if self._order is None:
+            self._order = sorted(self._shards)
+        per_poll = {poll: self._row(poll) for poll in self._order}
+        parts = []
+        for poll, row in per_poll.items():
             for name in _FATES:
                 votes[name] += row[name]
+            part = self._poll_json.get(poll)
+            if part is None:
+                part = self._poll_json[poll] = (
+                    f"{json.dumps(poll)}:{json.dumps(row, separators=(',', ':'), sort_keys=True)}"
+                )
+            parts.append(part)
         for key, value in unattributed.items():
             votes["rejected"] += int(value)
             rejected[redis_text(key)] = rejected.get(redis_text(key), 0) + int(value)
@@ -221,6 +243,7 @@ class StatsReader:
             devices_known=int(known),
             silent=[(redis_text(d), int(ms)) for d, ms in silent],
             silent_count=int(silent_count),
+            polls_json="{" + ",".join(parts) + "}",
         )
 
 

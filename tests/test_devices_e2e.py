@@ -4,6 +4,7 @@ with a full outbox, the fleet simulator's summary, device health and the kiosk's
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -298,7 +299,9 @@ async def test_a_kiosk_shows_the_retained_poll_and_votes_what_is_typed(
 async def test_one_loop_runs_devices_whose_sockets_select_cannot_watch(
     broker: ManagedProcess, processor_proc: ManagedProcess, poll: Poll, redis: Redis, tmp_path: Path
 ) -> None:
-    # A big fleet's sockets are numbered beyond select()'s 1024: fill the low numbers first.
+    # A big fleet's sockets are numbered beyond select()'s 1024: fill the low numbers first,
+    # after a collection, so that no garbage of earlier tests frees a low number meanwhile.
+    gc.collect()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
     filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]

@@ -4,6 +4,7 @@ from a real processor on real servers."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from redis.asyncio import Redis
 from harness.services import HOST, ManagedProcess, free_port
 from processor.poll import Poll
 from processor.poll_store import read_fates, read_results
+from processor.stats import Stats
 from processor.topics import STATS_TOPIC
 from tests.conftest import eventually
 from tests.fleet import Fleet, first_message
@@ -260,3 +262,30 @@ async def test_two_processors_share_the_votes_and_count_them_exactly(
     # they saw every message once.
     shares = [fate(scrape(proc), "votebox_messages_total") for proc in procs]
     assert all(share > 0 for share in shares) and sum(shares) == 3000, shares
+
+
+def test_the_stats_message_with_its_polls_kept_as_json_is_the_same_message() -> None:
+    polls = {
+        f"p-{k}": {"accepted": k, "devices": 1, "duplicate": 0, "rejected": 2, "superseded": 0,
+                   "suppressed": 0}
+        for k in (3, 1, 2)
+    }  # fmt: skip
+    stats = Stats(
+        ts_ms=1,
+        votes={"accepted": 6},
+        rejected={"bad_topic": 1},
+        polls=polls,
+        influx_queue=0,
+        devices_known=2,
+        silent=[("k", 5)],
+        silent_count=1,
+    )
+    kept = "{" + ",".join(
+        f"{json.dumps(p)}:{json.dumps(polls[p], separators=(',', ':'), sort_keys=True)}"
+        for p in sorted(polls)
+    ) + "}"  # fmt: skip
+    plain = stats.to_json(processor={"client_id": "x"})
+    assert (
+        dataclasses.replace(stats, polls_json=kept).to_json(processor={"client_id": "x"}) == plain
+    )
+    assert json.loads(plain)["polls"] == polls
