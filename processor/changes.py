@@ -31,8 +31,9 @@ __all__ = ["FEED_MAXLEN", "SWEEP_S", "ChangeFeed", "Changes", "announce", "annou
 FEED_MAXLEN: Final = 100_000
 # How often a reader also looks at every poll, for a change whose entry was lost (a processor
 # killed between its scripts and the entry, a Redis failover that lost the entry but not the
-# write). Measured at 10,000 polls: tens of ms of CPU each time (docs/benchmarks.md).
-SWEEP_S: Final = 300.0
+# write). At 10,000 polls one sweep of the drainer and one of the stats cost 1.7 s of CPU
+# (docs/benchmarks.md, Many polls): every 15 minutes, 0.2% of a core.
+SWEEP_S: Final = 900.0
 # Entries read per round trip while catching up.
 _READ_COUNT: Final = 10_000
 
