@@ -647,9 +647,15 @@ class Bench:
         return seen
 
     def idle(self, *, polls: int, seconds: float) -> dict[str, Any]:
-        """``polls`` open polls and nothing happening: CPU of the processor (InfluxDB on) and
-        of Redis over ``seconds``, after its start-up publish of every poll settled; and the
-        CPU of one sweep (processor/changes.py, SWEEP_S) over all of them, timed here."""
+        """``polls`` open polls and nothing happening, in an emptied Redis (this run comes
+        last): CPU of the processor (InfluxDB on) and of Redis over ``seconds``, after its
+        start-up publish of every poll settled; and the CPU of one sweep (processor/changes.py,
+        SWEEP_S) over all of them, timed here."""
+        # From an empty Redis: the runs before leave thousands of polls with votes in their
+        # last hour, whose series move on every minute: work that follows votes, not polls.
+        flush = sync_redis.Redis(port=self.redis.port)
+        flush.flushall()
+        flush.close()
         ids = self._polls("idle", self.single, polls=polls)
         [proc] = self.processors(self.mosquitto)
         settle_until = time.monotonic() + 120
