@@ -45,11 +45,14 @@ GROUP: Final = "votebox-drainers"
 # above a write's time (a batch of 5000 lands in well under a second), so taking over a live
 # drainer's point is rare, and then harmless: the rewrite overwrites itself.
 CLAIM_IDLE_MS: Final = 30_000
-# Points in one queued entry, about: a commit's batch for one poll (VOTEBOX_BATCH_MAX's default).
-# Entries are read batch_max // this at a time, spread over the streams read, so a round holds
-# about batch_max points; a read that came back full is followed by the next at once, so small
-# entries (a batch spread over many polls) do not slow it.
+# Points in one queued entry before any was read: a commit's batch for one poll
+# (VOTEBOX_BATCH_MAX's default). Then the drainer learns the size from what it reads: a batch
+# spread over many polls leaves entries of a point or two in each poll's stream, and reading
+# them two at a time took a cycle over every stream per two entries.
 _POINTS_PER_ENTRY: Final = 500
+# Entries read from one stream in a round: at least two (so that a stream with more says so),
+# at most this many.
+_ENTRIES_PER_READ_MAX: Final = 100
 # Streams read in one round; the rest follow in the next rounds of the same cycle (a cycle
 # visits every stream with points once, then waits for the flush interval unless some stream
 # had more than one round's worth). Bounds a round's memory when thousands of polls have
@@ -109,7 +112,8 @@ class InfluxDrainer:
         self._wake = asyncio.Event()
         self._pending_hint = 0
         self._labels: dict[str, tuple[str, ...]] = {}
-        self._entries_max = max(1, batch_max // _POINTS_PER_ENTRY)
+        # The mean points per entry read lately: a round reads about batch_max points.
+        self._entry_points = float(_POINTS_PER_ENTRY)
         self._more = False
         self._feed = ChangeFeed(redis)
         # Shards (keys.PollKeys.name) whose points stream may hold entries: announced in the
@@ -230,9 +234,9 @@ class InfluxDrainer:
         if not queues:
             return [], set()
         claim = asyncio.get_running_loop().time() >= self._next_claim_s
-        # One poll: a write's worth of entries. Many: two entries each, so a stream that
-        # holds more says so (it came back full) and the cycle goes on at once.
-        count = max(2, self._entries_max // len(queues))
+        # About a write's worth of points over the streams read, by the entries' size of late.
+        count = int(self._batch_max / (len(queues) * self._entry_points))
+        count = min(_ENTRIES_PER_READ_MAX, max(2, count))
         async with self._redis.pipeline(transaction=False) as pipe:
             for keys in queues:
                 points = keys.points
@@ -264,6 +268,11 @@ class InfluxDrainer:
                 entries += [e for e in replies[i * step + 1][1] if e[1] is not None]
             if entries:
                 batches.append((keys, entries))
+        read_entries = sum(len(entries) for _, entries in batches)
+        if read_entries:
+            read_points = sum(counted_points(f) for _, es in batches for _, f in es)
+            mean = max(1.0, read_points / read_entries)
+            self._entry_points = 0.5 * self._entry_points + 0.5 * mean
         return batches, empty
 
     async def queue_depth(self) -> int:
