@@ -35,7 +35,8 @@ from harness.services import (
 from processor.poll import Poll
 from processor.poll_store import create_poll
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# Test data kept in the repository (tests/data/README.md says where each file comes from).
+DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -1,7 +1,6 @@
-"""Mosquitto losing what it holds (shared/reliability-cases.md, cases 5 and 7): SIGKILLed
-between saves, with the processor away and with it running, and its queue for an away
-processor overflowing. What the broker loses was never acked to a device, so the devices'
-re-sends bring every vote back, and each counts once.
+"""Mosquitto losing what it holds: SIGKILLed between saves, with the processor away and with
+it running, and its queue for an away processor overflowing. What the broker loses was never
+acked to a device, so the devices' re-sends bring every vote back, and each counts once.
 
 Each test runs a Mosquitto of its own, since each kills it or changes its limits.
 """

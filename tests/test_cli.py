@@ -226,8 +226,8 @@ async def test_a_deleted_poll_id_is_not_created_again_unless_the_operator_accept
     redis_proc: ManagedProcess, redis: Redis, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Votes for a deleted poll may still wait in the broker's queue or in device outboxes;
-    under a new poll of the same id they would count (shared/reliability-cases.md, case 40).
-    So the id stays retired unless the operator says otherwise."""
+    under a new poll of the same id they would count. So the id stays retired unless the
+    operator says otherwise."""
     poll_id = unique_id(request)
     url = ["--redis-url", redis_proc.url]
     options = ["--option", "a", "--option", "b"]

@@ -27,7 +27,7 @@ from processor.codec import (
 )
 from processor.errors import VoteRejected
 from processor.reasons import Reason
-from tests.conftest import SHARED
+from tests.conftest import DATA
 
 
 def reason_of(payload: bytes) -> Reason:
@@ -130,7 +130,7 @@ def test_decode_rejects_unhashable_map_key() -> None:
     assert reason_of(bytes.fromhex("a1810101")) in (Reason.MALFORMED, Reason.BAD_SCHEMA)
 
 
-APPENDIX_A = json.loads((SHARED / "testdata" / "cbor-appendix-a.json").read_text())
+APPENDIX_A = json.loads((DATA / "cbor-appendix-a.json").read_text())
 
 
 @pytest.mark.parametrize("vector", APPENDIX_A, ids=[v["hex"][:24] for v in APPENDIX_A])

@@ -1,4 +1,4 @@
-"""Real faults (docs/../shared/reliability-cases.md): SIGKILL, SIGTERM, outages, restarts.
+"""Real faults: SIGKILL, SIGTERM, outages, restarts (docs/operations.md, what each failure costs).
 
 Each test checks the same three things: the tally equals the unique votes sent, nothing is
 lost silently, nothing is counted twice.

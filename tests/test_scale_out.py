@@ -1,7 +1,6 @@
 """Three processors in one MQTT 5 share group on Mosquitto, one SIGKILLed and never started
 again: every vote counted once after the devices' re-sends, the retained version never goes
-back, and each point is written to InfluxDB once (shared/reliability-cases.md, Beyond one
-machine; docs/operations.md, Scale)."""
+back, and each point is written to InfluxDB once (docs/operations.md, Scale)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Redis away in every way a real redis-server says it, mid-stream (shared/reliability-cases.md,
-cases 13, 14, 35): nothing acknowledged while it lasts, not ready, no vote answered
-`store_error`, and afterwards every vote counted exactly once.
+"""Redis away in every way a real redis-server says it, mid-stream (restarted, refusing writes,
+stuck): nothing acknowledged while it lasts, not ready, no vote answered `store_error`, and
+afterwards every vote counted exactly once.
 
 Each case runs on a redis-server of its own, since each bends the server's state.
 """

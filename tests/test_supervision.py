@@ -1,5 +1,5 @@
-"""Never a live process that does nothing (shared/reliability-cases.md, case 36): a part that
-fails ends the process for its supervisor; SIGTERM ends it within its deadline whatever state
+"""Never a live process that does nothing: a part that fails ends the process for its
+supervisor; SIGTERM ends it within its deadline whatever state
 Redis or the broker is in."""
 
 from __future__ import annotations
