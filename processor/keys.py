@@ -181,18 +181,9 @@ class PollKeys:
         return f"votebox:{self.tag}:commit:{token}"
 
     def all_keys(self) -> tuple[str, ...]:
-        """The fixed keys, in the order tally.lua expects them as KEYS."""
-        return (
-            self.definition,
-            self.tally,
-            self.fates,
-            self.devices,
-            self.points,
-            self.voters,
-            self.presses,
-            self.suppressed,
-            self.minutes,
-        )
+        """The fixed keys, in the order tally.lua expects them as KEYS (`KEY_SUFFIXES`, but
+        the window prefix)."""
+        return tuple(self.prefix + suffix for suffix in KEY_SUFFIXES[:-1])
 
     def every_key(self) -> tuple[str, ...]:
         """Every fixed key of the poll (the windows, one per device, share `window_prefix`)."""

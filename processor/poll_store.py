@@ -95,8 +95,7 @@ async def create_poll(
             pipe.srem(POLLS_DELETED, poll.id)
         await pipe.execute()
     if created:
-        await announce_polls(redis, [poll.id])
-        await redis.publish(POLLS_CHANGED, poll.id)
+        await _announce(redis, poll.id)
     if not created:
         raise ConfigError(f"poll {poll.id!r} exists already; pick another id")
 
@@ -118,6 +117,13 @@ redis.call('HSET', KEYS[1], 'created_ms', ARGV[1], unpack(ARGV, 2))
 redis.call('HSETNX', KEYS[2], 'version', 0)
 return 1
 """
+
+
+async def _announce(redis: Redis, poll_id: str) -> None:
+    # The change feed for the periodic readers (durable), then pub/sub for the results
+    # publishers (at once).
+    await announce_polls(redis, [poll_id])
+    await redis.publish(POLLS_CHANGED, poll_id)
 
 
 def deleted_id_message(poll_id: str) -> str:
@@ -191,8 +197,7 @@ async def _store(redis: Redis, poll: Poll, now_ms: int) -> None:
         pipe.hincrby(keys.tally, "version", 1)
         pipe.hset(keys.tally, mapping={"state_seen": poll.state_at(now_ms), "updated_ms": now_ms})
         await pipe.execute()
-    await announce_polls(redis, [poll.id])
-    await redis.publish(POLLS_CHANGED, poll.id)
+    await _announce(redis, poll.id)
 
 
 async def open_poll(redis: Redis, poll_id: str, *, now_ms: int | None = None) -> Poll:
@@ -252,8 +257,7 @@ async def delete_poll(redis: Redis, poll_id: str) -> int:
         devices = await redis.hkeys(keys.devices)
         windows = [keys.window_prefix + redis_text(device) for device in devices]
         await redis.delete(*keys.every_key(), *windows)  # one command, one slot: all at once
-    await announce_polls(redis, [poll_id])
-    await redis.publish(POLLS_CHANGED, poll_id)
+    await _announce(redis, poll_id)
     return queued
 
 

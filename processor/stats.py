@@ -108,9 +108,9 @@ class StatsReader:
         self._per_shard: dict[str, tuple[dict[str, int], int, int]] = {}
         self._queued: set[str] = set()  # shard names with points queued at the last read
         self._sweep_at = 0.0
-        # poll -> its entry of the message, JSON, kept until one of its shards is read again
-        self._poll_json: dict[str, str] = {}
-        self._poll_rows: dict[str, dict[str, int]] = {}
+        # poll -> its entry of the message and that entry as JSON, kept until one of its
+        # shards is read again
+        self._poll_rows: dict[str, tuple[dict[str, int], str]] = {}
         self._order: list[str] | None = None  # the polls, sorted
 
     async def read(self, *, now_ms: int, silent_after_s: float) -> Stats:
@@ -125,7 +125,6 @@ class StatsReader:
             polls = await list_polls(self._redis)
             self._shards = await shards_of(self._redis, polls)
             self._per_shard.clear()
-            self._poll_json.clear()
             self._poll_rows.clear()
             self._order = None
             names = {k.name for p, n in self._shards.items() for k in shard_keys(p, n)}
@@ -143,7 +142,6 @@ class StatsReader:
                 for poll, there in zip(ids, present, strict=True):
                     for name in [n for n in self._per_shard if n.split(":")[0] == poll]:
                         del self._per_shard[name]
-                    self._poll_json.pop(poll, None)
                     self._poll_rows.pop(poll, None)
                     self._order = None
                     if there:
@@ -183,12 +181,11 @@ class StatsReader:
             else:
                 self._queued.discard(name)
             poll = name.split(":")[0]
-            self._poll_json.pop(poll, None)
             self._poll_rows.pop(poll, None)
 
-    def _row(self, poll: str) -> dict[str, int]:
-        row = self._poll_rows.get(poll)
-        if row is None:
+    def _row(self, poll: str) -> tuple[dict[str, int], str]:
+        kept = self._poll_rows.get(poll)
+        if kept is None:
             row = _blank()
             for keys in shard_keys(poll, self._shards.get(poll, 1)):
                 # A poll over several shards: a device votes on one of them, so sums are exact.
@@ -199,8 +196,9 @@ class StatsReader:
                     elif name != "point_dropped":  # a point's fate, not a vote's
                         row["rejected"] += n
                 row["devices"] += devices
-            self._poll_rows[poll] = row
-        return row
+            part = f"{json.dumps(poll)}:{json.dumps(row, separators=(',', ':'), sort_keys=True)}"
+            kept = self._poll_rows[poll] = (row, part)
+        return kept
 
     def _stats(
         self,
@@ -220,17 +218,13 @@ class StatsReader:
                     rejected[reason] = rejected.get(reason, 0) + n
         if self._order is None:
             self._order = sorted(self._shards)
-        per_poll = {poll: self._row(poll) for poll in self._order}
-        parts = []
-        for poll, row in per_poll.items():
+        per_poll, parts = {}, []
+        for poll in self._order:
+            row, part = self._row(poll)
+            per_poll[poll] = row
+            parts.append(part)
             for name in _FATES:
                 votes[name] += row[name]
-            part = self._poll_json.get(poll)
-            if part is None:
-                part = self._poll_json[poll] = (
-                    f"{json.dumps(poll)}:{json.dumps(row, separators=(',', ':'), sort_keys=True)}"
-                )
-            parts.append(part)
         for key, value in unattributed.items():
             votes["rejected"] += int(value)
             rejected[redis_text(key)] = rejected.get(redis_text(key), 0) + int(value)

@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Final
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from processor.changes import announce
@@ -276,20 +277,9 @@ class Tally:
     async def _count_unattributed(self, counts: Counter[Reason], token: str | None) -> None:
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):
-                if token is None:
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for reason, n in counts.items():
-                            pipe.hincrby(UNATTRIBUTED_FATES, reason.code, n)
-                        await pipe.execute()
-                    return
-                await self._redis.eval(
-                    _COUNT_ONCE,
-                    2,
-                    UNATTRIBUTED_FATES,
-                    fates_counted(f"{token}.unknown"),
-                    COMMIT_MEMORY_S * 1000,
-                    *(x for r, n in counts.items() for x in (r.code, n)),
-                )
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    _add_unattributed(pipe, counts, f"{token}.unknown" if token else None)
+                    await pipe.execute()
 
     def _routes(
         self, votes: Sequence[Vote], indices: Iterable[int], *, sites: Mapping[str, str]
@@ -418,21 +408,7 @@ class Tally:
             names = [name for shards, _, _ in calls for name in shards]
             announce(pipe, [name for name in names if self._announced(name.split(":")[0])])
             if extra is not None:
-                if extra.unattributed and extra.token is not None:
-                    # Counted once per batch, like its votes: a retry after a lost reply
-                    # finds the batch's mark and adds nothing.
-                    counts = [x for r, n in extra.unattributed.items() for x in (r.code, n)]
-                    pipe.eval(
-                        _COUNT_ONCE,
-                        2,
-                        UNATTRIBUTED_FATES,
-                        fates_counted(extra.token),
-                        COMMIT_MEMORY_S * 1000,
-                        *counts,
-                    )
-                else:
-                    for reason, n in extra.unattributed.items():
-                        pipe.hincrby(UNATTRIBUTED_FATES, reason.code, n)
+                _add_unattributed(pipe, extra.unattributed, extra.token)
                 if extra.seen:
                     # Outside the scripts: it spans polls, and a lost update costs nothing
                     # but a device looking silent until its next message.
@@ -489,3 +465,22 @@ def _per_route(reply: object, routes: int) -> list[object]:
     if len(out) != routes:
         raise RuntimeError(f"the tally script answered {len(out)} polls of {routes}: a bug")
     return out
+
+
+def _add_unattributed(pipe: Pipeline, counts: Counter[Reason], token: str | None) -> None:
+    """Queue, on ``pipe``, the counts of fates that belong to no poll; once per ``token``
+    (a batch's), like its votes: a retry after a lost reply finds its mark and adds nothing."""
+    if not counts:
+        return
+    if token is None:
+        for reason, n in counts.items():
+            pipe.hincrby(UNATTRIBUTED_FATES, reason.code, n)
+        return
+    pipe.eval(
+        _COUNT_ONCE,
+        2,
+        UNATTRIBUTED_FATES,
+        fates_counted(token),
+        COMMIT_MEMORY_S * 1000,
+        *(x for reason, n in counts.items() for x in (reason.code, n)),
+    )
