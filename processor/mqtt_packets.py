@@ -56,7 +56,7 @@ class Incoming(NamedTuple):
     ``session_present``, ``code`` and ``properties``; for SUBACK, ``codes``.
 
     A NamedTuple: one is built per message received, and a frozen dataclass cost four times as
-    much to build (issue 18)."""
+    much to build."""
 
     kind: int
     mid: int = 0
@@ -233,7 +233,7 @@ def _need(body: bytes, size: int, what: str) -> None:
 def _decode(first: int, body: bytes, v5: bool) -> Incoming:
     kind, flags = first >> 4, first & 0x0F
     if kind == PUBLISH:
-        # The hot path: one length check per field, no helper calls (issue 18).
+        # The hot path: one length check per field, no helper calls.
         qos = (flags >> 1) & 0x03
         if qos == 3:
             raise PacketError("PUBLISH with QoS 3 (MQTT-3.3.1-4)")

@@ -51,7 +51,7 @@ DEVICE_REPORTS: Final = frozenset({"status", "heartbeat"})
 # Retained summary of all polls, for dashboards that speak only MQTT (docs/operations.md).
 STATS_TOPIC: Final = "votebox/stats"
 # Vote topics remembered parsed: a device publishes on the same topic every time, and a split
-# and three regex matches per message were 5% of the processor's CPU (issue 18). Sized for
+# and three regex matches per message were 5% of the processor's CPU. Sized for
 # 16,384 devices' topics, about 6 MB; beyond that the least recently used are parsed again.
 _PARSED_TOPICS: Final = 16_384
 
