@@ -91,6 +91,24 @@ def test_poll_create_refuses_invalid_definitions(redis_proc: ManagedProcess) -> 
     assert bad_id.returncode == 2 and "poll id" in bad_id.stderr
 
 
+async def test_a_zero_given_as_a_flag_is_used_or_refused_never_replaced_by_the_default(
+    redis_proc: ManagedProcess, redis: Redis, request: pytest.FixtureRequest
+) -> None:
+    poll_id = unique_id(request)
+    poll_cli(redis_proc, "poll", "create", poll_id, "--option", "A", "--option", "B",
+             "--grace-s", "0", "--cooldown-s", "0")  # fmt: skip
+    poll = await load_poll(redis, poll_id)
+    assert poll is not None and poll.grace_s == 0 and poll.cooldown_s == 0
+    shards = votebox("poll", "create", f"{poll_id}s", "--option", "A", "--option", "B",
+                     "--shards", "0", "--redis-url", redis_proc.url)  # fmt: skip
+    assert shards.returncode == 2 and "shards is 1 to" in shards.stderr
+    choices = votebox("poll", "create", f"{poll_id}m", "--type", "multiple", "--option", "A",
+                      "--option", "B", "--max-choices", "0", "--redis-url", redis_proc.url)  # fmt: skip
+    assert choices.returncode == 2 and "max_choices 1 to 2" in choices.stderr
+    assert await load_poll(redis, f"{poll_id}s") is None
+    assert await load_poll(redis, f"{poll_id}m") is None
+
+
 def test_show_unknown_poll_exits_1(redis_proc: ManagedProcess) -> None:
     result = votebox("poll", "show", "no-such-poll-here", "--redis-url", redis_proc.url)
     assert result.returncode == 1 and "no poll" in result.stderr

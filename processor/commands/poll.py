@@ -69,11 +69,15 @@ def load_poll_file(path: Path) -> list[Poll]:
 
 
 def _poll_from_flags(args: Mapping[str, Any]) -> Poll:
-    # A flag left out (None, or False for a switch) is a key left out of the spec.
+    # A flag left out (None, an unset switch, no --option) is a key left out of the spec.
+    # Compared by identity: a 0 given (--grace-s 0) equals False and must still be used.
     spec = {
-        f.key: args[_dest(f)]
+        f.key: value
         for f in POLL_FIELDS
-        if f.flag is not None and args.get(_dest(f)) not in (None, False, [])
+        if f.flag is not None
+        and (value := args.get(_dest(f))) is not None
+        and value is not False
+        and value != []
     }
     return Poll.from_mapping(args["poll"], spec)
 
