@@ -8,11 +8,14 @@ The roles are those of broker/acl.py: a device's username is its device id; the
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
 import secrets
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -119,10 +122,12 @@ class AccountStore:
             ConfigError: an invalid name or role.
         """
         passwords = {name: pw or secrets.token_urlsafe(18) for name, (_, pw) in wanted.items()}
-        accounts = self.load()
-        for name, (role, _) in wanted.items():
-            accounts[name] = Account(name, role, mosquitto_hash(passwords[name]))
-        self._save(accounts)
+        added = {
+            name: Account(name, role, mosquitto_hash(passwords[name]))
+            for name, (role, _) in wanted.items()
+        }
+        with self._locked():
+            self._save(self.load() | added)
         return passwords
 
     def remove(self, username: str) -> None:
@@ -131,11 +136,25 @@ class AccountStore:
         Raises:
             ConfigError: there is no such account.
         """
-        accounts = self.load()
-        if username not in accounts:
-            raise ConfigError(f"no account {username!r}; votebox device list shows them")
-        del accounts[username]
-        self._save(accounts)
+        with self._locked():
+            accounts = self.load()
+            if username not in accounts:
+                raise ConfigError(f"no account {username!r}; votebox device list shows them")
+            del accounts[username]
+            self._save(accounts)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the accounts file's lock for a read-change-write: provisioning scripts run
+        adds in parallel, and two unlocked ones each write what they read, losing the other's
+        account (and the password file can end up holding a different set)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
 
     def _save(self, accounts: dict[str, Account]) -> None:
         body = {
@@ -174,8 +193,14 @@ def _write_private(path: Path, text: str, *, mode: int = 0o600) -> None:
     """Write atomically (a broker reading it mid-write sees the old or the new file), private
     unless ``mode`` says otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
+    # A name of its own: a writer that is not under the lock (a hand-run tool) cannot rename
+    # this one's half-written file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

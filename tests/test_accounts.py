@@ -7,6 +7,8 @@ import asyncio
 import getpass
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import aiomqtt
@@ -181,3 +183,40 @@ async def test_mosquitto_accepts_the_password_file_votebox_device_writes(tmp_pat
         assert broker.stop() == 0
     gone = votebox("device", "remove", "kiosk-7", *files)
     assert gone.returncode == 2 and "no account" in gone.stderr
+
+
+def test_parallel_adds_and_removes_lose_no_account_and_keep_both_files_alike(
+    tmp_path: Path,
+) -> None:
+    """Provisioning scripts run `votebox device add` in parallel: each read-change-write holds
+    the accounts file's lock, so none writes over another's account."""
+    files = ["--accounts", str(tmp_path / "accounts.json"), "--passwd", str(tmp_path / "passwd")]
+    files += ["--acl", str(tmp_path / "acl")]
+
+    def run_all(*commands: list[str]) -> None:
+        started = [
+            subprocess.Popen(
+                [sys.executable, "-m", "processor.cli", "device", *command, *files],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for command in commands
+        ]
+        for proc in started:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+
+    run_all(*(["add", f"kiosk-{i}", "--password", f"pw-{i}"] for i in range(12)))
+    store = AccountStore(tmp_path / "accounts.json", tmp_path / "passwd")
+    assert sorted(store.load()) == sorted(f"kiosk-{i}" for i in range(12))
+    run_all(*(["remove", f"kiosk-{i}"] for i in range(0, 12, 2)))
+    kept = {f"kiosk-{i}" for i in range(1, 12, 2)}
+    accounts = store.load()
+    assert set(accounts) == kept
+    lines = dict(line.split(":", 1) for line in (tmp_path / "passwd").read_text().splitlines())
+    assert set(lines) == kept
+    for name in kept:
+        assert lines[name] == accounts[name].mosquitto
+        assert verify_mosquitto_hash(f"pw-{name.removeprefix('kiosk-')}", lines[name])
+    assert not list(tmp_path.glob("*.tmp")), "no temporary file is left behind"
