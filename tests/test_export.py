@@ -114,3 +114,19 @@ def test_export_says_what_is_missing(redis_proc: ManagedProcess) -> None:
     env.pop("VOTEBOX_INFLUX_URL", None)
     done = votebox("export", "nope", env=env)
     assert done.returncode == 2 and "set VOTEBOX_INFLUX_URL" in done.stderr
+
+
+async def test_recount_and_export_say_what_a_missing_influx_database_means(
+    redis_proc: ManagedProcess, influx_proc: ManagedProcess, redis: Redis, poll: Poll
+) -> None:
+    env = os.environ | {
+        "VOTEBOX_REDIS_URL": redis_proc.url,
+        "VOTEBOX_INFLUX_URL": influx_proc.url,
+        "VOTEBOX_INFLUX_API": "v1",
+        "VOTEBOX_INFLUX_DB": "never_written",
+    }
+    for command in ("recount", "export"):
+        done = votebox(command, poll.id, env=env)
+        assert done.returncode != 0, done.stdout
+        assert "has no database 'never_written'" in done.stderr, done.stderr
+        assert "no processor has written a point there yet" in done.stderr

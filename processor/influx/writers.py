@@ -126,6 +126,14 @@ class V1Writer:
             raise InfluxRejected(reply.status, reply.data.decode(errors="replace")[:500])
         result = reply.json()["results"][0]
         if "error" in result:
+            if str(result["error"]).startswith("database not found"):
+                raise InfluxRejected(
+                    404,
+                    f"InfluxDB at {self._target.url} has no database "
+                    f"{self._target.database!r}: no processor has written a point there yet "
+                    "(one creates it at its first write, if its account may), or "
+                    "VOTEBOX_INFLUX_DB names another database",
+                )
             raise InfluxRejected(400, result["error"])
         return list(result.get("series", []))
 
