@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 import typing
 
 import pytest
 
 from processor.config import ENV_VARS, MqttUrl, Settings
 from processor.errors import ConfigError
+from tests.conftest import REPO
 
 
 def test_defaults_need_no_environment() -> None:
@@ -154,3 +156,10 @@ def test_a_cluster_is_named_by_any_node() -> None:
     target = Settings.from_env({"VOTEBOX_REDIS_CLUSTER": "1"}).redis_target()
     assert target.cluster and not target.sentinels
     assert not Settings.from_env({"VOTEBOX_REDIS_CLUSTER": "0"}).redis_target().cluster
+
+
+def test_the_readme_settings_table_names_every_setting() -> None:
+    table = (REPO / "README.md").read_text()
+    for f in dataclasses.fields(Settings):
+        if "env" in f.metadata:
+            assert f"`{f.metadata['env']}`" in table, f"README misses {f.metadata['env']}"
