@@ -95,15 +95,51 @@ async def test_a_zero_given_as_a_flag_is_used_or_refused_never_replaced_by_the_d
     redis_proc: ManagedProcess, redis: Redis, request: pytest.FixtureRequest
 ) -> None:
     poll_id = unique_id(request)
-    poll_cli(redis_proc, "poll", "create", poll_id, "--option", "A", "--option", "B",
-             "--grace-s", "0", "--cooldown-s", "0")  # fmt: skip
+    poll_cli(
+        redis_proc,
+        "poll",
+        "create",
+        poll_id,
+        "--option",
+        "A",
+        "--option",
+        "B",
+        "--grace-s",
+        "0",
+        "--cooldown-s",
+        "0",
+    )
     poll = await load_poll(redis, poll_id)
     assert poll is not None and poll.grace_s == 0 and poll.cooldown_s == 0
-    shards = votebox("poll", "create", f"{poll_id}s", "--option", "A", "--option", "B",
-                     "--shards", "0", "--redis-url", redis_proc.url)  # fmt: skip
+    shards = votebox(
+        "poll",
+        "create",
+        f"{poll_id}s",
+        "--option",
+        "A",
+        "--option",
+        "B",
+        "--shards",
+        "0",
+        "--redis-url",
+        redis_proc.url,
+    )
     assert shards.returncode == 2 and "shards is 1 to" in shards.stderr
-    choices = votebox("poll", "create", f"{poll_id}m", "--type", "multiple", "--option", "A",
-                      "--option", "B", "--max-choices", "0", "--redis-url", redis_proc.url)  # fmt: skip
+    choices = votebox(
+        "poll",
+        "create",
+        f"{poll_id}m",
+        "--type",
+        "multiple",
+        "--option",
+        "A",
+        "--option",
+        "B",
+        "--max-choices",
+        "0",
+        "--redis-url",
+        redis_proc.url,
+    )
     assert choices.returncode == 2 and "max_choices 1 to 2" in choices.stderr
     assert await load_poll(redis, f"{poll_id}s") is None
     assert await load_poll(redis, f"{poll_id}m") is None
@@ -160,13 +196,26 @@ def test_poll_create_refuses_what_the_type_does_not_allow(redis_proc: ManagedPro
     cases = [
         (["--type", "rating"], "needs a scale"),
         (["--type", "rating", "--scale", "5-1"], "0 <= min < max"),
-        (["--type", "multiple", "--option", "a", "--option", "b", "--max-choices", "3"],
-         "max_choices 1 to 2"),
+        (
+            ["--type", "multiple", "--option", "a", "--option", "b", "--max-choices", "3"],
+            "max_choices 1 to 2",
+        ),
         (["--option", "a", "--option", "b", "--max-choices", "2"], "only multiple-choice"),
         (["--option", "a", "--option", "b", "--opens-at", "2026-12-01T18:00:00"], "UTC offset"),
-        (["--option", "a", "--option", "b", "--opens-at", "2026-12-02T00:00:00Z",
-          "--closes-at", "2026-12-01T00:00:00Z"], "close after it opens"),
-    ]  # fmt: skip
+        (
+            [
+                "--option",
+                "a",
+                "--option",
+                "b",
+                "--opens-at",
+                "2026-12-02T00:00:00Z",
+                "--closes-at",
+                "2026-12-01T00:00:00Z",
+            ],
+            "close after it opens",
+        ),
+    ]
     for flags, message in cases:
         result = votebox("poll", "create", "bad-poll", *flags, "--redis-url", redis_proc.url)
         assert result.returncode == 2 and message in result.stderr, (flags, result.stderr)
@@ -194,8 +243,9 @@ async def test_poll_apply_creates_then_updates_and_refuses_changes_that_would_al
     again = votebox("poll", "apply", str(path), "--redis-url", redis_proc.url)
     assert again.returncode == 0 and again.stdout.count("unchanged") == 4
 
-    await Tally(redis, timeout_s=5).commit([Vote(f"{prefix}-board", "k", 0, 1, voter=b"x")],
-                                           now_ms=int(time.time() * 1000))  # fmt: skip
+    await Tally(redis, timeout_s=5).commit(
+        [Vote(f"{prefix}-board", "k", 0, 1, voter=b"x")], now_ms=int(time.time() * 1000)
+    )
     path.write_text(
         example.replace('title = "Elect the board chair"', 'title = "Elect the chair"').replace(
             'options = ["Kim", "Lee"]', 'options = ["Kim", "Lee", "Max"]'
