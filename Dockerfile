@@ -9,12 +9,10 @@ RUN npm ci --no-audit --no-fund --loglevel=error
 
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md hatch_build.py ./
 COPY processor ./processor
 COPY broker ./broker
 COPY devices ./devices
-COPY harness ./harness
-COPY bench ./bench
 COPY dashboard/index.html dashboard/app.js dashboard/style.css dashboard/kiosk.html dashboard/kiosk.js ./dashboard/
 COPY --from=dashboard /dashboard/node_modules ./dashboard/node_modules
 # Installed, then the sources removed: the image runs the package as pip laid it out.

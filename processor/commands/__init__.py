@@ -7,12 +7,14 @@ Rule: a command module adds its parser in ``register(commands)`` and names its r
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Final, TypeAlias
 
 from processor.config import ENV_VARS, Settings
+from processor.errors import ConfigError
 
-__all__ = ["Commands", "ENV_EPILOG", "Runner", "add_command"]
+__all__ = ["Commands", "ENV_EPILOG", "Runner", "add_command", "needs_checkout"]
 
 Runner: TypeAlias = Callable[[argparse.Namespace, Settings], int]
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -42,3 +44,24 @@ def add_command(
     parser = commands.add_parser(name, **kwargs)
     parser.set_defaults(run=run)
     return parser
+
+
+@contextlib.contextmanager
+def needs_checkout(command: str) -> Iterator[None]:
+    """Around the import of the repository's harness/ or bench/, which the installed package
+    (the wheel, the Docker image) leaves out: they start servers and load generators, no part
+    of a production deployment.
+
+    Raises:
+        ConfigError: they are not there; says where the command runs.
+    """
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("harness", "bench"):
+            raise
+        raise ConfigError(
+            f"votebox {command} runs from a checkout of the repository (it needs its "
+            f"{exc.name}/, which the installed package leaves out): clone it and run "
+            "scripts/setup there"
+        ) from None

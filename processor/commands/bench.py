@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from processor.commands import Commands, add_command
+from processor.commands import Commands, add_command, needs_checkout
 from processor.config import Settings
 
 __all__ = ["register"]
@@ -38,7 +38,8 @@ def register(commands: Commands) -> None:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     # bench/ starts its own servers and load generators: loaded only when asked for.
-    from bench.run import main as bench_main
+    with needs_checkout("bench"):
+        from bench.run import main as bench_main
 
     return bench_main(
         smoke=args.smoke,

@@ -98,7 +98,9 @@ def serve_dashboard(
     """
     if not MQTT_BROWSER_BUILD.is_file():
         raise ConfigError(
-            f"{MQTT_BROWSER_BUILD} is missing: run scripts/setup (it runs npm ci in dashboard/)"
+            f"{MQTT_BROWSER_BUILD} is missing: in a checkout, run scripts/setup (it runs npm "
+            "ci in dashboard/); for an installed package, run npm ci in dashboard/ before "
+            "building it"
         )
     if not ws_url.startswith(("ws://", "wss://")):
         raise ConfigError(f"--ws-url must start with ws:// or wss:// (got {ws_url!r})")

@@ -19,8 +19,7 @@ from pathlib import Path
 from broker.accounts import AccountStore
 from broker.acl import Role
 from devices.simulator import SimulationSummary, fleet_ids, simulate
-from harness.services import amqtt_broker, influxdb, processor, redis_server
-from processor.commands import Commands, add_command
+from processor.commands import Commands, add_command, needs_checkout
 from processor.commands.dashboard import serve_dashboard
 from processor.commands.recount import recount
 from processor.commands.watch import watch_polls
@@ -58,6 +57,9 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
     """Run the demo until Ctrl-C or ``duration_s``; returns the exit code."""
     # SIGTERM ends the demo like Ctrl-C, so its servers are stopped rather than left running.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # harness/ starts the servers: in a checkout only, never in the installed package.
+    with needs_checkout("demo"):
+        from harness.services import amqtt_broker, influxdb, processor, redis_server
     with tempfile.TemporaryDirectory(prefix="votebox-demo-") as tmp:
         root = Path(tmp)
         accounts = _provision(root, devices)
