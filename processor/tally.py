@@ -115,6 +115,8 @@ class Tally:
         replicas: a commit returns only once WAIT says this many replicas have it (in the
             same round trip); fewer raise `StoreUnavailable`, so nothing is acknowledged.
         replica_timeout_ms: how long WAIT waits for them.
+        dedup_window: seqs remembered per device and poll (a multiple of 8). Every processor
+            of a deployment must use the same; tests make it small to reach its wrap-around.
     """
 
     def __init__(
@@ -126,8 +128,10 @@ class Tally:
         clock_skew_s: int = 300,
         replicas: int = 0,
         replica_timeout_ms: int = 500,
+        dedup_window: int = DEDUP_WINDOW,
     ) -> None:
         self._redis = redis
+        self._window = dedup_window
         self._timeout_s = timeout_s
         self._points_max = points_max
         self._clock_skew_s = clock_skew_s
@@ -316,7 +320,7 @@ class Tally:
         for keys, shards, carried, packed in routes:
             args: list[str | int] = [
                 now_ms,
-                DEDUP_WINDOW,
+                self._window,
                 keys.window_prefix,
                 self._points_max,
                 self._clock_skew_s,
@@ -349,7 +353,7 @@ class Tally:
         args: list[str | int] = [
             "*",
             now_ms,
-            DEDUP_WINDOW,
+            self._window,
             self._points_max,
             self._clock_skew_s,
             COMMIT_MEMORY_S * 1000,

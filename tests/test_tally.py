@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -198,13 +200,25 @@ async def test_largest_seq_is_stored_exactly(tally: Tally, poll: Poll, redis: Re
 
 
 async def test_dedup_state_per_device_stays_bounded(tally: Tally, poll: Poll, redis: Redis) -> None:
+    # Each 500 seqs go as two batches, the even ones then the odd: every gap ends the run, so
+    # the ring is written (seqs in order would keep a run and no ring at all), and over 3
+    # windows its positions wrap around twice.
     starts = range(0, 3 * DEDUP_WINDOW, 500)
-    for start in starts:
-        await tally.commit(votes(poll, "k1", range(start, start + 500)), now_ms=1)
     keys = PollKeys(poll.id)
-    assert await redis.strlen(keys.window_prefix + "k1") <= DEDUP_WINDOW // 8
+    ring = keys.window_prefix + "k1"
+    lengths = []
+    for start in starts:
+        for first in (start, start + 1):
+            result = await tally.commit(votes(poll, "k1", range(first, start + 500, 2)), now_ms=1)
+            assert result.codes == [A] * 250
+        lengths.append(await redis.strlen(ring))
+    assert 0 < max(lengths) <= DEDUP_WINDOW // 8
+    assert lengths[-1] == DEDUP_WINDOW // 8  # the whole ring in use, and no more
     assert await redis.hlen(keys.devices) == 1
     assert (await read_results(redis, [poll.id]))[poll.id].total == len(starts) * 500
+    # And it still knows what it counted: a re-send of the last window is all duplicates.
+    late = votes(poll, "k1", range(len(starts) * 500 - 1, len(starts) * 500 - 400, -1))
+    assert (await tally.commit(late, now_ms=2)).codes == [D] * len(late)
 
 
 async def test_a_lua_error_writes_nothing_and_sets_votes_aside(
@@ -266,41 +280,79 @@ async def test_unreachable_redis_raises_store_unavailable(poll: Poll) -> None:
         await dead.aclose()
 
 
+# A small window, so that the property test below reaches its wrap-around often; the script
+# takes W as an argument, and its rules do not depend on W's size.
+_W: Final = 8
+
+
 @dataclass
 class _Reference:
-    """The rules of docs/protocol.md, De-duplication, written plainly."""
+    """The rules of docs/protocol.md (De-duplication, Cooldown, One vote per voter), written
+    plainly: the order of the checks, which refusals leave a seq unspent, and what counts."""
 
+    options: int
+    cooldown_s: int = 0
+    per_voter: bool = False
     epoch: dict[str, int] = field(default_factory=dict)
     top: dict[str, int] = field(default_factory=dict)
     seen: dict[str, set[int]] = field(default_factory=dict)
+    last_press: dict[str, int] = field(default_factory=dict)
+    voters: dict[bytes, tuple[int, int, str, int]] = field(default_factory=dict)
+    counts: Counter[int] = field(default_factory=Counter)
 
-    def apply(self, device: str, epoch: int, seq: int) -> int:
-        if device in self.epoch and epoch < self.epoch[device]:
+    def apply(self, vote: Vote) -> int:
+        device, seq, ts = vote.device, vote.seq, vote.ts_s
+        assert isinstance(vote.choice, int) and ts is not None
+        if not 0 <= vote.choice < self.options:
+            return int(Reason.UNKNOWN_OPTION)
+        if device in self.epoch and vote.epoch < self.epoch[device]:
             return int(Reason.STALE_EPOCH)
-        if device not in self.epoch or epoch > self.epoch[device]:
-            self.epoch[device], self.top[device], self.seen[device] = epoch, -1, set()
-        top = self.top[device]
-        if top >= 0 and seq <= top - DEDUP_WINDOW:
-            return int(Reason.SEQ_TOO_OLD)
-        if seq in self.seen[device]:
-            return D
-        self.seen[device].add(seq)
-        self.top[device] = max(top, seq)
+        fresh = device not in self.epoch or vote.epoch > self.epoch[device]
+        if not fresh:
+            if self.top[device] >= 0 and seq <= self.top[device] - _W:
+                return int(Reason.SEQ_TOO_OLD)
+            if seq in self.seen[device]:
+                return D
+        if self.per_voter and not vote.voter:
+            return int(Reason.MISSING_VOTER)  # refused: its seq is not spent
+        if fresh:
+            self.epoch[device], self.top[device], self.seen[device] = vote.epoch, -1, set()
+        self.seen[device].add(seq)  # spent, whatever follows
+        self.top[device] = max(self.top[device], seq)
+        last = self.last_press.get(device)
+        if self.cooldown_s and last is not None and abs(ts - last) < self.cooldown_s:
+            return int(Fate.SUPPRESSED)
+        if self.per_voter:
+            assert vote.voter is not None
+            prior = self.voters.get(vote.voter)
+            if prior is not None and (ts, seq, device) <= prior[:3]:
+                return int(Fate.SUPERSEDED)
+            if prior is not None:
+                self.counts[prior[3]] -= 1
+            self.voters[vote.voter] = (ts, seq, device, vote.choice)
+        if self.cooldown_s:
+            self.last_press[device] = ts if last is None else max(last, ts)
+        self.counts[vote.choice] += 1
         return A
 
 
 _events = st.lists(
     st.tuples(
         st.sampled_from(["k1", "k2"]),
-        st.integers(0, 1),
-        # A seq, or relative to the device's highest: -1 the next one (a run, which the
-        # script keeps without bits), -2 one gap further (ends the run), -3 just below it.
-        st.one_of(
-            st.integers(0, 40),
-            st.integers(0, 3 * DEDUP_WINDOW),
-            st.sampled_from([-1, -1, -1, -2, -3]),
-        ),
+        # The epoch, from the device's last: mostly the same, sometimes its next (a device
+        # that lost its store), sometimes its previous (a stale one).
+        st.sampled_from([0, 0, 0, 0, 0, 0, 1, -1]),
+        # A seq, or from the device's highest: -1 the next one (a run, which the script keeps
+        # without bits), -2 one gap further (ends the run), -3 just below it, -4 the highest
+        # the window no longer holds, -5 the lowest it still holds; from the lowest seq of
+        # the unbroken block of counted seqs that ends at the highest: -6 one below it (joins
+        # the block), -7 two below it (does not).
+        st.integers(0, 3 * _W)
+        | st.sampled_from([-1, -1, -1, -1, -2, -2, -3, -3, -4, -5, -6, -6, -7, -7]),
         st.booleans(),  # end the batch after this vote
+        st.sampled_from([0, 1, 2, 0, 1, 2, 3]),  # 3 is no option (refused, seq unspent)
+        st.integers(0, 8),  # seconds before now that the device cast it
+        st.sampled_from([b"", b"v1", b"v2"]),  # the voter token, b"" for none
     ),
     min_size=1,
     max_size=60,
@@ -308,35 +360,59 @@ _events = st.lists(
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(events=_events)
+@given(
+    events=_events,
+    cooldown_s=st.sampled_from([0, 0, 3]),
+    per_voter=st.booleans(),
+)
 async def test_tally_equals_the_reference_rules(
-    events: list[tuple[str, int, int, bool]], tally: Tally, redis: Redis
+    events: list[tuple[str, int, int, bool, int, int, bytes]],
+    cooldown_s: int,
+    per_voter: bool,
+    redis: Redis,
 ) -> None:
-    poll = Poll(id=f"ref-{abs(hash(tuple(events))) % 10**12}-{len(events)}", labels=("a", "b", "c"))
+    tally = Tally(redis, timeout_s=5, dedup_window=_W)
+    poll = Poll(
+        id=f"ref-{abs(hash((tuple(events), cooldown_s, per_voter))) % 10**12}-{len(events)}",
+        labels=("a", "b", "c"),
+        cooldown_s=cooldown_s,
+        one_per_voter=per_voter,
+    )
     keys = PollKeys(poll.id)
-    await redis.delete(*keys.all_keys(), *[keys.window_prefix + d for d in ("k1", "k2")])
+    # Hypothesis replays an example (the same id): nothing of an earlier run may remain.
+    every_key = (*keys.every_key(), *[keys.window_prefix + d for d in ("k1", "k2")])
+    await redis.delete(*every_key)
     await create_poll(redis, poll)
-    reference = _Reference()
+    now_s = int(time.time())
+    reference = _Reference(options=len(poll.labels), cooldown_s=cooldown_s, per_voter=per_voter)
     batch: list[Vote] = []
     expected: list[int] = []
     got: list[int] = []
-    for device, epoch, relative, cut in events:
+    for device, epoch_step, relative, cut, choice, age_s, voter in events:
         top = reference.top.get(device, -1)
-        seq = relative if relative >= 0 else max(0, top + {-1: 1, -2: 2, -3: -1}[relative])
-        batch.append(Vote(poll.id, device, seq % 3, seq, epoch))
-        expected.append(reference.apply(device, epoch, seq))
+        epoch = max(0, reference.epoch.get(device, 0) + epoch_step)
+        block_low = top
+        while block_low - 1 in reference.seen.get(device, ()):
+            block_low -= 1
+        step = {-1: top + 1, -2: top + 2, -3: top - 1, -4: top - _W, -5: top + 1 - _W}
+        step |= {-6: block_low - 1, -7: block_low - 2}
+        seq = relative if relative >= 0 else max(0, step[relative])
+        vote = Vote(poll.id, device, choice, seq, epoch, now_s - age_s, voter or None)
+        batch.append(vote)
+        expected.append(reference.apply(vote))
         if cut:
-            got += (await tally.commit(batch, now_ms=1)).codes
+            got += (await tally.commit(batch, now_ms=now_s * 1000)).codes
             batch = []
     if batch:
-        got += (await tally.commit(batch, now_ms=1)).codes
+        got += (await tally.commit(batch, now_ms=now_s * 1000)).codes
     assert got == expected
-    total = (await read_results(redis, [poll.id]))[poll.id].total
-    assert total == expected.count(A)
+    results = (await read_results(redis, [poll.id]))[poll.id]
+    assert list(results.counts) == [reference.counts[i] for i in range(len(poll.labels))]
+    assert results.total == (len(reference.voters) if per_voter else expected.count(A))
     await redis.srem(POLLS_INDEX, poll.id)  # see tests/test_poll_rules.py: no poll left behind
-    await redis.delete(*keys.every_key())
+    await redis.delete(*every_key)
 
 
 async def test_a_retried_batch_counts_its_unattributed_rejections_once(
