@@ -75,10 +75,12 @@ async def test_ten_thousand_votes_with_repeats_and_garbage_are_counted_exactly(
         codes = fleet.codes()
         assert fleet.unacked() == 0
         assert codes[0] == total
-        # amqtt may deliver a vote twice (docs/brokers.md: its 5 s PUBACK timeout); the second
-        # copy is answered "duplicate" and counted once. Mosquitto delivers each once.
+        # amqtt may deliver a vote twice (docs/brokers.md: its 5 s PUBACK timeout): how often
+        # is its own affair, and each such copy must be answered "duplicate" and counted once
+        # (codes[0] above, the fates below). Mosquitto delivers each once.
         redelivered = codes[1] - repeats
-        assert redelivered == 0 if broker.name == "mosquitto" else redelivered >= 0
+        if broker.name == "mosquitto":
+            assert redelivered == 0
         assert sum(n for code, n in codes.items() if code >= 16) == garbage
         fates, unattributed = await read_fates(redis, poll.id)
         assert fates["accepted"] == total and fates["duplicate"] == repeats + redelivered
