@@ -30,12 +30,15 @@ from processor.config import Settings
 from processor.errors import BrokerUnavailable
 from processor.supervise import supervised
 
-__all__ = ["Delivery", "MqttIntake", "Publish"]
+__all__ = ["Delivery", "Fence", "MqttIntake", "Publish"]
 
 log = logging.getLogger(__name__)
 
 # What the results and stats publishers are handed: a retained QoS 1 publish of the intake.
 Publish = Callable[[str, bytes], None]
+# Asked before each send of a message, the first and any resend after a reconnect: False
+# drops it. A message that may no longer go out (the results lease lapsed) is not sent late.
+Fence = Callable[[], bool]
 
 _SUBSCRIBE_MID: Final = 1
 # The largest packet we take whole (MQTT 5 tells the broker so in CONNECT; on 3.1.1 a larger
@@ -205,7 +208,7 @@ class MqttIntake:
         self._suback: asyncio.Future[None] | None = None
         self._pingresp_due: float | None = None
         # Our QoS 1 publishes not yet acknowledged by the broker: resent after a reconnect.
-        self._unacked_out: dict[int, tuple[str, bytes, bool]] = {}
+        self._unacked_out: dict[int, tuple[str, bytes, bool, Fence | None]] = {}
         # Of those, the ones sent on this connection, and the ones waiting for room: the broker
         # takes at most its Receive Maximum un-acked at once (MQTT-4.9.0-1).
         self._in_flight: set[int] = set()
@@ -325,15 +328,26 @@ class MqttIntake:
 
     # -- output ----------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        fence: Fence | None = None,
+    ) -> None:
         """Send a message. QoS 1 ones are kept until the broker acks them, across reconnects,
-        and sent as the broker's Receive Maximum allows."""
+        and sent as the broker's Receive Maximum allows; ``fence``, if given, is asked before
+        each send, and False drops the message."""
         if qos:
             mid = self._take_mid()
-            self._unacked_out[mid] = (topic, payload, retain)
+            self._unacked_out[mid] = (topic, payload, retain, fence)
             self._drained.clear()
             self._waiting.append(mid)
             self._send_waiting()
+        elif fence is not None and not fence():
+            return
         elif self._protocol is not None and self._connected.is_set():
             packet = packets.publish(topic, payload, qos=0, retain=retain, mid=0, v5=self._v5)
             if self._fits(topic, packet):
@@ -347,7 +361,10 @@ class MqttIntake:
             mid = self._waiting.popleft()
             if mid not in self._unacked_out:
                 continue
-            topic, payload, retain = self._unacked_out[mid]
+            topic, payload, retain, fence = self._unacked_out[mid]
+            if fence is not None and not fence():
+                self._settled_out(mid)
+                continue
             packet = packets.publish(
                 topic,
                 payload,
@@ -652,7 +669,7 @@ class MqttIntake:
                 self._pause_if_full(self._protocol)
         elif kind == packets.PUBACK:
             if packet.code >= 0x80:
-                topic = self._unacked_out.get(packet.mid, ("?", b"", False))[0]
+                topic = self._unacked_out.get(packet.mid, ("?", b"", False, None))[0]
                 log.warning(
                     "the broker refused our publish to %s (reason 0x%02x)", topic, packet.code
                 )

@@ -16,6 +16,12 @@ sees never goes back: MQTT keeps one connection's messages in order, not several
 tell it on `RESULTS_CHANGED` which polls their commits changed. When the holder stops, it lets
 go; when it dies, the lease expires and the next processor to look (every ``rescan_s``) takes
 it and publishes every poll.
+
+The lease is fenced where a message leaves: a holder that was paused (SIGSTOP, a stalled VM)
+past its lease's time publishes nothing more until Redis gives it the lease again, and its
+unacknowledged publishes are not re-sent after a reconnect (`may_publish`, asked by the MQTT
+client before each send). The one pause no client can fence is between that last check and
+the socket write; the version in every result lets a dashboard keep the newest.
 """
 
 from __future__ import annotations
@@ -117,6 +123,8 @@ class ResultsPublisher:
         self._lease = lease
         self._holding = lease is None
         self._renew_at = 0.0
+        # Loop time until which the lease is surely ours: its TTL from before we asked.
+        self._valid_until = 0.0
         self._pace = pace
         self._redis = redis
         self._publish = publish
@@ -301,6 +309,13 @@ class ResultsPublisher:
         else:
             self.changed(text)
 
+    def may_publish(self) -> bool:
+        """Whether a message may go out now: no lease, or ours and within its time. Asked
+        before each publish and by the MQTT client before each (re)send of one."""
+        if self._lease is None:
+            return True
+        return self._holding and asyncio.get_running_loop().time() < self._valid_until
+
     async def _hold(self) -> bool:
         """Take or renew the lease; whether we hold it. Gained: publish every poll afresh.
 
@@ -311,6 +326,11 @@ class ResultsPublisher:
         asked = asyncio.get_running_loop().time()
         if self._holding and asked < self._renew_at:
             return True
+        if self._holding and asked >= self._valid_until:
+            # Paused past the lease: what we sent meanwhile was dropped (may_publish), so if
+            # Redis gives it back, it is a new hold and every poll is published afresh.
+            log.warning("results lease lapsed (this process was paused past its time)")
+            self._holding = False
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):
                 held = bool(
@@ -330,6 +350,7 @@ class ResultsPublisher:
         self._holding = held
         # From before the ask: Redis counts its TTL from later, so this errs on the safe side.
         self._renew_at = asked + self._lease.ttl_ms / 3000
+        self._valid_until = asked + self._lease.ttl_ms / 1000
         return held
 
     async def release(self) -> None:
@@ -378,6 +399,10 @@ class ResultsPublisher:
                     if every or clock >= self._series_due.get(poll, 0.0)
                 }
                 series = await read_series(self._redis, due, now_ms=now_ms) if due else {}
+        if not self.may_publish():
+            # Paused past the lease while reading: all of it waits for the lease again.
+            self._dirty |= wanted
+            return
         for poll in deleted:
             if poll not in self._cleared and poll not in snapshots:
                 self._clear(poll)
@@ -396,6 +421,10 @@ class ResultsPublisher:
             self._change_at.pop(poll, None)  # deleted
             self._series_live.discard(poll)
         for poll, snap in snapshots.items():
+            if not self.may_publish():
+                # Paused past the lease (in the pace below): the rest waits for it again.
+                self._dirty.add(poll)
+                continue
             self._cleared.discard(poll)
             at_ms = snap.poll.next_change_ms(now_ms)
             if at_ms and self._change_at.get(poll) != at_ms:

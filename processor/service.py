@@ -504,9 +504,13 @@ async def _serve(
     def publish_retained(topic: str, payload: bytes) -> None:
         intake.publish(topic, payload, qos=1, retain=True)
 
+    def publish_results(topic: str, payload: bytes) -> None:
+        # Fenced: not sent, nor re-sent after a reconnect, once the lease may have lapsed.
+        intake.publish(topic, payload, qos=1, retain=True, fence=results.may_publish)
+
     results = ResultsPublisher(
         redis=redis,
-        publish=publish_retained,
+        publish=publish_results,
         interval_s=settings.results_interval_s,
         rescan_s=settings.polls_rescan_s,
         timeout_s=settings.redis_timeout_s,

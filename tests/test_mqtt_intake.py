@@ -181,6 +181,44 @@ async def test_after_a_lost_connection_the_session_resumes_and_old_packet_ids_ar
     assert resent[0].flags & 0x08  # DUP
 
 
+async def test_a_fenced_publish_is_not_resent_once_its_fence_says_no() -> None:
+    """The results lease's fence (processor/results.py): a retained result sent before the
+    holder lost its lease is not re-sent after the reconnect, where it would replace the new
+    holder's newer one; an unfenced publish is re-sent as MQTT-4.4.0-1 says."""
+    allowed = True
+    resent: list[bytes] = []
+
+    async def script(peer: Peer, n: int) -> None:
+        nonlocal allowed
+        if n == 1:
+            await peer.handshake()
+            for _ in range(2):
+                await peer.expect(3)  # both publishes, never acked here
+            allowed = False  # the lease lapses while the link is down
+            peer.writer.close()
+            return
+        await peer.handshake(session_present=True)
+        while (publish := await peer.read()).kind != 14:  # until DISCONNECT
+            if publish.kind == 12:
+                peer.send(b"\xd0\x00")
+                continue
+            topic_len = struct.unpack_from("!H", publish.body, 0)[0]
+            resent.append(publish.body[2 : 2 + topic_len])
+            peer.send(b"\x40\x02" + publish.body[2 + topic_len : 4 + topic_len])
+
+    async with scripted_broker(script) as (port, peers):
+        async with MqttIntake(settings=settings(port), topic_filters=["votes/#"]) as intake:
+            intake.publish("polls/p/results", b"{}", qos=1, retain=True, fence=lambda: allowed)
+            intake.publish("votebox/stats", b"{}", qos=1, retain=True)
+            await eventually(lambda: not (len(peers) < 2), timeout_s=10)
+            await intake.drain()
+            intake.publish("polls/p/results", b"{}", qos=1, retain=True, fence=lambda: allowed)
+            intake.publish("votebox/other", b"{}", qos=1, retain=True)
+            await eventually(lambda: not (len(resent) < 2), timeout_s=10)
+            await intake.drain()
+    assert resent == [b"votebox/stats", b"votebox/other"]
+
+
 def _v5_connack(props: bytes) -> bytes:
     body = b"\x00\x00" + bytes([len(props)]) + props
     return bytes([0x20, len(body)]) + body

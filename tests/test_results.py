@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from processor.codec import Vote
@@ -71,3 +73,56 @@ async def test_one_processor_publishes_results_and_another_takes_over_when_it_di
         running_b.cancel()
     assert by_a == sorted(by_a) and by_b == sorted(by_b)
     assert by_a[-1] <= by_b[0]  # the version never went back
+
+
+async def test_a_holder_paused_past_its_lease_publishes_nothing_until_it_holds_it_again(
+    redis: Redis, request: pytest.FixtureRequest
+) -> None:
+    """What a SIGSTOP does to a holder, in process: the event loop stops (here, in the pace
+    between two polls of a burst) while the clock goes on, past the lease; meanwhile another
+    processor takes the lease. Resumed, the holder publishes nothing it read before, nor
+    anything else while the other holds it; given the lease back, it publishes every poll."""
+    polls = [Poll(id=unique_id(request, f"-{i}"), labels=("a", "b")) for i in range(3)]
+    for poll in polls:
+        await create_poll(redis, poll)
+    key = results_lease(unique_id(request, "-broker"))
+    sent: list[str] = []
+    paused = False
+
+    def publish(topic: str, payload: bytes) -> None:
+        if payload and topic in {results_topic(p.id) for p in polls}:
+            sent.append(topic)
+
+    async def pace() -> None:
+        nonlocal paused
+        if not paused and sent:
+            paused = True
+            time.sleep(1.3)  # noqa: ASYNC251 - the whole process stops, past the 1 s lease
+            other.set(key, "b", px=60_000)  # and another processor has taken it
+
+    publisher = ResultsPublisher(
+        redis=redis,
+        publish=publish,
+        interval_s=0.05,
+        rescan_s=0.2,
+        timeout_s=5,
+        pace=pace,
+        lease=Lease(key, "a", ttl_ms=1000),
+    )
+    other = SyncRedis.from_url(
+        f"redis://127.0.0.1:{redis.connection_pool.connection_kwargs['port']}"
+    )
+    try:
+        async with asyncio.TaskGroup() as tg:
+            running = tg.create_task(publisher.run())
+            await eventually(lambda: paused)
+            # It renews every 0.2 s and so would have published the other two by now.
+            await asyncio.sleep(1.0)
+            assert len(sent) == 1 and not publisher.may_publish()
+            other.delete(key)  # the other processor stops and lets go
+            await eventually(lambda: len(set(sent)) == 3, timeout_s=10)
+            running.cancel()
+    finally:
+        other.delete(key)
+        other.close()
+    assert sent.count(sent[0]) == 2  # published afresh once held again
