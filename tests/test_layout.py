@@ -79,3 +79,12 @@ def test_data_flows_down_the_house() -> None:
                 continue
             upward = {name for name in _imports(path) if name.startswith(banned)}
             assert not upward, f"{path.relative_to(REPO)} imports {sorted(upward)}"
+
+
+def test_every_test_the_fault_matrix_names_exists() -> None:
+    matrix = (REPO / "docs" / "faults.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", matrix)
+    assert len(named) >= 40
+    for path, test in named:
+        source = (REPO / "tests" / path).read_text()
+        assert re.search(rf"^(async )?def {test}\(", source, re.M), f"{path}::{test} is gone"
