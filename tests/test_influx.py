@@ -77,6 +77,26 @@ def test_two_votes_of_one_device_in_one_second_get_distinct_timestamps() -> None
     assert a.split()[-1] != b.split()[-1]
 
 
+def test_the_same_seq_second_and_option_in_two_epochs_are_two_points(
+    influx_proc: ManagedProcess, request: pytest.FixtureRequest
+) -> None:
+    """A button reset (a new epoch, seqs from 0 again) and pressed at once: its vote must not
+    overwrite the one of the epoch before, in InfluxDB's eyes the same series and time."""
+    database = unique_id(request)
+    writer = make_writer(v1_target(influx_proc, database))
+    try:
+        writer.write(
+            [
+                line_for(QueuedPoint(f"1-{e}", "p", "k", e, 0, 1, NOW_S, "device"), "x")
+                for e in (0, 1, 2)
+            ]
+        )
+    finally:
+        writer.close()
+    [series] = influx_query(influx_proc, database, 'SELECT sum("value") FROM "vote"')
+    assert series["values"][0][1] == 3
+
+
 async def test_points_are_queued_in_the_same_step_with_a_plausible_timestamp(
     redis: Redis, poll: Poll
 ) -> None:

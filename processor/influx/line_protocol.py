@@ -85,8 +85,12 @@ def _escape_tag(value: str) -> str:
 def line_for(point: QueuedPoint, label: str) -> bytes:
     """The line protocol of one vote (docs/analytics.md, Schema); tags in key order."""
     _, poll, device, epoch, seq, option, ts_s, source, withdrawn, site = point  # one unpacking
+    # A device that lost its store counts seqs from 0 again in a higher epoch: the epoch is a
+    # tag from 1 on, so that its votes never share a point key (series and timestamp) with the
+    # same seqs of an earlier epoch; absent for 0, so epoch-0 series are those of before.
+    epoch_tag = f",epoch={epoch}" if epoch else ""
     tags = (
-        f"device={device},label={_escape_tag(label) or '-'},option={option},"
+        f"device={device}{epoch_tag},label={_escape_tag(label) or '-'},option={option},"
         f"poll={poll},site={_escape_tag(site) or '-'}"
     )
     value = 1
