@@ -333,7 +333,9 @@ class Settings:
         5.0, env="VOTEBOX_STATS_INTERVAL_S", help="retained votebox/stats every"
     )
     silent_after_s: float = _setting(
-        300.0, env="VOTEBOX_SILENT_AFTER_S", help="a device is silent after"
+        300.0,
+        env="VOTEBOX_SILENT_AFTER_S",
+        help="a device that says it is online and sent nothing this long is silent",
     )
     stall_s: float = _setting(
         30.0,

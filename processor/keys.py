@@ -16,6 +16,7 @@ from typing import Final
 __all__ = [
     "CHANGES",
     "DEVICES_HEALTH",
+    "DEVICES_ONLINE",
     "DEVICES_SEEN",
     "DEVICES_SEEN_BEFORE",
     "DEVICES_SITE",
@@ -71,6 +72,10 @@ DEVICES_SITE: Final = "votebox:devices:site"
 # Bumped with every change of DEVICES_SITE: processors read the sites again only when it moved.
 DEVICES_SITE_VERSION: Final = "votebox:devices:site:version"
 DEVICES_STATUS: Final = "votebox:devices:status"
+# device -> when a message of it last came (ms), for the devices whose last status said
+# online: who is silent ("says online, and nothing came") is a range of it. A status of
+# offline (its own, or the broker's last will for it) takes the device out.
+DEVICES_ONLINE: Final = "votebox:devices:online"
 
 
 def results_lease(broker: str) -> str:

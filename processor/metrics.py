@@ -161,7 +161,8 @@ class Metrics:
         )
         self.devices_silent = Gauge(
             "votebox_devices_silent",
-            "Known devices with no message for VOTEBOX_SILENT_AFTER_S (from Redis).",
+            "Devices whose last status said online, with no message (vote, heartbeat, status)"
+            " for VOTEBOX_SILENT_AFTER_S (from Redis).",
             registry=r,
         )
         self.polls = Gauge("votebox_polls", "Polls defined in Redis.", registry=r)

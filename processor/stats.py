@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from processor.changes import SWEEP_S, ChangeFeed
 from processor.errors import StoreUnavailable
 from processor.keys import (
+    DEVICES_ONLINE,
     DEVICES_SEEN,
     POLLS_INDEX,
     QUEUED_POINTS,
@@ -155,9 +156,15 @@ class StatsReader:
             cutoff = now_ms - int(silent_after_s * 1000)
             pipe.hgetall(UNATTRIBUTED_FATES)
             pipe.zcard(DEVICES_SEEN)
-            pipe.zcount(DEVICES_SEEN, "-inf", f"({cutoff}")
+            # Silent: says it is online, and nothing (vote, heartbeat, status) came since.
+            pipe.zcount(DEVICES_ONLINE, "-inf", f"({cutoff}")
             pipe.zrevrangebyscore(
-                DEVICES_SEEN, f"({cutoff}", "-inf", start=0, num=SILENT_LISTED_MAX, withscores=True
+                DEVICES_ONLINE,
+                f"({cutoff}",
+                "-inf",
+                start=0,
+                num=SILENT_LISTED_MAX,
+                withscores=True,
             )
             unattributed, known, silent_count, silent = await pipe.execute()
         return self._stats(now_ms, unattributed, known, silent_count, silent)

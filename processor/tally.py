@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
 import logging
 import time
 import zlib
@@ -28,8 +29,10 @@ from redis.exceptions import ResponseError
 from processor.changes import announce
 from processor.codec import Vote
 from processor.keys import (
+    DEVICES_ONLINE,
     DEVICES_SEEN,
     DEVICES_SEEN_BEFORE,
+    DEVICES_STATUS,
     KEY_SUFFIXES,
     SET_ASIDE,
     UNATTRIBUTED_FATES,
@@ -152,7 +155,8 @@ class Tally:
 
     async def load(self) -> None:
         """Load the script, so the first batch need not; also a readiness probe of Redis.
-        Moves last-seen times kept in the hash of before 2026-12-05 into their sorted set."""
+        Moves last-seen times kept in the hash of before 2026-12-05 into their sorted set, and
+        makes the set of devices online from their statuses if it is not there yet."""
         with redis_errors():
             async with asyncio.timeout(self._timeout_s):
                 await self._redis.script_load(_SCRIPT)
@@ -162,6 +166,24 @@ class Tally:
                     mapping = {redis_text(k): int(v) for k, v in before.items()}
                     await self._redis.zadd(DEVICES_SEEN, mapping, gt=True)
                     await self._redis.delete(DEVICES_SEEN_BEFORE)
+                if not await self._redis.exists(DEVICES_ONLINE):
+                    await self._online_from_statuses()
+
+    async def _online_from_statuses(self) -> None:
+        """`DEVICES_ONLINE` from the statuses stored before it existed (2026-12-05): once,
+        when a processor of this version first starts. A resumed MQTT session is not sent
+        the retained statuses again, so they are read from Redis."""
+        statuses = {
+            redis_text(device): redis_text(body)
+            for device, body in (await self._redis.hgetall(DEVICES_STATUS)).items()
+        }
+        scored: list[tuple[bytes, float]] = await self._redis.zrange(  # type: ignore[assignment]
+            DEVICES_SEEN, 0, -1, withscores=True
+        )
+        seen = {redis_text(device): int(ms) for device, ms in scored}
+        online, _ = _presence(statuses, seen)
+        if online:
+            await self._redis.zadd(DEVICES_ONLINE, online, nx=True)
 
     async def commit(
         self,
@@ -413,10 +435,16 @@ class Tally:
             announce(pipe, [name for name in names if self._announced(name.split(":")[0])])
             if extra is not None:
                 _add_unattributed(pipe, extra.unattributed, extra.token)
+                online, offline = _presence(extra.reports.get(DEVICES_STATUS, {}), extra.seen)
+                if online:
+                    pipe.zadd(DEVICES_ONLINE, online)
                 if extra.seen:
                     # Outside the scripts: it spans polls, and a lost update costs nothing
                     # but a device looking silent until its next message.
                     pipe.zadd(DEVICES_SEEN, extra.seen)
+                    pipe.zadd(DEVICES_ONLINE, extra.seen, xx=True)  # only those online
+                if offline:
+                    pipe.zrem(DEVICES_ONLINE, *offline)
                 for key, latest in extra.reports.items():
                     if latest:
                         pipe.hset(key, mapping=latest)  # type: ignore[arg-type]
@@ -448,6 +476,23 @@ class _Extra:
     seen: dict[str, int]
     reports: Mapping[str, Mapping[str, str]]
     token: str | None = None
+
+
+def _presence(
+    statuses: Mapping[str, str], seen: Mapping[str, int]
+) -> tuple[dict[str, int], list[str]]:
+    """From a batch's latest status of each device (`DeviceReports.latest`): the devices that
+    came online, with when they were last seen, and those that went offline. Statuses come
+    at connects and disconnects: few, so reading their JSON here costs nothing."""
+    online: dict[str, int] = {}
+    offline: list[str] = []
+    for device, body in statuses.items():
+        report = json.loads(body)
+        if report.get("state") == "online":
+            online[device] = max(int(report.get("at_ms", 0)), seen.get(device, 0))
+        else:
+            offline.append(device)
+    return online, offline
 
 
 @functools.lru_cache(maxsize=16_384)  # the polls a processor counts for, a few keys each

@@ -153,3 +153,4 @@ def _report(out: Triage, delivery: Delivery) -> None:
         )
         return
     reports.outcomes[kind, "recorded"] += 1
+    out.seen.add(device)  # a sign of life like a vote (docs/operations.md, silent devices)

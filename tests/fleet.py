@@ -97,6 +97,12 @@ class Kiosk:
         """Publish any payload to this kiosk's vote topic (tests use it for malformed input)."""
         self._infos.append(self._client.publish(f"votes/{poll}/{self.device}", payload, qos=1))
 
+    def report(self, kind: str, payload: bytes) -> None:
+        """Publish this kiosk's ``status`` (retained) or ``heartbeat`` (docs/protocol.md, Device
+        health)."""
+        topic = f"devices/{self.device}/{kind}"
+        self._infos.append(self._client.publish(topic, payload, qos=1, retain=kind == "status"))
+
     def vote(
         self,
         poll: str,

@@ -19,7 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from devices.encoder import encode_heartbeat
 from harness.services import HOST, ManagedProcess, free_port
+from processor.keys import DEVICES_ONLINE
 from processor.poll import Poll
 from processor.poll_store import read_fates, read_results
 from processor.stats import Stats
@@ -194,6 +196,7 @@ async def test_stats_topic_is_retained_and_current(
 
         def send() -> None:
             for kiosk in fleet.kiosks:
+                kiosk.report("status", b"online")
                 for _ in range(5):
                     kiosk.vote(poll.id, 0)
                 kiosk.vote(poll.id, 0, seq=1)
@@ -231,6 +234,41 @@ async def test_stats_topic_is_retained_and_current(
         return set(recent[:2]) == kiosks  # nobody else voted since: they went silent last
 
     await eventually(silent, timeout_s=20)
+
+
+async def test_silent_means_says_online_and_nothing_came_not_quiet_or_switched_off(
+    broker: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    poll: Poll,
+    redis: Redis,
+) -> None:
+    """docs/operations.md: a device is silent when it says it is online and nothing (vote,
+    heartbeat, status) came from it for VOTEBOX_SILENT_AFTER_S. A kiosk that only heartbeats
+    is not silent, nor is one that said offline; one that says online and goes quiet is."""
+    proc = spawn_processor(broker, VOTEBOX_STATS_INTERVAL_S="0.2", VOTEBOX_SILENT_AFTER_S="2")
+    with Fleet(broker, poll.id, 3) as fleet:
+        beating, switched_off, quiet = fleet.kiosks
+        for kiosk in fleet.kiosks:
+            kiosk.report("status", b"online")
+            kiosk.vote(poll.id, 0)
+        switched_off.report("status", b"offline")
+        for kiosk in fleet.kiosks:
+            kiosk.wait_published(30)
+        mine = {k.device for k in fleet.kiosks}
+
+        async def listed() -> set[str]:
+            _, body = await _retained_stats(broker, f"{poll.id}-silent-{time.monotonic_ns()}")
+            return {e["device"] for e in body["devices"]["silent_recent"]} & mine
+
+        deadline = time.monotonic() + 30
+        while await listed() != {quiet.device}:
+            assert time.monotonic() < deadline, await listed()
+            beating.report("heartbeat", encode_heartbeat(1, 0, 90))  # once a second
+            await asyncio.sleep(1.0)
+        # The gauge counts the same devices as the list (other tests' kiosks said no status).
+        assert scrape(proc)[("votebox_devices_silent", ())] >= 1
+        assert await redis.zscore(DEVICES_ONLINE, switched_off.device) is None
+        assert await redis.zscore(DEVICES_ONLINE, beating.device) is not None
 
 
 async def test_two_processors_share_the_votes_and_count_them_exactly(

@@ -16,7 +16,16 @@ from redis.asyncio import Redis
 from harness.services import free_port
 from processor.codec import MAX_UINT, Vote
 from processor.errors import StoreUnavailable
-from processor.keys import POLLS_INDEX, SET_ASIDE, UNATTRIBUTED_FATES, PollKeys, batch_commit
+from processor.keys import (
+    DEVICES_ONLINE,
+    DEVICES_SEEN,
+    DEVICES_STATUS,
+    POLLS_INDEX,
+    SET_ASIDE,
+    UNATTRIBUTED_FATES,
+    PollKeys,
+    batch_commit,
+)
 from processor.poll import Poll
 from processor.poll_store import create_poll, read_results
 from processor.reasons import Fate, Reason
@@ -442,3 +451,20 @@ async def test_a_tally_field_that_is_not_a_number_stops_the_share_before_any_wri
         # The poll fixture's Redis is shared: a processor started by a later test would
         # read this field at its start-up scan and stop.
         await redis.hdel(keys.tally, "c:1")
+
+
+async def test_load_makes_the_devices_online_from_their_statuses(
+    redis: Redis, request: pytest.FixtureRequest
+) -> None:
+    """From a Redis of before DEVICES_ONLINE: a resumed MQTT session is not sent the retained
+    statuses again, so the first start reads them from Redis."""
+    on, off = unique_id(request, "-on"), unique_id(request, "-off")
+    await redis.delete(DEVICES_ONLINE)
+    await redis.hset(DEVICES_STATUS, on, '{"state":"online","at_ms":1000}')
+    await redis.hset(DEVICES_STATUS, off, '{"state":"offline","at_ms":1000}')
+    await redis.zadd(DEVICES_SEEN, {on: 5000, off: 5000})
+    await Tally(redis, timeout_s=5).load()
+    assert await redis.zscore(DEVICES_ONLINE, on) == 5000
+    assert await redis.zscore(DEVICES_ONLINE, off) is None
+    await redis.hdel(DEVICES_STATUS, on, off)
+    await redis.zrem(DEVICES_SEEN, on, off)

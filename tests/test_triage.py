@@ -105,6 +105,7 @@ CASES = [
             ("heartbeat", "recorded"): 1,
             ("heartbeat", "refused"): 1,
         },  # fmt: skip
+        seen={"k1"},  # a recorded report is a sign of life; a refused one is not
     ),
 ]
 
