@@ -72,6 +72,11 @@ class Health:
         """A commit went through: Redis takes writes again."""
         self._store_failure = None
 
+    def stalled(self) -> bool:
+        """Messages are held and no batch was committed for ``stall_s``: what /readyz and the
+        `votebox_intake_stalled` gauge say."""
+        return bool(self._held()) and self._clock() - self._last_progress > self._stall_s
+
     async def readiness(self, *, redis_timeout_s: float = 1.0) -> Readiness:
         """Probe Redis, look at the broker connection and the intake."""
         checks: dict[str, str] = {}

@@ -112,6 +112,12 @@ class Metrics:
             "Messages received from the broker and not yet committed and acked.",
             registry=r,
         )
+        self.intake_stalled = Gauge(
+            "votebox_intake_stalled",
+            "1 while received votes have waited VOTEBOX_STALL_S with no batch committed (what"
+            " /readyz calls a stalled intake); 0 from the next commit on.",
+            registry=r,
+        )
         self.mqtt_connected = Gauge(
             "votebox_mqtt_connected", "1 while connected to the broker.", registry=r
         )
@@ -154,6 +160,12 @@ class Metrics:
         self.influx_queue_points = Gauge(
             "votebox_influx_queue_points",
             "Points queued in Redis for InfluxDB, all polls (from Redis, every stats interval).",
+            registry=r,
+        )
+        self.influx_points_dropped = Gauge(
+            "votebox_influx_points_dropped",
+            "Points of counted votes never queued for InfluxDB because their poll's queue was"
+            " full (VOTEBOX_INFLUX_QUEUE_MAX), all polls (from Redis: the polls' point_dropped).",
             registry=r,
         )
         self.devices_known = Gauge(

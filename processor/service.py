@@ -434,6 +434,7 @@ async def _run(
         clock=loop.time,
     )
     metrics.watch(metrics.intake_held, lambda: live[0].held if live else 0)
+    metrics.watch(metrics.intake_stalled, lambda: float(health.stalled()))
     metrics.watch(metrics.mqtt_connected, lambda: float(bool(live and live[0].connected)))
     metrics.watch(metrics.up_seconds, lambda: loop.time() - started)
     try:

@@ -54,6 +54,8 @@ class Stats:
     polls: dict[str, dict[str, int]]
     influx_queue: int
     devices_known: int
+    # Points never queued because a poll's queue was full (the polls' point_dropped).
+    influx_dropped: int = 0
     # (device, last seen ms), the most recently silent first.
     silent: list[tuple[str, int]] = field(default_factory=list)
     silent_count: int = 0
@@ -69,6 +71,7 @@ class Stats:
             "rejected": self.rejected,
             "polls": self.polls if self.polls_json is None else _POLLS_HERE,
             "influx_queue": self.influx_queue,
+            "influx_dropped": self.influx_dropped,
             "devices": {
                 "known": self.devices_known,
                 "silent": self.silent_count,
@@ -217,9 +220,10 @@ class StatsReader:
     ) -> Stats:
         votes = {name: 0 for name in sorted(_FATES)}
         rejected: dict[str, int] = {}
-        queue = 0
+        queue = dropped = 0
         for fates, _, queued in self._per_shard.values():
             queue += queued
+            dropped += fates.get("point_dropped", 0)
             for reason, n in fates.items():
                 if reason not in _FATES and reason != "point_dropped":
                     rejected[reason] = rejected.get(reason, 0) + n
@@ -241,6 +245,7 @@ class StatsReader:
             rejected=dict(sorted(rejected.items())),
             polls=per_poll,
             influx_queue=queue,
+            influx_dropped=dropped,
             devices_known=int(known),
             silent=[(redis_text(d), int(ms)) for d, ms in silent],
             silent_count=int(silent_count),
@@ -314,6 +319,7 @@ class StatsPublisher:
                 )
         m = self._metrics
         m.influx_queue_points.set(stats.influx_queue)
+        m.influx_points_dropped.set(stats.influx_dropped)
         m.devices_known.set(stats.devices_known)
         m.devices_silent.set(stats.silent_count)
         m.polls.set(len(stats.polls))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import urllib.parse
 import urllib.request
@@ -15,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from harness.services import ManagedProcess, prometheus, require_binaries
+from harness.services import ManagedProcess, free_port, prometheus, require_binaries
 from processor.poll import Poll
 from tests.conftest import eventually
 from tests.fleet import Fleet
@@ -97,3 +98,61 @@ async def test_a_real_prometheus_reads_the_exact_accepted_count_from_a_processor
         assert {rule["name"] for rule in groups[0]["rules"]} >= {"VoteboxProcessorDown"}
         assert all(rule["health"] == "ok" for rule in groups[0]["rules"])
         assert _query(server, 'ALERTS{alertstate="firing"}') == []
+
+
+def _rule(name: str) -> str:
+    """The expression of alert ``name`` in ops/prometheus/alerts.yml, as Prometheus runs it."""
+    rules = yaml.safe_load((OPS / "alerts.yml").read_text())
+    (expr,) = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == name]
+    return str(expr)
+
+
+async def test_a_real_prometheus_sees_each_fault_in_its_alerts_expression(
+    tmp_path: Path,
+    mosquitto_proc: ManagedProcess,
+    redis_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    poll: Poll,
+) -> None:
+    """Faults made on real servers, read by a real Prometheus through the rules' own
+    expressions (their ``for:`` is promtool's to test, ops/prometheus/alerts_test.yml):
+    InfluxDB unreachable makes every write fail; a full queue drops points; a stopped Redis
+    stalls the intake, and the stall ends with the first commit after it."""
+    proc = spawn_processor(
+        mosquitto_proc,
+        VOTEBOX_INFLUX_URL=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        VOTEBOX_INFLUX_API="v1",
+        VOTEBOX_INFLUX_QUEUE_MAX="10",
+        VOTEBOX_STATS_INTERVAL_S="0.5",
+        VOTEBOX_STALL_S="1",
+    )
+    writes_failing = _rule("VoteboxInfluxWritesFailing")
+    dropped = _rule("VoteboxInfluxPointsDropped")
+    stalled = _rule("VoteboxCommitStalled")
+    with (
+        prometheus(
+            tmp_path / "prometheus",
+            targets=[f"127.0.0.1:{proc.port}"],
+            rule_files=[OPS / "alerts.yml"],
+        ) as server,
+        Fleet(mosquitto_proc, poll.id, 2) as fleet,
+    ):
+        await eventually(lambda: _value(server, 'up{job="votebox"}') == 1.0, timeout_s=30)
+        assert _query(server, stalled) == []
+        await asyncio.to_thread(fleet.cast, poll.id, 15)
+        await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
+        # 10 of the 15 points queue, 5 are dropped; no write gets through.
+        await eventually(lambda: _query(server, writes_failing) != [], timeout_s=60)
+        await eventually(lambda: _query(server, dropped) != [], timeout_s=60)
+        assert _value(server, "max(votebox_influx_points_dropped)") == 5.0
+        assert _query(server, stalled) == []
+
+        redis_proc.signal(signal.SIGSTOP)
+        try:
+            for kiosk in fleet.kiosks:
+                kiosk.vote(poll.id, 1)
+            await eventually(lambda: _query(server, stalled) != [], timeout_s=30)
+        finally:
+            redis_proc.signal(signal.SIGCONT)
+        await eventually(lambda: fleet.unacked() == 0, timeout_s=60)
+        await eventually(lambda: _query(server, stalled) == [], timeout_s=30)
