@@ -1,9 +1,53 @@
 // votebox touch kiosk: a device in a browser (docs/protocol.md, Votes, Acks, and The device's
-// side of the bargain). It logs in with its device account over MQTT WebSockets, shows the
-// retained polls/{poll}/config, and for each press stores the CBOR vote in IndexedDB before
-// sending it, sends it again until an ack names it, and replays what is stored after a
-// network loss or a reload. Text from the broker is only ever set with textContent.
+// side of the bargain), keeping the device rules as devices/client.py does. It logs in with
+// its device account over MQTT WebSockets, shows the retained polls/{poll}/config (and keeps
+// it, so a kiosk reloaded offline still takes votes), and for each press stores the CBOR vote
+// in IndexedDB before sending it, sends it again only when no ack named it for 30 s, in
+// batches after an outage, pauses when rate limited, and reconnects with backoff and full
+// jitter, also after a refused login. Text from the broker is only ever set with textContent.
 "use strict";
+
+// docs/protocol.md, The device's side of the bargain.
+const RESEND_MS = 30000; // rule 4: a vote with no ack after this goes again
+const BATCH_VOTES = 64; // rule 4: votes in one message at most
+const BATCH_BYTES = 4096; // and bytes
+const SEQ_WINDOW = 4096; // rule 5
+const RATE_LIMITED = 33;
+const STALE_EPOCH = 27;
+
+// Rule 6: a random wait between 0 and a ceiling that doubles from 1 s up to 60 s after each
+// failed attempt (full jitter), so that a fleet of tablets does not reconnect in lockstep.
+function reconnectDelayMs(failures, random = Math.random) {
+  const ceiling = Math.min(60000, 1000 * 2 ** Math.min(failures, 16));
+  return Math.floor(random() * ceiling);
+}
+
+// Consecutive votes of one poll, at most BATCH_VOTES and BATCH_BYTES a message (rule 4).
+function batchesOf(votes) {
+  const out = [];
+  let group = [];
+  let size = 0;
+  for (const vote of votes) {
+    if (group.length && (vote.poll !== group[0].poll || group.length >= BATCH_VOTES
+        || size + vote.payload.length > BATCH_BYTES)) {
+      out.push(group);
+      group = [];
+      size = 0;
+    }
+    group.push(vote);
+    size += vote.payload.length;
+  }
+  if (group.length) out.push(group);
+  return out;
+}
+
+// The message for a group: the vote itself, or a batch, a CBOR array of the encoded votes.
+function messageOf(group) {
+  if (group.length === 1) return new Uint8Array(group[0].payload);
+  const out = cborHead(4, group.length);
+  for (const vote of group) out.push(...vote.payload);
+  return new Uint8Array(out);
+}
 
 // ---- CBOR, the few items a vote and an ack use (RFC 8949; docs/protocol.md) ----------------
 
@@ -102,11 +146,13 @@ async function openStore(device) {
 async function storeVote(store, poll, choice) {
   const tx = store.db.transaction(["meta", "votes"], "readwrite");
   const meta = tx.objectStore("meta");
+  // The epoch from the store, in this transaction: one that moved (storeAgain) is seen here.
+  const epoch = await request(meta.get("epoch"));
   const seq = (await request(meta.get("last_seq"))) + 1;
   meta.put(seq, "last_seq");
   const ts = Math.floor(Date.now() / 1000);
-  const payload = encodeVote(choice, seq, ts, store.epoch);
-  const vote = { epoch: store.epoch, seq, poll, payload: Array.from(payload), sentAt: 0 };
+  const payload = encodeVote(choice, seq, ts, epoch);
+  const vote = { epoch, seq, poll, choice, ts, payload: Array.from(payload) };
   tx.objectStore("votes").put(vote);
   await new Promise((resolve, reject) => { tx.oncomplete = resolve; tx.onerror = () => reject(tx.error); });
   return vote;
@@ -115,6 +161,48 @@ async function storeVote(store, poll, choice) {
 async function storedVotes(store) {
   const tx = store.db.transaction("votes", "readonly");
   return request(tx.objectStore("votes").getAll());
+}
+
+// The poll's last config, kept so that a kiosk reloaded while offline still shows its buttons.
+async function keptConfig(store, poll) {
+  const tx = store.db.transaction("meta", "readonly");
+  return request(tx.objectStore("meta").get(`config:${poll}`));
+}
+
+async function keepConfig(store, poll, cfg) {
+  const tx = store.db.transaction("meta", "readwrite");
+  if (cfg === null) tx.objectStore("meta").delete(`config:${poll}`);
+  else tx.objectStore("meta").put(cfg, `config:${poll}`);
+  await new Promise((resolve) => { tx.oncomplete = resolve; });
+}
+
+// Votes answered stale_epoch were not counted: the processor knows a higher epoch of this
+// kiosk (its clock was ahead when an earlier store was made, and rule 2 took the clock). They
+// are kept, stored again with new seqs in the current epoch, in one transaction; when one of
+// them is of the current epoch, in a new one first, higher by a step that doubles each time
+// (1, 2, 4... s past it; a clock a year ahead is passed in 25 steps).
+async function storeAgain(store, refused, higher) {
+  const tx = store.db.transaction(["meta", "votes"], "readwrite");
+  const meta = tx.objectStore("meta");
+  const votes = tx.objectStore("votes");
+  let epoch = await request(meta.get("epoch"));
+  let seq = await request(meta.get("last_seq"));
+  if (higher) {
+    const steps = (await request(meta.get("epoch_steps"))) || 0;
+    epoch = Math.max(epoch + 2 ** steps, Math.floor(Date.now() / 1000));
+    seq = 0;
+    meta.put(steps + 1, "epoch_steps");
+    meta.put(epoch, "epoch");
+  }
+  for (const old of refused) {
+    votes.delete([old.epoch, old.seq]);
+    seq += 1;
+    const payload = encodeVote(old.choice, seq, old.ts, epoch);
+    votes.put({ ...old, epoch, seq, payload: Array.from(payload) });
+  }
+  meta.put(seq, "last_seq");
+  await new Promise((resolve, reject) => { tx.oncomplete = resolve; tx.onerror = () => reject(tx.error); });
+  store.epoch = epoch;
 }
 
 async function settleVote(store, epoch, seq) {
@@ -152,8 +240,19 @@ async function main() {
   }
   const config = await fetch("config.json").then((r) => r.json());
   const store = await openStore(device);
-  const inFlight = new Set(); // seqs sent on this connection and not answered
+  // "epoch:seq" -> when it was last sent on this connection (cleared on a reconnect, so that
+  // everything stored goes again); a vote goes again only when no ack named it for 30 s.
+  const sentAt = new Map();
+  const resendMs = Number(params.get("ack_timeout_s") || RESEND_MS / 1000) * 1000;
+  let holdUntil = 0; // rate limited: nothing is sent before this (rule 3)
+  let failures = 0; // connection attempts that failed since the last success (rule 6)
+  let reconnectTimer = null;
   let client = null;
+  // What the page sent, for the tests and for a curious operator: [epoch, seq, ms] per vote.
+  const sentLog = [];
+  window.voteboxKiosk.sent = sentLog;
+  window.voteboxKiosk.attempts = [];
+  window.voteboxKiosk.answers = []; // [code, ms] of each ack entry
 
   async function showPending() {
     pendingCount.textContent = String((await storedVotes(store)).length);
@@ -164,22 +263,41 @@ async function main() {
     connection.textContent = text;
   }
 
-  // Sends every stored vote not sent on this connection in the last 30 s (rules 3 and 4),
-  // none 4096 or more above the oldest one still waiting in its epoch (rule 5).
+  // Sends every stored vote not sent on this connection in the last 30 s (rules 3 and 4), in
+  // batches, none 4096 or more above the oldest one still waiting in its epoch (rule 5).
   async function flush() {
     if (!client || !client.connected) return;
     const now = Date.now();
+    if (now < holdUntil) return;
     const votes = await storedVotes(store);
     const oldest = new Map();
     for (const v of votes) oldest.set(v.epoch, Math.min(v.seq, oldest.get(v.epoch) ?? v.seq));
-    for (const vote of votes) {
-      if (vote.seq - oldest.get(vote.epoch) >= 4096) continue;
-      const key = `${vote.epoch}:${vote.seq}`;
-      if (inFlight.has(key) && now - vote.sentAt < 30000) continue;
-      inFlight.add(key);
-      vote.sentAt = now;
-      client.publish(`votes/${vote.poll}/${device}`, new Uint8Array(vote.payload), { qos: 1 });
+    const due = votes.filter((vote) => {
+      const at = sentAt.get(`${vote.epoch}:${vote.seq}`);
+      return vote.seq - oldest.get(vote.epoch) < SEQ_WINDOW && (at === undefined || now - at >= resendMs);
+    });
+    if (!client.connected) return; // it went while the store was read
+    for (const group of batchesOf(due)) {
+      client.publish(`votes/${group[0].poll}/${device}`, messageOf(group), { qos: 1 });
+      for (const vote of group) {
+        sentAt.set(`${vote.epoch}:${vote.seq}`, now);
+        sentLog.push([vote.epoch, vote.seq, now]);
+      }
     }
+  }
+
+  // Rule 6, also after a refused login (mqtt.js gives up then on its own): one attempt after
+  // a random wait below a ceiling that doubles with each failure.
+  function scheduleReconnect() {
+    if (reconnectTimer !== null || client.connected) return;
+    const delay = reconnectDelayMs(failures);
+    failures += 1;
+    reconnectTimer = setTimeout(() => {
+      reconnectTimer = null;
+      window.voteboxKiosk.attempts.push(Date.now());
+      setConnection("reconnecting", "reconnecting…");
+      client.reconnect();
+    }, delay);
   }
 
   function drawPoll(cfg) {
@@ -193,9 +311,14 @@ async function main() {
     const picked = new Set(); // a multiple-choice poll: options chosen, sent with "Vote"
 
     async function cast(choice) {
-      answer.dataset.code = "";
-      answer.textContent = "Sending…";
       await storeVote(store, poll, choice);
+      if (client && client.connected) {
+        answer.dataset.code = "";
+        answer.textContent = "Sending…";
+      } else {
+        answer.dataset.code = "saved";
+        answer.textContent = "Thank you! Your vote is saved and will be sent when the kiosk is back online.";
+      }
       await showPending();
       await flush();
     }
@@ -232,12 +355,17 @@ async function main() {
     }
   }
 
+  // The poll as last seen: a kiosk reloaded while offline still takes votes for it.
+  const kept = await keptConfig(store, poll);
+  if (kept) drawPoll(kept);
+
+  window.voteboxKiosk.attempts.push(Date.now());
   client = mqtt.connect(config.ws_url, {
     protocolVersion: 4,
     clientId: device, // the broker checks it against the account (docs/protocol.md, Topics)
     username: device,
     password,
-    reconnectPeriod: 2000,
+    reconnectPeriod: 0, // ours, with backoff and jitter (scheduleReconnect)
     connectTimeout: 10000,
     // A voter should see at once that the kiosk is cut off: a ping every 5 s, so a dead
     // network shows within about 10 s (mqtt.js waits 1.5 keepalives for the answer).
@@ -245,23 +373,28 @@ async function main() {
     clean: true,
   });
   client.on("connect", async () => {
+    failures = 0;
     setConnection("connected", "connected");
-    inFlight.clear(); // a new connection: everything stored goes again
+    sentAt.clear(); // a new connection: everything stored goes again
     client.subscribe([`acks/${device}`, `polls/${poll}/config`], { qos: 1 });
     await flush();
   });
-  client.on("reconnect", () => setConnection("reconnecting", "reconnecting…"));
-  client.on("offline", () => setConnection("offline", "offline"));
   client.on("close", () => {
     if (connection.dataset.state === "connected") setConnection("offline", "offline");
+    scheduleReconnect();
   });
   client.on("error", (err) => setConnection("offline", `error: ${err.message}`));
   client.on("message", async (topic, payload) => {
     if (topic === `polls/${poll}/config`) {
-      if (payload.length === 0) return;
+      if (payload.length === 0) return; // deleted: the votes stored for it are answered anyway
+      let cfg;
       try {
-        drawPoll(JSON.parse(new TextDecoder().decode(payload)));
-      } catch (e) { /* not a config */ }
+        cfg = JSON.parse(new TextDecoder().decode(payload));
+      } catch (e) {
+        return; // not a config
+      }
+      drawPoll(cfg);
+      await keepConfig(store, poll, cfg);
       return;
     }
     if (topic !== `acks/${device}`) return;
@@ -271,12 +404,37 @@ async function main() {
     } catch (e) {
       return;
     }
+    const stale = [];
     for (const [epoch, seq, code] of entries) {
-      if (epoch === null || seq === null) continue; // a message-level refusal: send again later
-      inFlight.delete(`${epoch}:${seq}`);
-      await settleVote(store, epoch, seq); // any code is final for its vote (rule 3)
+      window.voteboxKiosk.answers.push([code, Date.now()]);
+      if (epoch === null || seq === null) {
+        if (code === RATE_LIMITED) {
+          // Which votes were refused is unknown: pause 1-3 s, then send everything again.
+          holdUntil = Date.now() + 1000 + Math.random() * 2000;
+          sentAt.clear();
+          setTimeout(flush, holdUntil - Date.now() + 10);
+        }
+        continue; // any other message-level refusal: sent again after 30 s
+      }
+      sentAt.delete(`${epoch}:${seq}`);
+      if (code === STALE_EPOCH) {
+        stale.push([epoch, seq]);
+        continue;
+      }
+      await settleVote(store, epoch, seq); // any other code is final for its vote (rule 3)
       answer.dataset.code = String(code);
       answer.textContent = ANSWERS[code] || `Not counted (code ${code}).`;
+    }
+    if (stale.length) {
+      const votes = await storedVotes(store);
+      const refused = votes.filter((v) => v.choice !== undefined
+        && stale.some(([e, s]) => v.epoch === e && v.seq === s));
+      await storeAgain(store, refused, stale.some(([e]) => e === store.epoch));
+      // Stored before votes kept their choice (2026-12-05): final, as any other answer.
+      for (const [e, s] of stale) {
+        if (!refused.some((v) => v.epoch === e && v.seq === s)) await settleVote(store, e, s);
+      }
+      await flush();
     }
     await showPending();
   });
@@ -288,11 +446,16 @@ async function main() {
     if (client.stream) client.stream.destroy();
   });
   window.addEventListener("online", () => {
-    if (!client.connected) client.reconnect();
+    // The network is back: try now, not at the end of a long backoff.
+    if (client.connected) return;
+    clearTimeout(reconnectTimer);
+    reconnectTimer = null;
+    failures = 0;
+    scheduleReconnect();
   });
   setInterval(flush, 5000);
   await showPending();
 }
 
-window.voteboxKiosk = { encodeVote, decodeAck };
+window.voteboxKiosk = { encodeVote, decodeAck, reconnectDelayMs, batchesOf, messageOf };
 if (!window.VOTEBOX_KIOSK_NO_START) main();

@@ -6,23 +6,35 @@ real Mosquitto, processor and Redis. Screenshots in test-artifacts/."""
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable
+import asyncio
+import contextlib
+import itertools
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import aiomqtt
+import cbor2
 import pytest
 from redis.asyncio import Redis
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from broker.accounts import AccountStore
 from devices.encoder import encode_vote
-from harness.services import ManagedProcess
+from harness.services import HOST, ManagedProcess
 from processor.codec import AckEntry, encode_ack
 from processor.commands.dashboard import serve_dashboard
+from processor.keys import PollKeys
 from processor.poll_store import read_results
 from tests.conftest import unique_id
 from tests.test_cli import poll_cli
 from tests.test_dashboard import ARTIFACTS, wait_for
 from tests.test_protocol_doc import VOTES
+from tests.test_security import make_certs, production_mosquitto
 
 pytestmark = pytest.mark.e2e
 
@@ -63,6 +75,23 @@ def test_the_page_encodes_votes_and_reads_acks_as_the_protocol_says(
             [[m[0], m[1], m.get(2), m.get(4, 0)] for m, _ in examples],
         )
         said = browser.find_element(By.ID, "question").text
+        # Rule 6: full jitter under a ceiling that doubles from 1 s to 60 s.
+        delays = browser.execute_script(
+            "const k = window.voteboxKiosk; return [0, 1, 2, 5, 6, 7, 30].map((n) =>"
+            " [k.reconnectDelayMs(n, () => 0), k.reconnectDelayMs(n, () => 0.999999)]);"
+        )
+        # Rule 4: batches of one poll, at most 64 votes and 4096 bytes; a batch is an array.
+        batches = browser.execute_script(
+            "const k = window.voteboxKiosk;"
+            "const vote = (poll, seq, n) => ({poll, seq, payload: new Array(n).fill(0)});"
+            "const votes = [...Array(70).keys()].map((i) => vote('a', i, 10))"
+            "  .concat([vote('b', 70, 10)], [...Array(3).keys()].map((i) => vote('c', i, 2000)));"
+            "return [k.batchesOf(votes).map((g) => g.length),"
+            "        Array.from(k.messageOf([vote('a', 1, 2), vote('a', 2, 2)]))];"
+        )
+    assert delays == [[0, 999], [0, 1999], [0, 3999], [0, 31999], [0, 59999], [0, 59999],
+                      [0, 59999]]  # fmt: skip
+    assert batches == [[64, 6, 1, 2, 1], [0x82, 0, 0, 0, 0]]
     for (choice, seq, ts, epoch), got in zip(cases, encoded, strict=True):
         assert bytes(got) == encode_vote(choice, seq, ts=ts, epoch=epoch), (choice, seq, ts)
     assert [bytes(got) for got in documented] == [expected for _, expected in examples]
@@ -75,7 +104,12 @@ def _pending(browser: WebDriver) -> str:
 
 
 def _press(browser: WebDriver, option: int) -> None:
-    browser.find_element(By.CSS_SELECTOR, f'.choice[data-option="{option}"]').click()
+    # The buttons are drawn again when a config arrives (the kept one, then the broker's).
+    WebDriverWait(browser, 10, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda d: (
+            d.find_element(By.CSS_SELECTOR, f'.choice[data-option="{option}"]').click() is None
+        )
+    )
 
 
 def _network(browser: WebDriver, *, offline: bool) -> None:
@@ -123,23 +157,31 @@ async def test_presses_count_once_through_a_network_cut_and_a_reload(
         WebDriverWait(browser, 10).until(lambda d: _pending(d) == "4")
         ARTIFACTS.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "kiosk-offline.png"))
-        # The page is reloaded while the broker is still out of reach: the votes wait in
-        # IndexedDB, then go out once it is back, each counted once.
-        broker_ws = mosquitto_proc.ws_url + "*"
-        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": [broker_ws]})
-        _network(browser, offline=False)
-        browser.refresh()  # a reload: the page starts again from its IndexedDB
-        WebDriverWait(browser, 10).until(lambda d: _pending(d) == "4")
-        assert browser.find_element(By.ID, "connection").get_attribute("data-state") != (
-            "connected"
-        )
+        # The page is reloaded while the broker is still out of reach (stopped: its port takes
+        # the connection and answers nothing): the votes wait in IndexedDB, then go out once
+        # it is back, each counted once.
+        mosquitto_proc.signal(signal.SIGSTOP)
+        try:
+            _network(browser, offline=False)
+            browser.refresh()  # a reload: the page starts again from its IndexedDB
+            WebDriverWait(browser, 10).until(lambda d: _pending(d) == "4")
+            # Reloaded offline, it still shows the poll it kept, takes a vote and says so.
+            assert browser.find_element(By.ID, "question").text == "Lunch?"
+            _press(browser, 0)
+            WebDriverWait(browser, 10).until(lambda d: _pending(d) == "5")
+            wait_for(browser, "#answer", "data-code", "saved")
+            assert "saved and will be sent" in browser.find_element(By.ID, "answer").text
+            assert browser.find_element(By.ID, "connection").get_attribute("data-state") != (
+                "connected"
+            )
+        finally:
+            mosquitto_proc.signal(signal.SIGCONT)
         assert (await read_results(redis, [poll_id]))[poll_id].total == 5
-        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
-        wait_for(browser, "#connection", "data-state", "connected")
+        wait_for(browser, "#connection", "data-state", "connected", timeout_s=60)
         WebDriverWait(browser, 30).until(lambda d: _pending(d) == "0")
         assert browser.save_screenshot(str(ARTIFACTS / "kiosk-thank-you.png"))
     results = (await read_results(redis, [poll_id]))[poll_id]
-    assert results.counts == (4, 5) and results.total == 9
+    assert results.counts == (5, 5) and results.total == 10
 
 
 async def test_the_voter_is_told_of_the_cooldown_and_of_a_closed_poll(
@@ -210,3 +252,160 @@ async def test_a_multiple_choice_vote_is_picked_then_sent_as_one(
         WebDriverWait(browser, 10).until(lambda d: _pending(d) == "0")
     results = (await read_results(redis, [poll_id]))[poll_id]
     assert results.total == 1 and results.counts == (1, 0, 1)
+
+
+@contextlib.contextmanager
+def _kiosk(
+    browser: WebDriver, broker: ManagedProcess, poll_id: str, device: str, extra: str = ""
+) -> Iterator[None]:
+    """The kiosk page of ``device`` on ``poll_id`` (options A and B), connected and showing
+    its buttons; served for the duration of the block."""
+    with serve_dashboard(port=0, ws_url=broker.ws_url) as url:
+        browser.get(f"{url}kiosk.html#device={device}&poll={poll_id}{extra}")
+        wait_for(browser, "#connection", "data-state", "connected")
+        WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".choice"))
+        yield
+
+
+def _ab_poll(redis_proc: ManagedProcess, request: pytest.FixtureRequest) -> tuple[str, str]:
+    """A new poll with options A and B, and a device id for the test's kiosk."""
+    poll_id = unique_id(request)
+    poll_cli(redis_proc, "poll", "create", poll_id, "--option", "A", "--option", "B")
+    return poll_id, f"{poll_id[:40]}-tab"
+
+
+async def test_a_vote_goes_again_only_when_unanswered_for_the_ack_timeout(
+    mosquitto_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    redis_proc: ManagedProcess,
+    redis: Redis,
+    browser: WebDriver,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Rule 4 with the processor frozen: each stored vote goes out once, then again only after
+    the ack timeout (4 s here, 30 s by default), whatever the presses and the page's own
+    flushes in between; the broker receives exactly what the page says it sent."""
+    proc = spawn_processor(mosquitto_proc)
+    poll_id, device = _ab_poll(redis_proc, request)
+    received: list[bytes] = []
+    async with aiomqtt.Client(HOST, mosquitto_proc.port, identifier=f"{poll_id[:40]}-spy") as spy:
+        await spy.subscribe(f"votes/{poll_id}/{device}", qos=1)
+
+        async def listen() -> None:
+            async for message in spy.messages:
+                assert isinstance(message.payload, bytes)
+                received.append(message.payload)
+
+        with _kiosk(browser, mosquitto_proc, poll_id, device, "&ack_timeout_s=4"):
+            async with asyncio.TaskGroup() as tg:
+                listening = tg.create_task(listen())
+                proc.signal(signal.SIGSTOP)  # no ack comes
+                try:
+                    for option in (0, 1, 0):
+                        _press(browser, option)
+                        await asyncio.sleep(0.2)
+                    await asyncio.sleep(10)
+                    sent = browser.execute_script("return window.voteboxKiosk.sent;")
+                finally:
+                    proc.signal(signal.SIGCONT)
+                WebDriverWait(browser, 30).until(lambda d: _pending(d) == "0")
+                listening.cancel()
+    by_vote: dict[tuple[int, int], list[int]] = {}
+    for epoch, seq, at_ms in sent:
+        by_vote.setdefault((epoch, seq), []).append(at_ms)
+    assert len(by_vote) == 3
+    for times in by_vote.values():
+        assert 2 <= len(times) <= 3, times  # at 0, 4 and perhaps 8 s (flushes come every 5 s)
+        assert all(b - a >= 4000 for a, b in itertools.pairwise(times)), times
+    copies = sum(len(m) if isinstance(m := cbor2.loads(p), list) else 1 for p in received)
+    assert copies >= len(sent)  # every copy the page sent reached the broker (and no more)
+    assert copies - len(sent) <= 3  # but the re-sends after the processor woke
+    results = (await read_results(redis, [poll_id]))[poll_id]
+    assert results.counts == (2, 1)
+
+
+async def test_a_refused_login_is_retried_with_backoff_until_the_account_exists(
+    tmp_path: Path,
+    browser: WebDriver,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A tablet set up before its account reached the broker: refused, it goes on trying
+    (mqtt.js alone gives up after a refused CONNACK), each wait under the doubling ceiling of
+    rule 6, and connects once the account is there."""
+    certs = make_certs(tmp_path / "certs")
+    store = AccountStore(tmp_path / "accounts.json", tmp_path / "mosquitto.passwd")
+    store.add("dashboard", "dashboard", "pw-dashboard")
+    device = unique_id(request)[:40] + "-tab"
+    with (
+        production_mosquitto(tmp_path, certs) as (broker, _, _),
+        serve_dashboard(port=0, ws_url=broker.ws_url) as url,
+    ):
+        browser.get(f"{url}kiosk.html#device={device}&password=pw-tab&poll=p")
+        WebDriverWait(browser, 40, poll_frequency=0.2).until(
+            lambda d: d.execute_script("return (window.voteboxKiosk.attempts || []).length;") >= 4
+        )
+        assert browser.find_element(By.ID, "connection").get_attribute("data-state") != (
+            "connected"
+        )
+        store.add(device, "device", "pw-tab")
+        broker.signal(signal.SIGHUP)  # Mosquitto reads its password file again
+        wait_for(browser, "#connection", "data-state", "connected", timeout_s=90)
+        attempts = browser.execute_script("return window.voteboxKiosk.attempts;")
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    # The n-th wait is below 2**n s (plus the refusal's own round trip), never a fixed period.
+    for n, gap in enumerate(gaps):
+        assert gap <= 1000 * 2**n + 1500, (n, gaps)
+
+
+async def test_rate_limited_the_page_pauses_then_sends_again_and_each_vote_counts_once(
+    mosquitto_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    redis_proc: ManagedProcess,
+    redis: Redis,
+    browser: WebDriver,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Rule 3: `[null, null, 33]` answers no vote: the page sends nothing for a pause of 1 to
+    3 s, then everything not answered, and each vote counts once."""
+    spawn_processor(mosquitto_proc, VOTEBOX_DEVICE_RATE="1", VOTEBOX_DEVICE_BURST="2")
+    poll_id, device = _ab_poll(redis_proc, request)
+    with _kiosk(browser, mosquitto_proc, poll_id, device):
+        for option in (0, 1, 0, 1, 0, 1):
+            _press(browser, option)
+        WebDriverWait(browser, 60).until(lambda d: _pending(d) == "0")
+        sent = browser.execute_script("return window.voteboxKiosk.sent;")
+        answers = browser.execute_script("return window.voteboxKiosk.answers;")
+    limited = [at for code, at in answers if code == 33]
+    assert limited, "the processor never rate-limited the page"
+    for at in limited:
+        assert not [s for s in sent if at < s[2] < at + 1000], (at, sent)
+    results = (await read_results(redis, [poll_id]))[poll_id]
+    assert results.counts == (3, 3) and results.total == 6
+
+
+async def test_a_kiosk_whose_epoch_the_processor_knows_higher_moves_past_it_and_counts(
+    mosquitto_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
+    redis_proc: ManagedProcess,
+    redis: Redis,
+    browser: WebDriver,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A tablet whose clock was 12 days ahead when an earlier store was made: the processor
+    knows that higher epoch, so the new store's votes are answered stale_epoch. The page keeps
+    them, moves to higher epochs (steps doubling) and sends them again: each counts once."""
+    spawn_processor(mosquitto_proc)
+    poll_id, device = _ab_poll(redis_proc, request)
+    ahead = int(time.time()) + 1_000_000
+    await redis.hset(PollKeys(poll_id).devices, device, f"{ahead}:5")
+    with _kiosk(browser, mosquitto_proc, poll_id, device):
+        _press(browser, 1)
+        _press(browser, 0)
+        WebDriverWait(browser, 60).until(lambda d: _pending(d) == "0")
+        wait_for(browser, "#answer", "data-code", "0")
+        answers = browser.execute_script("return window.voteboxKiosk.answers;")
+    assert [code for code, _ in answers].count(27) >= 20  # about log2(1,000,000) steps
+    results = (await read_results(redis, [poll_id]))[poll_id]
+    assert results.counts == (1, 1) and results.total == 2
+    stored = await redis.hget(PollKeys(poll_id).devices, device)
+    assert stored is not None and int(stored.split(b":")[0]) > ahead
