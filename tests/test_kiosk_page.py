@@ -30,6 +30,7 @@ from processor.codec import AckEntry, encode_ack
 from processor.commands.dashboard import serve_dashboard
 from processor.keys import PollKeys
 from processor.poll_store import read_results
+from processor.store import redis_text
 from tests.conftest import unique_id
 from tests.test_cli import poll_cli
 from tests.test_dashboard import ARTIFACTS, wait_for
@@ -105,11 +106,11 @@ def _pending(browser: WebDriver) -> str:
 
 def _press(browser: WebDriver, option: int) -> None:
     # The buttons are drawn again when a config arrives (the kept one, then the broker's).
-    WebDriverWait(browser, 10, ignored_exceptions=[StaleElementReferenceException]).until(
-        lambda d: (
-            d.find_element(By.CSS_SELECTOR, f'.choice[data-option="{option}"]').click() is None
-        )
-    )
+    def pressed(d: WebDriver) -> bool:
+        d.find_element(By.CSS_SELECTOR, f'.choice[data-option="{option}"]').click()
+        return True
+
+    WebDriverWait(browser, 10, ignored_exceptions=[StaleElementReferenceException]).until(pressed)
 
 
 def _network(browser: WebDriver, *, offline: bool) -> None:
@@ -408,4 +409,4 @@ async def test_a_kiosk_whose_epoch_the_processor_knows_higher_moves_past_it_and_
     results = (await read_results(redis, [poll_id]))[poll_id]
     assert results.counts == (1, 1) and results.total == 2
     stored = await redis.hget(PollKeys(poll_id).devices, device)
-    assert stored is not None and int(stored.split(b":")[0]) > ahead
+    assert stored is not None and int(redis_text(stored).split(":")[0]) > ahead
