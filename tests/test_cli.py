@@ -47,6 +47,19 @@ def test_help_lists_every_environment_variable(command: list[str]) -> None:
         assert var in result.stdout
 
 
+def test_every_processor_flag_says_what_it_does() -> None:
+    shown = votebox("processor", "--help", env={"COLUMNS": "100"}).stdout
+    options = shown.split("options:", 1)[1].split("environment", 1)[0]
+    blocks = re.split(r"\n(?=  -)", options.strip("\n"))
+    assert len(blocks) > 30
+    for block in blocks:
+        flag, *rest = block.strip().split("\n")
+        described = " ".join([flag.split("  ", 1)[1] if "  " in flag else "", *rest])
+        # What is left without the default and the variable that every setting's help gets.
+        own = re.sub(r"\(env VOTEBOX_\w+\)|,? ?default [^()]*", "", described)
+        assert re.search(r"[A-Za-z]{2}", own), f"{flag!r} says nothing of its own: {described!r}"
+
+
 def test_bad_setting_exits_2_with_the_variable_named() -> None:
     result = votebox("poll", "show", "x", "--redis-url", "http://nope")
     assert result.returncode == 2
