@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from harness.services import ManagedProcess
 from processor.codec import Vote
 from processor.config import ENV_VARS
+from processor.keys import DEVICES_HEALTH, DEVICES_ONLINE, DEVICES_SEEN, DEVICES_STATUS
 from processor.poll_store import load_poll
 from processor.tally import Tally
 from tests.conftest import REPO, unique_id
@@ -325,3 +326,25 @@ async def test_a_deleted_poll_id_is_not_created_again_unless_the_operator_accept
     reused = votebox("poll", "create", poll_id, *options, "--reuse-deleted-id", *url)
     assert reused.returncode == 0, reused.stderr
     assert not await redis.sismember("votebox:polls:deleted", poll_id)
+
+
+async def test_devices_forget_takes_a_kiosk_out_of_the_table_and_the_silent_count(
+    redis_proc: ManagedProcess, redis: Redis, request: pytest.FixtureRequest
+) -> None:
+    gone, kept = unique_id(request, "-gone"), unique_id(request, "-kept")
+    for device in (gone, kept):
+        await redis.zadd(DEVICES_SEEN, {device: 1000})
+        await redis.zadd(DEVICES_ONLINE, {device: 1000})  # online, and quiet since: silent
+        await redis.hset(DEVICES_STATUS, device, '{"state":"online","at_ms":1000}')
+        await redis.hset(DEVICES_HEALTH, device, '{"uptime_s":5,"outbox":0,"at_ms":1000}')
+    shown = poll_cli(redis_proc, "devices", "--forget", gone)
+    assert kept in shown and gone not in shown
+    assert await redis.zscore(DEVICES_ONLINE, gone) is None
+    assert await redis.zscore(DEVICES_SEEN, gone) is None
+    assert await redis.hget(DEVICES_STATUS, gone) is None
+    assert await redis.hget(DEVICES_HEALTH, gone) is None
+    assert await redis.zscore(DEVICES_ONLINE, kept) == 1000
+    await redis.zrem(DEVICES_SEEN, kept)
+    await redis.zrem(DEVICES_ONLINE, kept)
+    await redis.hdel(DEVICES_STATUS, kept)
+    await redis.hdel(DEVICES_HEALTH, kept)

@@ -18,10 +18,23 @@ from redis.asyncio import Redis
 
 from processor.commands import Commands, add_command
 from processor.config import Settings
-from processor.keys import DEVICES_HEALTH, DEVICES_SEEN, DEVICES_SITE, DEVICES_STATUS
+from processor.keys import (
+    DEVICES_HEALTH,
+    DEVICES_ONLINE,
+    DEVICES_SEEN,
+    DEVICES_SITE,
+    DEVICES_STATUS,
+)
 from processor.store import open_redis, redis_errors, redis_text
 
-__all__ = ["DeviceHealth", "format_devices", "print_devices", "read_devices", "register"]
+__all__ = [
+    "DeviceHealth",
+    "forget_devices",
+    "format_devices",
+    "print_devices",
+    "read_devices",
+    "register",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +140,36 @@ def format_devices(devices: list[DeviceHealth], *, now_ms: int) -> str:
     return "\n".join([line.rstrip() for line in lines] + [f"{len(devices)} devices: {counts}"])
 
 
-async def print_devices(settings: Settings, *, as_json: bool, out: TextIO = sys.stdout) -> int:
-    """Print every device; returns the exit code."""
+async def forget_devices(redis: Redis, devices: list[str]) -> int:
+    """Forget what is known of ``devices`` (a kiosk taken out of service): last seen, status,
+    heartbeat; not their site, nor their votes. How many were known.
+
+    Raises:
+        StoreUnavailable: Redis is down.
+    """
+    with redis_errors():
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(DEVICES_SEEN, *devices)
+            pipe.zrem(DEVICES_ONLINE, *devices)
+            pipe.hdel(DEVICES_STATUS, *devices)
+            pipe.hdel(DEVICES_HEALTH, *devices)
+            seen, *_ = await pipe.execute()
+    return int(seen)
+
+
+async def print_devices(
+    settings: Settings, *, as_json: bool, forget: list[str] | None = None, out: TextIO = sys.stdout
+) -> int:
+    """Print every device, after forgetting ``forget``; returns the exit code."""
     async with open_redis(settings.redis_target(), timeout_s=settings.redis_timeout_s) as redis:
+        if forget:
+            known = await forget_devices(redis, forget)
+            print(
+                f"forgot {known} of {len(forget)} devices; clear their retained status too, or a "
+                "processor starting a new session hears it again: mosquitto_pub -r -n -t "
+                "devices/ID/status",
+                file=sys.stderr,
+            )
         now_ms = int(time.time() * 1000)
         devices = await read_devices(redis, now_ms=now_ms, silent_after_s=settings.silent_after_s)
     if as_json:
@@ -149,8 +189,16 @@ def register(commands: Commands) -> None:
         help="every device: last seen, online or not, outbox depth, battery",
     )
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.add_argument(
+        "--forget",
+        action="append",
+        default=[],
+        metavar="DEVICE",
+        help="first forget this device's last seen time, status and heartbeat (a kiosk taken "
+        "out of service: it is no longer listed, nor counted silent); repeat for more",
+    )
     p.add_argument("--redis-url", dest="redis_url", metavar="VOTEBOX_REDIS_URL")
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    return asyncio.run(print_devices(settings, as_json=args.json))
+    return asyncio.run(print_devices(settings, as_json=args.json, forget=args.forget))
