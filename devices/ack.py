@@ -12,6 +12,7 @@ __all__ = [
     "CODE_NAMES",
     "DUPLICATE",
     "RATE_LIMITED",
+    "STALE_EPOCH",
     "AckError",
     "code_name",
     "decode_ack",
@@ -50,6 +51,8 @@ ACCEPTED, DUPLICATE = 0, 1
 # The one code that is not a final answer for a vote: the message was not read; its votes stay
 # in the outbox and go again after a pause.
 RATE_LIMITED = 33
+# Not counted: the processor knows a higher epoch of this device (docs/protocol.md, rule 2).
+STALE_EPOCH = 27
 
 
 def code_name(code: int) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Final
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from devices.ack import RATE_LIMITED, AckError, decode_ack
+from devices.ack import RATE_LIMITED, STALE_EPOCH, AckError, decode_ack
 from devices.encoder import encode_batch, encode_heartbeat
 from devices.outbox import Outbox, Pending
 
@@ -352,6 +352,7 @@ class DeviceClient:
             entries = decode_ack(payload)
         except AckError:
             return  # not an ack: the votes go again after ack_timeout_s
+        stale: list[tuple[int, int]] = []
         for epoch, seq, code in entries:
             if epoch is None or seq is None:
                 if code == RATE_LIMITED:
@@ -361,9 +362,16 @@ class DeviceClient:
                     self._sent_at.clear()
                 continue
             self._sent_at.pop((epoch, seq), None)
+            if code == STALE_EPOCH:
+                stale.append((epoch, seq))  # not counted: kept, in a higher epoch
+                continue
             entry = self.outbox.settle(epoch, seq, code)
             if entry is not None and self._on_ack is not None:
                 self._on_ack(entry, code)
+        if stale:
+            refused = [p for p in self.outbox.pending() if (p.epoch, p.seq) in stale]
+            higher = any(epoch == self.outbox.epoch for epoch, _ in stale)
+            self.outbox.store_again(refused, higher=higher)
 
     # -- sending ----------------------------------------------------------------------------
 

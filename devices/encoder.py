@@ -6,7 +6,7 @@ ints, so the functions can be copied onto a microcontroller (drop the annotation
 
 from __future__ import annotations
 
-__all__ = ["encode_batch", "encode_heartbeat", "encode_vote"]
+__all__ = ["encode_batch", "encode_heartbeat", "encode_vote", "vote_again"]
 
 
 def _head(major: int, value: int) -> bytes:
@@ -69,3 +69,39 @@ def encode_heartbeat(uptime_s: int, outbox: int, battery: int | None = None) -> 
     if battery is not None:
         out += _head(0, 2) + _head(0, battery)
     return out
+
+
+def _read_head(data: bytes, at: int) -> tuple[int, int, int]:
+    """The head at ``at`` of bytes this module wrote: major type, argument, next offset."""
+    major, info = data[at] >> 5, data[at] & 0x1F
+    if info < 24:
+        return major, info, at + 1
+    size = {24: 1, 25: 2, 26: 4, 27: 8}[info]
+    return major, int.from_bytes(data[at + 1 : at + 1 + size], "big"), at + 1 + size
+
+
+def vote_again(payload: bytes, seq: int, epoch: int) -> bytes:
+    """A vote `encode_vote` wrote, under another seq and epoch, the rest as it was: a vote
+    refused as `stale_epoch` is stored again in a higher epoch (docs/protocol.md, rule 2)."""
+    fields: dict[int, object] = {}
+    major, n, at = _read_head(payload, 0)
+    for _ in range(n):
+        _, key, at = _read_head(payload, at)
+        major, value, at = _read_head(payload, at)
+        if major == 4:  # an array of option indexes
+            items = []
+            for _ in range(value):
+                _, item, at = _read_head(payload, at)
+                items.append(item)
+            fields[key] = items
+        elif major == 2:  # the voter token
+            fields[key] = payload[at : at + value]
+            at += value
+        else:
+            fields[key] = value
+    choice = fields[0]
+    ts, voter = fields.get(2), fields.get(3)
+    assert isinstance(choice, (int, list))
+    assert ts is None or isinstance(ts, int)
+    assert voter is None or isinstance(voter, bytes)
+    return encode_vote(choice, seq, ts=ts, voter=voter, epoch=epoch)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from devices.encoder import encode_vote
+from devices.encoder import encode_vote, vote_again
 
 __all__ = ["Outbox", "Pending"]
 
@@ -69,6 +69,7 @@ class Outbox:
         self, path: Path, *, durable: bool = True, clock: Callable[[], float] = time.time
     ) -> None:
         self.path = path
+        self._clock = clock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -148,6 +149,46 @@ class Outbox:
                     (code,),
                 )
             return entry
+
+    def store_again(self, refused: list[Pending], *, higher: bool) -> list[Pending]:
+        """Votes answered `stale_epoch` (not counted: the processor knows a higher epoch of this
+        device, whose clock was ahead when an earlier store was made): stored again with new
+        seqs, in a new epoch first when ``higher`` (one of them is of the current epoch), higher
+        by a step that doubles each time (1, 2, 4... s), all in one transaction.
+
+        Returns:
+            The votes as stored now; those no longer waiting are left out.
+        """
+        with self._lock:
+            refused = [p for p in refused if (p.epoch, p.seq) in self._pending]
+            epoch, seq = self.epoch, self._last_seq
+            with self._transaction():
+                if higher:
+                    self._db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch_steps', 0)")
+                    (steps,) = self._db.execute(
+                        "SELECT value FROM meta WHERE key = 'epoch_steps'"
+                    ).fetchone()
+                    epoch, seq = max(self.epoch + 2**steps, int(self._clock())), 0
+                    self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'epoch_steps'")
+                    self._db.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (epoch,))
+                again = []
+                for old in refused:
+                    seq += 1
+                    payload = vote_again(old.payload, seq, epoch)
+                    self._db.execute(
+                        "DELETE FROM votes WHERE epoch = ? AND seq = ?", (old.epoch, old.seq)
+                    )
+                    self._db.execute(
+                        "INSERT INTO votes VALUES (?, ?, ?, ?)", (epoch, seq, old.poll, payload)
+                    )
+                    again.append(Pending(epoch, seq, old.poll, payload))
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (seq,))
+            self.epoch, self._last_seq = epoch, seq
+            for old in refused:
+                del self._pending[(old.epoch, old.seq)]
+            for entry in again:
+                self._pending[(entry.epoch, entry.seq)] = entry
+            return again
 
     def pending(self) -> list[Pending]:
         """Every vote without an answer yet, oldest first."""

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from devices.ack import CODE_NAMES, AckError, code_name, decode_ack
 from devices.client import SEQ_WINDOW, DeviceClient, DeviceConfig, _batches, _inside_window
-from devices.encoder import encode_heartbeat, encode_vote
+from devices.encoder import encode_heartbeat, encode_vote, vote_again
 from devices.kiosk import parse_choice, render_config
 from devices.outbox import Outbox, Pending
 from devices.simulator import ResultsSnapshot, SimulationSummary
@@ -262,3 +262,43 @@ def test_the_window_equals_the_processors_and_holds_back_what_is_too_far_above()
         (0, 4100),
         (1, 1),
     ]
+
+
+@given(
+    choice=st.integers(0, 2**32) | st.lists(st.integers(0, 300), min_size=1, max_size=8),
+    seq=st.integers(0, 2**63),
+    ts=st.none() | st.integers(0, 2**40),
+    voter=st.none() | st.binary(min_size=1, max_size=32),
+    epoch=st.integers(0, 2**40),
+    again=st.tuples(st.integers(1, 2**63), st.integers(1, 2**40)),
+)
+def test_a_vote_stored_again_is_the_same_vote_under_its_new_seq_and_epoch(
+    choice: int | list[int],
+    seq: int,
+    ts: int | None,
+    voter: bytes | None,
+    epoch: int,
+    again: tuple[int, int],
+) -> None:
+    before = encode_vote(choice, seq, ts=ts, voter=voter, epoch=epoch)
+    new_seq, new_epoch = again
+    assert vote_again(before, new_seq, new_epoch) == encode_vote(
+        choice, new_seq, ts=ts, voter=voter, epoch=new_epoch
+    )
+
+
+def test_votes_stored_again_take_a_higher_epoch_and_never_repeat_a_seq(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite", clock=lambda: 1000)
+    first = [outbox.add("p", i) for i in range(3)]
+    moved = outbox.store_again(first[:2], higher=True)  # steps: +1 s
+    assert [(p.epoch, p.seq) for p in moved] == [(1001, 1), (1001, 2)]
+    later = outbox.add("p", 2)
+    assert (later.epoch, later.seq) == (1001, 3)
+    moved_again = outbox.store_again([first[2]], higher=False)  # into the current epoch
+    assert [(p.epoch, p.seq) for p in moved_again] == [(1001, 4)]
+    assert [(p.epoch, p.seq) for p in outbox.store_again([later], higher=True)] == [(1003, 1)]
+    reopened = Outbox(tmp_path / "o.sqlite", clock=lambda: 1000)
+    assert (reopened.epoch, reopened.last_seq) == (1003, 1)
+    assert sorted((p.epoch, p.seq) for p in reopened.pending()) == [
+        (1001, 1), (1001, 2), (1001, 4), (1003, 1),
+    ]  # fmt: skip

@@ -25,7 +25,7 @@ from devices.client import DeviceClient, DeviceConfig
 from devices.fleet_loop import running_together
 from devices.outbox import Outbox
 from harness.services import ManagedProcess
-from processor.keys import DEVICES_HEALTH, DEVICES_STATUS
+from processor.keys import DEVICES_HEALTH, DEVICES_STATUS, PollKeys
 from processor.poll import Poll
 from processor.poll_store import read_fates, read_results
 from processor.store import redis_text
@@ -367,3 +367,31 @@ async def test_a_day_of_offline_votes_replayed_with_a_batch_lost_is_never_seq_to
     fates = outbox.fates()
     assert lost and fates == Counter({0: 10_000}), fates
     assert await _total(redis, poll.id) == 10_000
+
+
+async def test_a_device_whose_epoch_the_processor_knows_higher_moves_past_it_and_counts(
+    broker: ManagedProcess,
+    processor_proc: ManagedProcess,
+    poll: Poll,
+    redis: Redis,
+    tmp_path: Path,
+) -> None:
+    """Rule 2: a device whose clock was 12 days ahead when an earlier store was made. The
+    processor knows that epoch, so the new store's votes are answered stale_epoch; the device
+    keeps them, moves to higher epochs (steps doubling, one transaction each) and each vote
+    counts once, its seqs never repeated within an epoch."""
+    device = f"{poll.id[:50]}-k"
+    ahead = int(time.time()) + 1_000_000
+    await redis.hset(PollKeys(poll.id).devices, device, f"{ahead}:5")
+    outbox = Outbox(tmp_path / "kiosk.outbox")
+    client = DeviceClient(_config(broker, device), outbox)
+    with client.running():
+        for i in range(5):
+            client.press(poll.id, i % 3)
+        assert await asyncio.to_thread(client.wait_drained, 90)
+    assert outbox.epoch > ahead
+    assert outbox.fates()[27] == 0 and outbox.fates()[0] == 5
+    results = (await read_results(redis, [poll.id]))[poll.id]
+    assert results.total == 5 and results.counts == (2, 2, 1)
+    reopened = Outbox(tmp_path / "kiosk.outbox")  # the epoch and its seqs survive a restart
+    assert (reopened.epoch, reopened.last_seq) == (outbox.epoch, outbox.last_seq)
