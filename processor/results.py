@@ -316,6 +316,13 @@ class ResultsPublisher:
             return True
         return self._holding and asyncio.get_running_loop().time() < self._valid_until
 
+    async def _keep_lease(self) -> bool:
+        """Renew the lease when due, so that a long burst (every poll, at the broker's pace,
+        can outlast the lease) renews as it goes; whether a message may go out now."""
+        if self._lease is not None and asyncio.get_running_loop().time() >= self._renew_at:
+            await self._hold()
+        return self.may_publish()
+
     async def _hold(self) -> bool:
         """Take or renew the lease; whether we hold it. Gained: publish every poll afresh.
 
@@ -399,7 +406,7 @@ class ResultsPublisher:
                     if every or clock >= self._series_due.get(poll, 0.0)
                 }
                 series = await read_series(self._redis, due, now_ms=now_ms) if due else {}
-        if not self.may_publish():
+        if not await self._keep_lease():
             # Paused past the lease while reading: all of it waits for the lease again.
             self._dirty |= wanted
             return
@@ -420,11 +427,12 @@ class ResultsPublisher:
         for poll in wanted - snapshots.keys():
             self._change_at.pop(poll, None)  # deleted
             self._series_live.discard(poll)
-        for poll, snap in snapshots.items():
-            if not self.may_publish():
+        burst = list(snapshots.items())
+        for i, (poll, snap) in enumerate(burst):
+            if not await self._keep_lease():
                 # Paused past the lease (in the pace below): the rest waits for it again.
-                self._dirty.add(poll)
-                continue
+                self._dirty.update(p for p, _ in burst[i:])
+                break
             self._cleared.discard(poll)
             at_ms = snap.poll.next_change_ms(now_ms)
             if at_ms and self._change_at.get(poll) != at_ms:

@@ -126,3 +126,38 @@ async def test_a_holder_paused_past_its_lease_publishes_nothing_until_it_holds_i
         other.delete(key)
         other.close()
     assert sent.count(sent[0]) == 2  # published afresh once held again
+
+
+async def test_a_burst_longer_than_the_lease_renews_it_and_publishes_every_poll(
+    redis: Redis, request: pytest.FixtureRequest
+) -> None:
+    """Every poll at the broker's pace can outlast the lease (1,000 polls after a restart):
+    the holder renews as it goes, so the fence never stops a holder that is only busy."""
+    polls = [Poll(id=unique_id(request, f"-{i}"), labels=("a", "b")) for i in range(8)]
+    for poll in polls:
+        await create_poll(redis, poll)
+    topics = {results_topic(p.id) for p in polls}
+    sent: list[str] = []
+
+    def publish(topic: str, payload: bytes) -> None:
+        if payload and topic in topics:
+            sent.append(topic)
+
+    async def pace() -> None:
+        await asyncio.sleep(0.3)  # the broker takes its time: 8 polls, 2.4 s, a 1 s lease
+
+    publisher = ResultsPublisher(
+        redis=redis,
+        publish=publish,
+        interval_s=0.05,
+        rescan_s=3600,
+        timeout_s=5,
+        pace=pace,
+        lease=Lease(results_lease(unique_id(request, "-broker")), "a", ttl_ms=1000),
+    )
+    async with asyncio.TaskGroup() as tg:
+        running = tg.create_task(publisher.run())
+        await eventually(lambda: set(sent) == topics, timeout_s=60)
+        await asyncio.sleep(3)  # a lease taken as lost would publish every poll again here
+        running.cancel()
+    assert len(sent) == len(topics), sent  # each once: the lease never lapsed
