@@ -127,7 +127,13 @@ async def test_a_thousand_polls_stay_exact_in_redis_retained_results_and_influxd
     assert sum(cast.values()) == 6000 and len(cast) == POLLS
     counted = {poll: r.total for poll, r in (await read_results(redis, polls)).items()}
     assert counted == dict(cast)
-    assert await _retained_totals(mosquitto_proc, polls) == dict(cast)
+
+    # The retained results follow Redis within moments (coalesced, at the broker's pace: after
+    # the restart every poll is published afresh); a dashboard's view must reach them.
+    async def retained_exact() -> bool:
+        return await _retained_totals(mosquitto_proc, polls) == dict(cast)
+
+    await eventually(retained_exact, timeout_s=60, every_s=1.0)
 
     def points_per_poll() -> dict[str, int]:
         series = influx_query(
@@ -138,8 +144,17 @@ async def test_a_thousand_polls_stay_exact_in_redis_retained_results_and_influxd
         return {s["tags"]["poll"]: int(s["values"][0][1]) for s in series}
 
     await eventually(lambda: points_per_poll() == dict(cast), timeout_s=60, every_s=0.5)
-    for poll in polls:
-        assert await redis.xlen(PollKeys(poll).points) == 0
+
+    # Every stream ends empty. An entry the killed drainer wrote and had not yet deleted is
+    # taken over once idle (CLAIM_IDLE_MS, 30 s), written again identically, then deleted.
+    async def streams_empty() -> bool:
+        async with redis.pipeline(transaction=False) as pipe:
+            for poll in polls:
+                pipe.xlen(PollKeys(poll).points)
+            return not any(await pipe.execute())
+
+    await eventually(streams_empty, timeout_s=90, every_s=1.0)
+    assert points_per_poll() == dict(cast)  # the entry written again overwrote itself
 
 
 async def test_one_influxdb_write_carries_the_points_of_many_polls(
