@@ -152,51 +152,167 @@ local function later(ts_a, seq_a, dev_a, ts_b, seq_b, dev_b)
 end
 
 -- Phase 1: decide every vote against the stored state plus what this batch already decided.
--- device -> {e, m0, r0, m, r, reset, seen = {seq = true}}: m0 and r0 as stored, m and r as
--- decided; seen holds every seq this batch counted. Seqs go back to Redis as the strings they
--- came in (es, ms) or formatted with %.0f: Lua prints numbers above 1e14 in exponent form.
+-- A device's de-duplication state (the window, above), as stored and as decided so far:
+--   epoch, epoch_s          its epoch, as a number and as the text it came in
+--   stored_max, stored_run  max_seq and run_start as stored (-1 and 0 for a device without)
+--   max, max_s, run         the same as decided so far in this batch
+--   reset                   a new epoch replaced a stored state: its ring is cleared in phase 2
+--   seen                    seq -> true for every seq this batch spent
+-- Seqs go back to Redis as the strings they came in (epoch_s, max_s) or formatted with %.0f:
+-- Lua prints numbers above 1e14 in exponent form.
 local devs = {}
 local counted = {}    -- option -> votes to add (negative when a voter's vote moved away)
--- {device, epoch, seq, option, ts_s, ts_source, withdrawn ('1' or '')} per counted option, and
--- per option a voter's changed vote no longer counts for.
+-- {device, epoch, seq, option, ts_s, ts_source, withdrawn ('1' or ''), site} per counted
+-- option, and per option a voter's changed vote no longer counts for.
 local points = {}
 local suppressed = {} -- {device, epoch, seq, choice, ts_s}
 local presses = {}    -- device -> last counted press (s), loaded or decided
-local voters = {}     -- voter -> {ts, seq, device, seq_s, opts_s}, loaded or decided
+local voters = {}     -- voter -> {ts, seq, device, seq_s, opts_s, epoch_s, site}
 local voters_changed = {}
 local presses_changed = {}
 local n_counted, changed = 0, false
 
--- Every device's stored "epoch:max_seq" in one HMGET (in chunks: unpack() has a stack limit),
--- not one HGET per device: per-call overhead was most of the script's cost per distinct device.
+-- The batch's votes, and every device's stored "epoch:max_seq:run_start" in one HMGET per
+-- CHUNK devices (unpack() has a stack limit), not one HGET per device: per-call overhead was
+-- most of the script's cost per distinct device.
 local CHUNK = 1000
 local parsed = {}
 local order = {}
-for i = 0, n_votes - 1 do
-  local device, epoch_s, seq_s, choice_s, ts_arg, voter, site = string.match(ARGV[FIRST + i],
-    '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t?([^\t]*)$')
-  parsed[i + 1] = {device, epoch_s, seq_s, choice_s, ts_arg, voter, site}
-  if not devs[device] then
-    devs[device] = true
-    order[#order + 1] = device
-  end
-end
-for from = 1, #order, CHUNK do
-  local to = math.min(from + CHUNK - 1, #order)
-  local stored_all = redis.call('HMGET', KEYS[4], unpack(order, from, to))
-  for j = from, to do
-    local stored = stored_all[j - from + 1]
-    local es, ms, rs = '-1', '-1', nil
-    if stored then
-      es, ms, rs = string.match(stored, '^([^:]*):([^:]*):?([^:]*)$')
+local function read_state()
+  for i = 0, n_votes - 1 do
+    local device, epoch_s, seq_s, choice_s, ts_arg, voter, site = string.match(ARGV[FIRST + i],
+      '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t?([^\t]*)$')
+    parsed[i + 1] = {device, epoch_s, seq_s, choice_s, ts_arg, voter, site}
+    if not devs[device] then
+      devs[device] = true
+      order[#order + 1] = device
     end
-    local m = tonumber(ms)
-    local r = tonumber(rs) or m + 1
-    devs[order[j]] = {e = tonumber(es), es = es, m0 = m, r0 = r, m = m, ms = ms, r = r,
-                      reset = false, seen = {}}
+  end
+  for from = 1, #order, CHUNK do
+    local to = math.min(from + CHUNK - 1, #order)
+    local stored_all = redis.call('HMGET', KEYS[4], unpack(order, from, to))
+    for j = from, to do
+      local stored = stored_all[j - from + 1]
+      local epoch_s, max_s, run_s = '-1', '-1', nil
+      if stored then
+        epoch_s, max_s, run_s = string.match(stored, '^([^:]*):([^:]*):?([^:]*)$')
+      end
+      local max = tonumber(max_s)
+      -- A state stored as "epoch:max_seq" (before runs): a run of none, just above max_seq.
+      local run = tonumber(run_s) or max + 1
+      devs[order[j]] = {epoch = tonumber(epoch_s), epoch_s = epoch_s, stored_max = max,
+                        stored_run = run, max = max, max_s = max_s, run = run,
+                        reset = false, seen = {}}
+    end
   end
 end
 
+-- Whether de-duplication refuses seq of a device in its known epoch: SEQ_TOO_OLD below the
+-- window, DUPLICATE for a seq this batch spent, in the stored run, or set in the ring; nil
+-- for a new one.
+local function repeat_of(device, d, seq)
+  if d.max >= 0 and seq <= d.max - W then return SEQ_TOO_OLD end
+  if d.seen[seq] or (seq >= d.stored_run and seq <= d.stored_max) then return DUPLICATE end
+  -- Below the stored run and inside the window: the stored bit is valid (this batch writes
+  -- none before phase 2, and what it counted is in seen).
+  if seq < d.stored_run and redis.call('GETBIT', win_prefix .. device, seq % W) == 1 then
+    return DUPLICATE
+  end
+  return nil
+end
+
+-- Spends seq: from here a re-send of this vote is a duplicate, whatever its fate. A new epoch
+-- (the device lost its seq store) first replaces the device's state: its old window means
+-- nothing now. A gap ends the run; a late seq just below the run joins it.
+local function spend(d, fresh, epoch, epoch_s, seq, seq_s)
+  if fresh then
+    d.reset = d.reset or d.epoch >= 0 or d.stored_max >= 0
+    d.epoch, d.epoch_s, d.stored_max, d.stored_run = epoch, epoch_s, -1, 0
+    d.max, d.max_s, d.run, d.seen = -1, '-1', 0, {}
+  end
+  d.seen[seq] = true
+  if seq > d.max + 1 then
+    d.run = seq  -- phase 2 writes the old run and the gap to the ring
+  elseif seq == d.run - 1 then
+    d.run = seq
+    if seq == d.stored_max + 1 then d.run = d.stored_run end  -- joins the stored run (a swap)
+  end
+  if seq > d.max then d.max, d.max_s = seq, seq_s end
+end
+
+-- The device's last counted press (s), for the cooldown: loaded once, then as decided.
+local function last_press(device)
+  local last = presses[device]
+  if last == nil then
+    last = tonumber(redis.call('HGET', KEYS[7], device) or '') or false
+    presses[device] = last
+  end
+  return last
+end
+
+-- The vote that counts for a voter (false for none): loaded once, then as decided.
+local function voter_vote(voter)
+  local prior = voters[voter]
+  if prior == nil then
+    local stored = redis.call('HGET', KEYS[6], voter)
+    prior = false
+    if stored then
+      -- The site came sixth from 2026-12-03: older records have five fields.
+      local pts, pseq, pdev, popts, pepoch, psite = string.match(stored,
+        '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t?([^\t]*)$')
+      prior = {ts = tonumber(pts), seq = tonumber(pseq), device = pdev, seq_s = pseq,
+               opts_s = popts, epoch_s = pepoch, site = psite}
+    end
+    voters[voter] = prior
+  end
+  return prior
+end
+
+-- A spent vote: suppressed inside the device's cooldown, superseded by a later vote of its
+-- voter, or counted (moving its voter's earlier vote, with a point of value -1 per option it
+-- no longer counts for: docs/analytics.md, Changed votes).
+local function count(device, epoch_s, seq, seq_s, choice_s, opts, ts, src, voter, site)
+  local last = nil
+  if cooldown_s > 0 then last = last_press(device) end
+  if last and math.abs(ts - last) < cooldown_s then
+    note(SUPPRESSED)
+    suppressed[#suppressed + 1] = {device, epoch_s, seq_s, choice_s, ts}
+    return
+  end
+  local prior = per_voter and voter_vote(voter) or nil
+  if prior and not later(ts, seq, device, prior.ts, prior.seq, prior.device) then
+    note(SUPERSEDED)
+    return
+  end
+  note(ACCEPTED)
+  changed = true
+  if cooldown_s > 0 then
+    presses[device] = last and math.max(last, ts) or ts
+    presses_changed[device] = true
+  end
+  if prior then
+    for part in string.gmatch(prior.opts_s, '[^,]+') do
+      local o = tonumber(part)
+      counted[o] = (counted[o] or 0) - 1
+      points[#points + 1] = {prior.device, prior.epoch_s, prior.seq_s, o, ts, src, '1',
+                             prior.site}
+    end
+  else
+    n_counted = n_counted + 1
+  end
+  local opts_s = table.concat(opts, ',')
+  if per_voter then
+    voters[voter] = {ts = ts, seq = seq, device = device, seq_s = seq_s, opts_s = opts_s,
+                     epoch_s = epoch_s, site = site}
+    voters_changed[voter] = true
+  end
+  for _, o in ipairs(opts) do
+    counted[o] = (counted[o] or 0) + 1
+    points[#points + 1] = {device, epoch_s, seq_s, o, ts, src, '', site}
+  end
+end
+
+read_state()
 for i = 1, n_votes do
   local device, epoch_s, seq_s, choice_s, ts_arg, voter, site = unpack(parsed[i])
   local epoch, seq = tonumber(epoch_s), tonumber(seq_s)
@@ -207,105 +323,19 @@ for i = 1, n_votes do
   if dev_ts and (dev_ts < created_s - skew_s or dev_ts > now_s + skew_s) then dev_ts = nil end
   local ts, src = dev_ts or now_s, dev_ts and 'device' or 'server'
 
-  local opts, refused = options_of(choice_s)
-  if not opts then
-    note(refused)
-  elseif d.e >= 0 and epoch < d.e then
-    note(STALE_EPOCH)
+  -- The rules in their order (above); a refused vote leaves its seq unspent, and a new epoch
+  -- is adopted only by a vote that spends its seq.
+  local opts, refusal = options_of(choice_s)
+  if opts and d.epoch >= 0 and epoch < d.epoch then refusal = STALE_EPOCH end
+  local fresh = epoch > d.epoch
+  if not refusal and not fresh then refusal = repeat_of(device, d, seq) end
+  if not refusal then refusal = window_refuses(dev_ts) end
+  if not refusal and per_voter and voter == '' then refusal = MISSING_VOTER end
+  if refusal then
+    note(refusal)
   else
-    -- A new epoch: the device lost its seq store; its old window means nothing now. It is
-    -- adopted only by a vote that spends its seq below, never by a refused one.
-    local fresh = epoch > d.e
-    local shut = window_refuses(dev_ts)
-    if not fresh and d.m >= 0 and seq <= d.m - W then
-      note(SEQ_TOO_OLD)
-    elseif not fresh and (d.seen[seq] or (seq >= d.r0 and seq <= d.m0)) then
-      note(DUPLICATE)
-    elseif not fresh and seq < d.r0
-      and redis.call('GETBIT', win_prefix .. device, seq % W) == 1 then
-      -- Below the stored run and inside the window: the stored bit is valid (this batch writes
-      -- none before phase 2, and what it counted is in seen).
-      note(DUPLICATE)
-    elseif shut then
-      note(shut)
-    elseif per_voter and voter == '' then
-      note(MISSING_VOTER)
-    else
-      if fresh then
-        d.reset = d.reset or d.e >= 0 or d.m0 >= 0
-        d.e, d.es, d.m0, d.r0, d.m, d.ms, d.r, d.seen = epoch, epoch_s, -1, 0, -1, '-1', 0, {}
-      end
-      -- From here the seq is spent: a re-send of this vote is a duplicate, whatever its fate.
-      d.seen[seq] = true
-      if seq > d.m + 1 then
-        d.r = seq  -- a gap ends the run; phase 2 writes the old run and the gap to the ring
-      elseif seq == d.r - 1 then
-        d.r = seq  -- a late seq just below the run joins it,
-        if seq == d.m0 + 1 then d.r = d.r0 end  -- and may join it to the stored run (a swap)
-      end
-      if seq > d.m then d.m, d.ms = seq, seq_s end
-      local last = nil
-      if cooldown_s > 0 then
-        last = presses[device]
-        if last == nil then
-          last = tonumber(redis.call('HGET', KEYS[7], device) or '') or false
-          presses[device] = last
-        end
-      end
-      if last and math.abs(ts - last) < cooldown_s then
-        note(SUPPRESSED)
-        suppressed[#suppressed + 1] = {device, epoch_s, seq_s, choice_s, ts}
-      else
-        local prior = nil
-        if per_voter then
-          prior = voters[voter]
-          if prior == nil then
-            local stored = redis.call('HGET', KEYS[6], voter)
-            prior = false
-            if stored then
-              -- The site came sixth from 2026-12-03: older records have five fields.
-              local pts, pseq, pdev, popts, pepoch, psite = string.match(stored,
-                '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t?([^\t]*)$')
-              prior = {ts = tonumber(pts), seq = tonumber(pseq), device = pdev, seq_s = pseq,
-                       opts_s = popts, epoch_s = pepoch, site = psite}
-            end
-            voters[voter] = prior
-          end
-        end
-        if prior and not later(ts, seq, device, prior.ts, prior.seq, prior.device) then
-          note(SUPERSEDED)
-        else
-          note(ACCEPTED)
-          changed = true
-          if cooldown_s > 0 then
-            presses[device] = last and math.max(last, ts) or ts
-            presses_changed[device] = true
-          end
-          if prior then
-            -- The voter changed their vote: move it, atomically with the rest of the batch,
-            -- and tell InfluxDB with a point of value -1 (docs/analytics.md, Changed votes).
-            for part in string.gmatch(prior.opts_s, '[^,]+') do
-              local o = tonumber(part)
-              counted[o] = (counted[o] or 0) - 1
-              points[#points + 1] = {prior.device, prior.epoch_s, prior.seq_s, o, ts, src, '1',
-                                     prior.site}
-            end
-          else
-            n_counted = n_counted + 1
-          end
-          local opts_s = table.concat(opts, ',')
-          if per_voter then
-            voters[voter] = {ts = ts, seq = seq, device = device, seq_s = seq_s, opts_s = opts_s,
-                             epoch_s = epoch_s, site = site}
-            voters_changed[voter] = true
-          end
-          for _, o in ipairs(opts) do
-            counted[o] = (counted[o] or 0) + 1
-            points[#points + 1] = {device, epoch_s, seq_s, o, ts, src, '', site}
-          end
-        end
-      end
-    end
+    spend(d, fresh, epoch, epoch_s, seq, seq_s)
+    count(device, epoch_s, seq, seq_s, choice_s, opts, ts, src, voter, site)
   end
 end
 
@@ -347,35 +377,40 @@ local function fill_seqs(key, lo, hi, bit)
   end
 end
 
-local stored_devs = {}
-for _, device in ipairs(order) do
-  local d = devs[device]
+-- The ring of one device, exact again for seqs in (max - W, run).
+local function write_ring(device, d)
   local key = nil  -- the ring's key, built only for a device whose ring is written (few are)
-  local low = d.m - W + 1  -- the lowest seq the window still holds
+  local low = d.max - W + 1  -- the lowest seq the window still holds
   -- A new epoch, or a window moved past all it held: every position clear, and only the
-  -- counted seqs below r need setting. A device with no state has no ring yet.
-  local clear = d.m0 < 0
-  if d.reset or (not clear and low > d.m0) then
+  -- counted seqs below the run need setting. A device with no state has no ring yet.
+  local clear = d.stored_max < 0
+  if d.reset or (not clear and low > d.stored_max) then
     key = win_prefix .. device
     redis.call('DEL', key)
     clear = true
   end
-  if not clear and d.r > d.r0 then
+  if not clear and d.run > d.stored_run then
     -- The stored run, now below the run, is all set; the seqs between it and the run are
     -- set where this batch counted them (below), clear otherwise.
     key = key or win_prefix .. device
-    fill_seqs(key, math.max(d.r0, low), math.min(d.m0, d.r - 1), 1)
-    fill_seqs(key, math.max(d.m0 + 1, low), d.r - 1, 0)
+    fill_seqs(key, math.max(d.stored_run, low), math.min(d.stored_max, d.run - 1), 1)
+    fill_seqs(key, math.max(d.stored_max + 1, low), d.run - 1, 0)
   end
   for seq in pairs(d.seen) do
-    if seq < d.r and seq >= low then
+    if seq < d.run and seq >= low then
       key = key or win_prefix .. device
       redis.call('SETBIT', key, seq % W, 1)
     end
   end
-  if d.m ~= d.m0 or d.r ~= d.r0 or d.reset then
+end
+
+local stored_devs = {}
+for _, device in ipairs(order) do
+  local d = devs[device]
+  write_ring(device, d)
+  if d.max ~= d.stored_max or d.run ~= d.stored_run or d.reset then
     stored_devs[#stored_devs + 1] = device
-    stored_devs[#stored_devs + 1] = d.es .. ':' .. d.ms .. ':' .. string.format('%.0f', d.r)
+    stored_devs[#stored_devs + 1] = d.epoch_s .. ':' .. d.max_s .. ':' .. string.format('%.0f', d.run)
   end
 end
 for from = 1, #stored_devs, 2 * CHUNK do
