@@ -245,7 +245,9 @@ async def test_silent_means_says_online_and_nothing_came_not_quiet_or_switched_o
     """docs/operations.md: a device is silent when it says it is online and nothing (vote,
     heartbeat, status) came from it for VOTEBOX_SILENT_AFTER_S. A kiosk that only heartbeats
     is not silent, nor is one that said offline; one that says online and goes quiet is."""
-    proc = spawn_processor(broker, VOTEBOX_STATS_INTERVAL_S="0.2", VOTEBOX_SILENT_AFTER_S="2")
+    # Last-seen times are written at most every 10 s a device (LAST_SEEN_EVERY_S): silence is
+    # only told apart above that, as docs/operations.md says to set it.
+    proc = spawn_processor(broker, VOTEBOX_STATS_INTERVAL_S="0.2", VOTEBOX_SILENT_AFTER_S="12")
     with Fleet(broker, poll.id, 3) as fleet:
         beating, switched_off, quiet = fleet.kiosks
         for kiosk in fleet.kiosks:
@@ -260,7 +262,7 @@ async def test_silent_means_says_online_and_nothing_came_not_quiet_or_switched_o
             _, body = await _retained_stats(broker, f"{poll.id}-silent-{time.monotonic_ns()}")
             return {e["device"] for e in body["devices"]["silent_recent"]} & mine
 
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while await listed() != {quiet.device}:
             assert time.monotonic() < deadline, await listed()
             beating.report("heartbeat", encode_heartbeat(1, 0, 90))  # once a second
