@@ -92,8 +92,6 @@ class Health:
             checks["redis"] = f"Redis: {exc}"
         held, idle_s = self._held(), self._clock() - self._last_progress
         checks["intake"] = (
-            f"{held} messages held for {idle_s:.0f} s without a commit"
-            if held and idle_s > self._stall_s
-            else "ok"
+            f"{held} messages held for {idle_s:.0f} s without a commit" if self.stalled() else "ok"
         )
         return Readiness(checks=checks, facts={"held": held, **self._facts()})

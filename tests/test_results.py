@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 from redis import Redis as SyncRedis
@@ -21,6 +22,27 @@ from processor.topics import results_topic
 from tests.conftest import eventually, unique_id
 
 
+def _leased(
+    redis: Redis,
+    key: str,
+    holder: str,
+    publish: Callable[[str, bytes], None],
+    *,
+    pace: Callable[[], Awaitable[None]] | None = None,
+    rescan_s: float = 0.2,
+) -> ResultsPublisher:
+    """A publisher that holds the 1 s lease ``key`` as ``holder`` when it can."""
+    return ResultsPublisher(
+        redis=redis,
+        publish=publish,
+        interval_s=0.05,
+        rescan_s=rescan_s,
+        timeout_s=5,
+        pace=pace,
+        lease=Lease(key, holder, ttl_ms=1000),
+    )
+
+
 def _publisher(
     redis: Redis, key: str, holder: str, sent: list[int], poll: Poll
 ) -> ResultsPublisher:
@@ -28,14 +50,25 @@ def _publisher(
         if topic == results_topic(poll.id) and payload:
             sent.append(int(json.loads(payload)["version"]))
 
-    return ResultsPublisher(
-        redis=redis,
-        publish=publish,
-        interval_s=0.05,
-        rescan_s=0.2,
-        timeout_s=5,
-        lease=Lease(key, holder, ttl_ms=1000),
-    )
+    return _leased(redis, key, holder, publish)
+
+
+async def _results_sent(
+    redis: Redis, request: pytest.FixtureRequest, n: int
+) -> tuple[set[str], list[str], Callable[[str, bytes], None]]:
+    """``n`` new polls: their results topics, the list of those published, and the publish
+    function that fills it."""
+    polls = [Poll(id=unique_id(request, f"-{i}"), labels=("a", "b")) for i in range(n)]
+    for poll in polls:
+        await create_poll(redis, poll)
+    topics = {results_topic(p.id) for p in polls}
+    sent: list[str] = []
+
+    def publish(topic: str, payload: bytes) -> None:
+        if payload and topic in topics:
+            sent.append(topic)
+
+    return topics, sent, publish
 
 
 async def test_one_processor_publishes_results_and_another_takes_over_when_it_dies(
@@ -82,16 +115,9 @@ async def test_a_holder_paused_past_its_lease_publishes_nothing_until_it_holds_i
     between two polls of a burst) while the clock goes on, past the lease; meanwhile another
     processor takes the lease. Resumed, the holder publishes nothing it read before, nor
     anything else while the other holds it; given the lease back, it publishes every poll."""
-    polls = [Poll(id=unique_id(request, f"-{i}"), labels=("a", "b")) for i in range(3)]
-    for poll in polls:
-        await create_poll(redis, poll)
+    _, sent, publish = await _results_sent(redis, request, 3)
     key = results_lease(unique_id(request, "-broker"))
-    sent: list[str] = []
     paused = False
-
-    def publish(topic: str, payload: bytes) -> None:
-        if payload and topic in {results_topic(p.id) for p in polls}:
-            sent.append(topic)
 
     async def pace() -> None:
         nonlocal paused
@@ -100,15 +126,7 @@ async def test_a_holder_paused_past_its_lease_publishes_nothing_until_it_holds_i
             time.sleep(1.3)  # noqa: ASYNC251 - the whole process stops, past the 1 s lease
             other.set(key, "b", px=60_000)  # and another processor has taken it
 
-    publisher = ResultsPublisher(
-        redis=redis,
-        publish=publish,
-        interval_s=0.05,
-        rescan_s=0.2,
-        timeout_s=5,
-        pace=pace,
-        lease=Lease(key, "a", ttl_ms=1000),
-    )
+    publisher = _leased(redis, key, "a", publish, pace=pace)
     other = SyncRedis.from_url(
         f"redis://127.0.0.1:{redis.connection_pool.connection_kwargs['port']}"
     )
@@ -133,28 +151,13 @@ async def test_a_burst_longer_than_the_lease_renews_it_and_publishes_every_poll(
 ) -> None:
     """Every poll at the broker's pace can outlast the lease (1,000 polls after a restart):
     the holder renews as it goes, so the fence never stops a holder that is only busy."""
-    polls = [Poll(id=unique_id(request, f"-{i}"), labels=("a", "b")) for i in range(8)]
-    for poll in polls:
-        await create_poll(redis, poll)
-    topics = {results_topic(p.id) for p in polls}
-    sent: list[str] = []
-
-    def publish(topic: str, payload: bytes) -> None:
-        if payload and topic in topics:
-            sent.append(topic)
+    topics, sent, publish = await _results_sent(redis, request, 8)
 
     async def pace() -> None:
         await asyncio.sleep(0.3)  # the broker takes its time: 8 polls, 2.4 s, a 1 s lease
 
-    publisher = ResultsPublisher(
-        redis=redis,
-        publish=publish,
-        interval_s=0.05,
-        rescan_s=3600,
-        timeout_s=5,
-        pace=pace,
-        lease=Lease(results_lease(unique_id(request, "-broker")), "a", ttl_ms=1000),
-    )
+    key = results_lease(unique_id(request, "-broker"))
+    publisher = _leased(redis, key, "a", publish, pace=pace, rescan_s=3600)
     async with asyncio.TaskGroup() as tg:
         running = tg.create_task(publisher.run())
         await eventually(lambda: set(sent) == topics, timeout_s=60)
