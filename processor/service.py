@@ -502,6 +502,12 @@ async def _serve(
     about_me: Callable[[], dict[str, Any]],
     failed: Callable[[str, BaseException], None],
 ) -> None:
+    broken: list[str] = []  # the parts that failed
+
+    def part_failed(part: str, exc: BaseException) -> None:
+        broken.append(part)
+        failed(part, exc)
+
     def publish_retained(topic: str, payload: bytes) -> None:
         intake.publish(topic, payload, qos=1, retain=True)
 
@@ -564,7 +570,7 @@ async def _serve(
     async with asyncio.TaskGroup() as tg:
         # Each part retries its own dependency outages; anything else ends the process.
         background = [
-            tg.create_task(supervised(name, part, failed=failed), name=name)
+            tg.create_task(supervised(name, part, failed=part_failed), name=name)
             for name, part in parts.items()
         ]
         await supervised(
@@ -577,7 +583,7 @@ async def _serve(
                 # A cluster's commits WAITing on one connection per node go one at a time.
                 in_flight=1 if tally.redis is not redis else 2,
             ),
-            failed=failed,
+            failed=part_failed,
         )
         log.info("stopping: draining what the broker has sent")
         await drain_votes(
@@ -589,12 +595,16 @@ async def _serve(
         )
         for task in background:
             task.cancel()
-    # Shutdown gets its own deadline: the final results and the acks already queued.
+    # Shutdown gets its own deadline: the final results and the acks already queued. After a
+    # part failed, no final results or stats: the next start publishes every poll anyway, and
+    # the failure's exit is due within FAILED_EXIT_S, before a flush of many polls could end.
     try:
         async with asyncio.timeout(settings.shutdown_timeout_s / 2):
-            await results.flush()
+            if not broken:
+                await results.flush()
             await results.release()
-            await stats.publish_once()
+            if not broken:
+                await stats.publish_once()
             await intake.drain()
     except (TimeoutError, StoreUnavailable) as exc:
         log.warning("shutdown flush incomplete: %r", exc)
