@@ -66,11 +66,13 @@ function cborHead(major, value) {
     high & 0xff, (low >>> 24) & 0xff, (low >>> 16) & 0xff, (low >>> 8) & 0xff, low & 0xff];
 }
 
-// A vote: {0: choice, 1: seq, 2: ts, 4: epoch}, keys ascending, optional ones only when set.
-function encodeVote(choice, seq, ts, epoch) {
+// A vote: {0: choice, 1: seq, 2: ts, 4: epoch, 5: 1}, keys ascending, optional ones only when
+// set; 5: 1 asks for a receipt (docs/protocol.md, Receipts).
+function encodeVote(choice, seq, ts, epoch, receipt) {
   const fields = [[0, choice], [1, seq]];
   if (ts !== null && ts !== undefined) fields.push([2, ts]);
   if (epoch) fields.push([4, epoch]);
+  if (receipt) fields.push([5, 1]);
   const out = cborHead(5, fields.length);
   for (const [key, value] of fields) {
     out.push(...cborHead(0, key));
@@ -84,7 +86,8 @@ function encodeVote(choice, seq, ts, epoch) {
   return new Uint8Array(out);
 }
 
-// An ack: an array of [epoch, seq, code] arrays, each item a uint or null.
+// An ack: an array of [epoch, seq, code] arrays, each item a uint or null; [epoch, seq, code,
+// shard, entry] for a vote accepted with its receipt.
 function decodeAck(bytes) {
   let at = 0;
   function item() {
@@ -151,7 +154,7 @@ async function storeVote(store, poll, choice) {
   const seq = (await request(meta.get("last_seq"))) + 1;
   meta.put(seq, "last_seq");
   const ts = Math.floor(Date.now() / 1000);
-  const payload = encodeVote(choice, seq, ts, epoch);
+  const payload = encodeVote(choice, seq, ts, epoch, true);
   const vote = { epoch, seq, poll, choice, ts, payload: Array.from(payload) };
   tx.objectStore("votes").put(vote);
   await new Promise((resolve, reject) => { tx.oncomplete = resolve; tx.onerror = () => reject(tx.error); });
@@ -197,7 +200,7 @@ async function storeAgain(store, refused, higher) {
   for (const old of refused) {
     votes.delete([old.epoch, old.seq]);
     seq += 1;
-    const payload = encodeVote(old.choice, seq, old.ts, epoch);
+    const payload = encodeVote(old.choice, seq, old.ts, epoch, true);
     votes.put({ ...old, epoch, seq, payload: Array.from(payload) });
   }
   meta.put(seq, "last_seq");
@@ -232,6 +235,7 @@ async function main() {
   const question = document.getElementById("question");
   const options = document.getElementById("options");
   const answer = document.getElementById("answer");
+  const receipt = document.getElementById("receipt");
   const pendingCount = document.getElementById("pending");
   const connection = document.getElementById("connection");
   if (!device || !poll) {
@@ -312,6 +316,8 @@ async function main() {
 
     async function cast(choice) {
       await storeVote(store, poll, choice);
+      receipt.dataset.code = "";
+      receipt.textContent = "";
       if (client && client.connected) {
         answer.dataset.code = "";
         answer.textContent = "Sending…";
@@ -405,7 +411,7 @@ async function main() {
       return;
     }
     const stale = [];
-    for (const [epoch, seq, code] of entries) {
+    for (const [epoch, seq, code, shard, entry] of entries) {
       window.voteboxKiosk.answers.push([code, Date.now()]);
       if (epoch === null || seq === null) {
         if (code === RATE_LIMITED) {
@@ -424,6 +430,11 @@ async function main() {
       await settleVote(store, epoch, seq); // any other code is final for its vote (rule 3)
       answer.dataset.code = String(code);
       answer.textContent = ANSWERS[code] || `Not counted (code ${code}).`;
+      // The vote's place in the poll's chain: the voter can have it checked
+      // (votebox audit POLL --receipt), under a head every dashboard saw published.
+      const place = entry === undefined ? "" : `${poll}-${shard}-${entry}`;
+      receipt.dataset.code = place;
+      receipt.textContent = place ? `Receipt ${place}` : "";
     }
     if (stale.length) {
       const votes = await storedVotes(store);

@@ -1,7 +1,8 @@
 """A minimal reader of the processor's acks, small enough for MicroPython (docs/protocol.md, Acks).
 
 Rule: reads exactly what the processor writes, an array of ``[epoch, seq, code]`` where epoch
-and seq are unsigned integers or null, and refuses anything else; no cbor2, nothing beyond
+and seq are unsigned integers or null (``[epoch, seq, code, shard, entry]`` for a vote accepted
+with a receipt), and refuses anything else; no cbor2, nothing beyond
 bytes and ints, so a constrained device needs no CBOR library at all.
 """
 
@@ -16,6 +17,7 @@ __all__ = [
     "AckError",
     "code_name",
     "decode_ack",
+    "read_ack",
 ]
 
 _NULL = 0xF6
@@ -90,16 +92,33 @@ def decode_ack(payload: bytes) -> list[tuple[int | None, int | None, int]]:
     Raises:
         AckError: the payload is not an ack.
     """
+    return [(epoch, seq, code) for epoch, seq, code, _ in read_ack(payload)]
+
+
+def read_ack(
+    payload: bytes,
+) -> list[tuple[int | None, int | None, int, tuple[int, int] | None]]:
+    """`decode_ack`, with each entry's receipt: ``(shard, entry)`` of a vote accepted with one
+    (docs/protocol.md, Receipts), else None.
+
+    Raises:
+        AckError: the payload is not an ack.
+    """
     count, at = _uint(payload, 0, 4)
     entries = []
     for _ in range(count):
         size, at = _uint(payload, at, 4)
-        if size != 3:
-            raise AckError("an ack entry has 3 items")
+        if size not in (3, 5):
+            raise AckError("an ack entry has 3 items, or 5 with a receipt")
         epoch, at = _uint_or_null(payload, at)
         seq, at = _uint_or_null(payload, at)
         code, at = _uint(payload, at, 0)
-        entries.append((epoch, seq, code))
+        receipt = None
+        if size == 5:
+            shard, at = _uint(payload, at, 0)
+            entry, at = _uint(payload, at, 0)
+            receipt = (shard, entry)
+        entries.append((epoch, seq, code, receipt))
     if at != len(payload):
         raise AckError("bytes after the ack")
     return entries

@@ -28,10 +28,12 @@ def encode_vote(
     ts: int | None = None,
     voter: bytes | None = None,
     epoch: int = 0,
+    receipt: bool = False,
 ) -> bytes:
     """One vote as a CBOR map with keys in ascending order; optional keys only when set.
 
-    ``choice`` is an option index, or a list of them for a multiple-choice poll.
+    ``choice`` is an option index, or a list of them for a multiple-choice poll; ``receipt``
+    asks the processor to answer an accepted vote with its place in the poll's chain.
     """
     fields: list[tuple[int, object]] = [(0, choice), (1, seq)]
     if ts is not None:
@@ -40,6 +42,8 @@ def encode_vote(
         fields.append((3, voter))
     if epoch:
         fields.append((4, epoch))
+    if receipt:
+        fields.append((5, 1))
     out = _head(5, len(fields))
     for key, value in fields:
         out += _head(0, key)
@@ -104,4 +108,4 @@ def vote_again(payload: bytes, seq: int, epoch: int) -> bytes:
     assert isinstance(choice, (int, list))
     assert ts is None or isinstance(ts, int)
     assert voter is None or isinstance(voter, bytes)
-    return encode_vote(choice, seq, ts=ts, voter=voter, epoch=epoch)
+    return encode_vote(choice, seq, ts=ts, voter=voter, epoch=epoch, receipt=fields.get(5) == 1)

@@ -44,7 +44,9 @@ KEY_SEQ: Final = 1
 KEY_TS: Final = 2
 KEY_VOTER: Final = 3
 KEY_EPOCH: Final = 4
-_KNOWN_KEYS: Final = frozenset({KEY_CHOICE, KEY_SEQ, KEY_TS, KEY_VOTER, KEY_EPOCH})
+# 1: answer an accepted vote with its place in the poll's chain (docs/protocol.md, Receipts).
+KEY_RECEIPT: Final = 5
+_KNOWN_KEYS: Final = frozenset({KEY_CHOICE, KEY_SEQ, KEY_TS, KEY_VOTER, KEY_EPOCH, KEY_RECEIPT})
 
 # docs/protocol.md, Device health: a heartbeat is a map of small uints, far below this.
 MAX_HEARTBEAT_BYTES: Final = 64
@@ -73,22 +75,27 @@ class Vote(NamedTuple):
     epoch: int = 0
     ts_s: int | None = None
     voter: bytes | None = None
+    # The device asked for a receipt: its ack entry, if accepted, says where the vote is in
+    # the poll's chain.
+    receipt: bool = False
 
 
 class AckEntry(NamedTuple):
     """The fate of one vote, or of a whole message that could not be read (seq is None).
 
-    ``code`` is a `Fate` below 16 or a `Reason` from 16 up (docs/protocol.md, Acks).
+    ``code`` is a `Fate` below 16 or a `Reason` from 16 up (docs/protocol.md, Acks);
+    ``receipt`` the (shard, entry) of an accepted vote whose device asked for it.
     """
 
     epoch: int | None
     seq: int | None
     code: int
+    receipt: tuple[int, int] | None = None
 
     @classmethod
     def rejected(cls, error: VoteRejected) -> AckEntry:
         """The ack entry for a rejection, naming the vote when its seq was readable."""
-        return cls(error.epoch, error.seq, int(error.reason))
+        return cls(error.epoch, error.seq, int(error.reason), None)
 
 
 class _Forbidden(Exception):
@@ -197,19 +204,22 @@ def _vote_from_map(item: object, poll: str, device: str) -> Vote:
     else:
         choice = _uint(raw_choice, "choice", **where)
     ts_s = _uint(item[KEY_TS], "ts", **where) if KEY_TS in item else None
+    receipt = _uint(item[KEY_RECEIPT], "receipt", **where) if KEY_RECEIPT in item else 0
+    if receipt > 1:
+        raise VoteRejected(Reason.BAD_SCHEMA, "receipt is 0 or 1", **where)
     voter = item.get(KEY_VOTER)
     if voter is not None or KEY_VOTER in item:
         if type(voter) is not bytes or not 1 <= len(voter) <= MAX_VOTER_BYTES:
             raise VoteRejected(
                 Reason.BAD_SCHEMA, f"voter must be 1 to {MAX_VOTER_BYTES} bytes", **where
             )
-    return Vote(poll, device, choice, seq, epoch, ts_s, voter)
+    return Vote(poll, device, choice, seq, epoch, ts_s, voter, receipt == 1)
 
 
-# CBOR initial bytes of the fast path's items (RFC 8949, 3.1): a map of 2 to 5 pairs; a uint
+# CBOR initial bytes of the fast path's items (RFC 8949, 3.1): a map of 2 to 6 pairs; a uint
 # in the initial byte, or in the 1, 2 or 4 bytes after it; a byte string of 1 to 23 bytes, or
 # with its length in the next byte.
-_MAP_2, _MAP_5 = 0xA2, 0xA5
+_MAP_2, _MAP_6 = 0xA2, 0xA6
 _UINT_1, _UINT_2, _UINT_4 = 0x18, 0x19, 0x1A
 _BYTES_1, _BYTES_23, _BYTES_LEN = 0x41, 0x57, 0x58
 
@@ -222,15 +232,15 @@ def _fast_vote(payload: bytes, poll: str, device: str) -> Vote | None:
     both on generated input)."""
     n = len(payload)
     pairs = payload[0] - _MAP_2 + 2 if n else 0
-    if not 2 <= pairs <= 5 or payload[0] > _MAP_5:
+    if not 2 <= pairs <= 6 or payload[0] > _MAP_6:
         return None
-    values: list[int | bytes | None] = [None, None, None, None, None]
+    values: list[int | bytes | None] = [None, None, None, None, None, None]
     at = 1
     for _ in range(pairs):
         if at + 1 >= n:
             return None
         key, head = payload[at], payload[at + 1]
-        if key > KEY_EPOCH or values[key] is not None:
+        if key > KEY_RECEIPT or values[key] is not None:
             return None  # unknown or repeated: the strict decoder says which
         if key == KEY_VOTER:
             if _BYTES_1 <= head <= _BYTES_23:
@@ -253,16 +263,18 @@ def _fast_vote(payload: bytes, poll: str, device: str) -> Vote | None:
             values[key], at = int.from_bytes(payload[at + 2 : at + 6], "big"), at + 6
         else:
             return None
-    choice, seq, ts, voter, epoch = values
-    if at != n or choice is None or seq is None:
+    choice, seq, ts, voter, epoch, receipt = values
+    if at != n or choice is None or seq is None or (receipt is not None and receipt not in (0, 1)):
         return None
     assert isinstance(choice, int) and isinstance(seq, int)
     assert voter is None or isinstance(voter, bytes)
     assert ts is None or isinstance(ts, int)
     # Every field in order, without the generated __new__ (see Vote).
     return tuple.__new__(
-        Vote, (poll, device, choice, seq, epoch if isinstance(epoch, int) else 0, ts, voter)
-    )
+        Vote,
+        (poll, device, choice, seq, epoch if isinstance(epoch, int) else 0, ts, voter,
+         receipt == 1),
+    )  # fmt: skip
 
 
 def decode_message(payload: bytes, *, poll: str, device: str) -> list[Vote | VoteRejected]:
@@ -353,7 +365,8 @@ def decode_status(payload: bytes) -> str:
 
 
 def encode_ack(entries: Sequence[AckEntry]) -> bytes:
-    """Encode the acks for one device: a CBOR array of ``[epoch, seq, code]`` arrays.
+    """Encode the acks for one device: a CBOR array of ``[epoch, seq, code]`` arrays, and
+    ``[epoch, seq, code, shard, entry]`` for an accepted vote with a receipt.
 
     Args:
         entries: the outcomes, in the order the votes arrived.
@@ -365,11 +378,14 @@ def encode_ack(entries: Sequence[AckEntry]) -> bytes:
     # and these are only arrays of small uints and nulls (tests/test_codec.py checks the bytes
     # against cbor2's).
     parts = [_head(0x80, len(entries))]
-    for epoch, seq, code in entries:
-        parts.append(b"\x83")
+    for epoch, seq, code, receipt in entries:
+        parts.append(b"\x83" if receipt is None else b"\x85")
         parts.append(b"\xf6" if epoch is None else _head(0, epoch))
         parts.append(b"\xf6" if seq is None else _head(0, seq))
         parts.append(_head(0, code))
+        if receipt is not None:
+            parts.append(_head(0, receipt[0]))
+            parts.append(_head(0, receipt[1]))
     return b"".join(parts)
 
 
@@ -401,7 +417,8 @@ def decode_ack(payload: bytes) -> list[AckEntry]:
         raise ValueError("an ack is a CBOR array")
     out = []
     for item in items:
-        if not (isinstance(item, list) and len(item) == 3 and type(item[2]) is int):
-            raise ValueError(f"an ack entry is [epoch, seq, code], got {item!r:.40}")
-        out.append(AckEntry(item[0], item[1], item[2]))
+        if not (isinstance(item, list) and len(item) in (3, 5) and type(item[2]) is int):
+            raise ValueError(f"an ack entry is [epoch, seq, code, ...], got {item!r:.40}")
+        receipt = (item[3], item[4]) if len(item) == 5 else None
+        out.append(AckEntry(item[0], item[1], item[2], receipt))
     return out

@@ -30,6 +30,8 @@ class Results:
     opens_ms: int = 0
     closes_ms: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per shard, shard 0 first: the length and head of its chain (tally.lua, The chain).
+    chain: tuple[tuple[int, str], ...] = ()
 
     def figures(self) -> dict[str, Any]:
         """Percentages and the type's own figures (mean of a rating, NPS score)."""
@@ -70,6 +72,8 @@ class Results:
             "updated_at": iso_time(self.updated_ms) or iso_time(1),
             "opens_at": iso_time(self.opens_ms),
             "closes_at": iso_time(self.closes_ms),
+            # docs/protocol.md, Results: every copy of this document witnesses the heads.
+            "chain": [{"length": n, "head": head} for n, head in self.chain],
         }
         if self.hidden:
             # hide_results_until_close: totals only while the poll is open.

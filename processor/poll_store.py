@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from redis.asyncio import Redis
 
+from processor.chain import GENESIS
 from processor.changes import announce_polls
 from processor.errors import ConfigError
 from processor.keys import (
@@ -382,6 +383,11 @@ async def read_snapshots(
     for poll_id, poll in polls.items():
         tally = _sum_tallies(tallies[poll_id])
         state = poll.state_at(now_ms)
+        # Each shard's chain, as it is: its length and head (tally.lua, The chain).
+        chain = tuple(
+            (int(shard.get(b"chain_length", 0)), redis_text(shard.get(b"chain_head", GENESIS)))
+            for shard in tallies[poll_id]
+        )
         results = Results(
             poll=poll_id,
             title=poll.title,
@@ -396,10 +402,14 @@ async def read_snapshots(
             hidden=poll.hide_results_until_close and state != "closed",
             opens_ms=poll.opens_ms,
             closes_ms=poll.closes_ms,
+            chain=chain,
         )
         seen = tallies[poll_id][0].get(b"state_seen")
         out[poll_id] = Snapshot(poll, results, redis_text(seen) if seen is not None else None)
     return out
+
+
+_NOT_SUMMED: Final = frozenset({b"state_seen", b"chain_head"})
 
 
 def _sum_tallies(shards: Sequence[Mapping[bytes, bytes]]) -> dict[bytes, int]:
@@ -407,7 +417,7 @@ def _sum_tallies(shards: Sequence[Mapping[bytes, bytes]]) -> dict[bytes, int]:
     out: dict[bytes, int] = {}
     for tally in shards:
         for field, value in tally.items():
-            if field == b"state_seen":
+            if field in _NOT_SUMMED:
                 continue
             n = int(value)
             out[field] = (

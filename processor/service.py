@@ -43,7 +43,7 @@ from processor.sites import Sites
 from processor.stats import StatsPublisher
 from processor.store import connect, redis_errors
 from processor.supervise import EXIT_FAILED, Watchdog, supervised
-from processor.tally import Tally
+from processor.tally import CommitResult, Tally
 from processor.topics import (
     DEVICES_FILTER,
     VOTES_FILTER,
@@ -160,13 +160,16 @@ class BatchProcessor:
         acked_before = await after if after is not None else True
         if result is None or not acked_before:
             return False
-        codes, versions = result
+        codes, versions, receipts = result.codes, result.versions, result.receipts
         committed_s, now_s = time.monotonic(), time.time()
         for (device, slot), vote, code in zip(t.slots, votes, codes, strict=True):
             # Every field in order, without the generated __new__ (see codec.Vote).
-            acks[device][slot] = tuple.__new__(AckEntry, (vote.epoch, vote.seq, code))
+            acks[device][slot] = tuple.__new__(AckEntry, (vote.epoch, vote.seq, code, None))
             if code >= 16:
                 self._rejections.rejected(Reason(code).code, device, f"poll {vote.poll}")
+        for index, receipt in receipts.items():
+            device, slot = t.slots[index]
+            acks[device][slot] = acks[device][slot]._replace(receipt=receipt)
 
         for device, entries in acks.items():
             # QoS 0: a lost ack costs the device one re-send, answered "duplicate"
@@ -220,9 +223,9 @@ class BatchProcessor:
         unattributed: Counter[Reason],
         seen: set[str],
         reports: dict[str, dict[str, str]],
-    ) -> tuple[list[int], dict[str, int]] | None:
+    ) -> CommitResult | None:
         if not votes and not unattributed and not seen and not reports:
-            return [], {}
+            return CommitResult([], {})
         delays = backoff_delays(base_s=0.1, cap_s=5.0)
         token = f"{self._token_prefix}{next(self._batches):x}"
         while True:
@@ -238,7 +241,7 @@ class BatchProcessor:
                 )
                 if self._health is not None:
                     self._health.store_answered()
-                return result.codes, result.versions
+                return result
             except StoreUnavailable as exc:
                 self._metrics.commit_failures.inc()
                 if self._health is not None:

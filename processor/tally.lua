@@ -5,7 +5,7 @@
 --
 -- KEYS[1] votebox:{poll}:poll     hash  n_options, state, ...
 -- KEYS[2] votebox:{poll}:tally    hash  c:<option> counts, total, version, updated_ms,
---                                      queued_points
+--                                      queued_points, chain_length, chain_head (the chain)
 -- KEYS[3] votebox:{poll}:fates    hash  accepted, duplicate and rejection counts by reason code
 -- KEYS[4] votebox:{poll}:devices  hash  device -> "epoch:max_seq:run_start" (see the window)
 -- KEYS[5] votebox:{poll}:points   stream of accepted votes waiting for InfluxDB, an entry
@@ -46,9 +46,22 @@
 -- or below max_seq - W are SEQ_TOO_OLD (never counted twice). Memory per device and poll: W/8
 -- bytes at most. State that earlier versions stored as "epoch:max_seq" is a run of none.
 --
--- Returns {version, code_1, ..., code_n}: version of this shard's tally after the batch, then a Fate
--- (0 accepted, 1 duplicate, 3 superseded, 4 suppressed) or Reason (16 up) per vote;
--- processor/reasons.py names them.
+-- The chain (docs/security.md, The chain): the votes this call accepts are entries of the
+-- shard's append-only log, numbered from 1 in the order they were accepted. Each call that
+-- accepts any is one link: chain_head = SHA-1(chain_head .. "\n" .. its entries, one per line),
+-- from a head of forty zeros (processor/audit.py rebuilds it, `entry_text` there is the entry).
+-- It is written with the counts, so it is exactly as atomic and as replicated (WAIT) as they
+-- are; an answer given again from KEYS[10] adds no link. The batch's points entry says where
+-- its link starts, how many entries it has and the head it made, and its first point of each
+-- entry is marked: the drainer gives every point its entry's number, and the points of the
+-- link's last entry its head (influx/line_protocol.py), so the log can be rebuilt from
+-- InfluxDB alone, and a change in it found at its link. Nothing here formats a number per
+-- vote: that was most of the chain's cost.
+--
+-- Returns {version, code_1, ..., code_n, chain_length}: version of this shard's tally after
+-- the batch, then a Fate (0 accepted, 1 duplicate, 3 superseded, 4 suppressed) or Reason (16
+-- up) per vote (processor/reasons.py names them), then the chain's length before the batch:
+-- the k-th accepted vote is entry chain_length + k (a device's receipt).
 
 local ACCEPTED, DUPLICATE, SUPERSEDED, SUPPRESSED = 0, 1, 3, 4
 local UNKNOWN_POLL, UNKNOWN_OPTION, SEQ_TOO_OLD, STALE_EPOCH, TOO_MANY_CHOICES = 24, 25, 26, 27, 28
@@ -103,6 +116,7 @@ local per_voter = def[9] == '1'
 local cooldown_s = tonumber(def[10] or '0') or 0
 local now = tonumber(now_ms)
 local now_s = math.floor(now / 1000)
+local now_s_s = string.format('%.0f', now_s)
 -- codes[1] is the version, filled in last; unpack() of a long list would overflow Lua's stack.
 local codes = {0}
 local fates = {}
@@ -125,6 +139,8 @@ local function options_of(choice_s)
     opts[#opts + 1] = index
   end
   if #opts > (multiple and max_choices or 1) then return nil, TOO_MANY_CHOICES end
+  -- Lowest first: a choice's options are a set, and its chain entry names them in one order.
+  if #opts > 1 then table.sort(opts) end
   return opts
 end
 
@@ -170,6 +186,9 @@ local presses = {}    -- device -> last counted press (s), loaded or decided
 local voters = {}     -- voter -> {ts, seq, device, seq_s, opts_s, epoch_s, site}
 local voters_changed = {}
 local presses_changed = {}
+-- The chain entries of the votes this batch accepts, in order (a point's entry is its
+-- number here until phase 2 knows the chain's length).
+local entries = {}
 local n_counted, changed = 0, false
 
 -- The batch's votes, and every device's stored "epoch:max_seq:run_start" in one HMGET per
@@ -271,7 +290,7 @@ end
 -- A spent vote: suppressed inside the device's cooldown, superseded by a later vote of its
 -- voter, or counted (moving its voter's earlier vote, with a point of value -1 per option it
 -- no longer counts for: docs/analytics.md, Changed votes).
-local function count(device, epoch_s, seq, seq_s, choice_s, opts, ts, src, voter, site)
+local function count(device, epoch_s, seq, seq_s, choice_s, opts, ts, ts_s, src, voter, site)
   local last = nil
   if cooldown_s > 0 then last = last_press(device) end
   if last and math.abs(ts - last) < cooldown_s then
@@ -290,17 +309,28 @@ local function count(device, epoch_s, seq, seq_s, choice_s, opts, ts, src, voter
     presses[device] = last and math.max(last, ts) or ts
     presses_changed[device] = true
   end
+  local entry = #entries + 1
+  local mark = '+'  -- on the entry's first point
+  local replaced = ''
   if prior then
+    local prior_opts = {}
     for part in string.gmatch(prior.opts_s, '[^,]+') do
       local o = tonumber(part)
+      prior_opts[#prior_opts + 1] = o
       counted[o] = (counted[o] or 0) - 1
-      points[#points + 1] = {prior.device, prior.epoch_s, prior.seq_s, o, ts, src, '1',
-                             prior.site}
+      points[#points + 1] = {prior.device, prior.epoch_s, prior.seq_s, o, ts_s, src, '1',
+                             prior.site, mark}
+      mark = ''
     end
+    table.sort(prior_opts)  -- stored unsorted before the chain
+    replaced = prior.device .. '/' .. prior.epoch_s .. '/' .. prior.seq_s .. '/'
+      .. table.concat(prior_opts, ',')
   else
     n_counted = n_counted + 1
   end
   local opts_s = table.concat(opts, ',')
+  entries[entry] = device .. '\t' .. epoch_s .. '\t' .. seq_s .. '\t' .. opts_s .. '\t' .. ts_s
+    .. '\t' .. src .. '\t' .. replaced
   if per_voter then
     voters[voter] = {ts = ts, seq = seq, device = device, seq_s = seq_s, opts_s = opts_s,
                      epoch_s = epoch_s, site = site}
@@ -308,7 +338,8 @@ local function count(device, epoch_s, seq, seq_s, choice_s, opts, ts, src, voter
   end
   for _, o in ipairs(opts) do
     counted[o] = (counted[o] or 0) + 1
-    points[#points + 1] = {device, epoch_s, seq_s, o, ts, src, '', site}
+    points[#points + 1] = {device, epoch_s, seq_s, o, ts_s, src, '', site, mark}
+    mark = ''
   end
 end
 
@@ -322,6 +353,8 @@ for i = 1, n_votes do
   local dev_ts = tonumber(ts_arg)
   if dev_ts and (dev_ts < created_s - skew_s or dev_ts > now_s + skew_s) then dev_ts = nil end
   local ts, src = dev_ts or now_s, dev_ts and 'device' or 'server'
+  -- As text too: the device's as it came (the processor sends it in decimal), or ours.
+  local ts_s = dev_ts and ts_arg or now_s_s
 
   -- The rules in their order (above); a refused vote leaves its seq unspent, and a new epoch
   -- is adopted only by a vote that spends its seq.
@@ -335,7 +368,7 @@ for i = 1, n_votes do
     note(refusal)
   else
     spend(d, fresh, epoch, epoch_s, seq, seq_s)
-    count(device, epoch_s, seq, seq_s, choice_s, opts, ts, src, voter, site)
+    count(device, epoch_s, seq, seq_s, choice_s, opts, ts, ts_s, src, voter, site)
   end
 end
 
@@ -343,16 +376,22 @@ end
 -- back below with one HSET, not an HINCRBY each: in a batch spread over many polls a poll's
 -- share is a vote or two, and each call of its own was most of its cost. A field that is not
 -- a number stops the batch here, before any write.
-local tally_fields = {'version', 'queued_points', 'total'}
+local tally_fields = {'chain_head', 'version', 'queued_points', 'total', 'chain_length'}
 for option in pairs(counted) do tally_fields[#tally_fields + 1] = 'c:' .. option end
 local stored_tally = redis.call('HMGET', KEYS[2], unpack(tally_fields))
+local chain_head = stored_tally[1] or string.rep('0', 40)
 local tally = {}
-for j, field in ipairs(tally_fields) do
+for j = 2, #tally_fields do
+  local field = tally_fields[j]
   local value = stored_tally[j]
   tally[field] = tonumber(value or '0')
   if not tally[field] then error('tally field ' .. field .. ' is not a number: ' .. value) end
 end
 local tally_changes = {}
+local chain_length = tally.chain_length
+-- One link: the entries above, hashed once per call, not once per vote.
+local new_head = chain_head
+if #entries > 0 then new_head = redis.sha1hex(chain_head .. '\n' .. table.concat(entries, '\n')) end
 
 -- Phase 2: write. The ring must be exact for seqs in (m - W, r) once more: below the stored
 -- run it was, but for the seqs this batch counted there; the stored run's seqs and those
@@ -431,7 +470,8 @@ if queue_max > 0 and #points > 0 then
   if n > 0 then
     local lines = {}
     for j = 1, n do lines[j] = table.concat(points[j], '\t') end
-    redis.call('XADD', KEYS[5], '*', 'n', n, 'p', table.concat(lines, '\n'))
+    redis.call('XADD', KEYS[5], '*', 'n', n, 'p', table.concat(lines, '\n'),
+      'c', string.format('%.0f', chain_length), 'm', #entries, 'h', new_head)
     tally_changes[#tally_changes + 1] = 'queued_points'
     tally_changes[#tally_changes + 1] = string.format('%.0f', queued + n)
   end
@@ -468,7 +508,11 @@ if changed then
   tally_changes[#tally_changes + 1] = now_ms
   codes[1] = tally.version + 1
   change('version', codes[1])
+  change('chain_length', chain_length + #entries)
+  tally_changes[#tally_changes + 1] = 'chain_head'
+  tally_changes[#tally_changes + 1] = new_head
 end
+codes[#codes + 1] = chain_length
 if #tally_changes > 0 then redis.call('HSET', KEYS[2], unpack(tally_changes)) end
 return answer(codes)
 end

@@ -18,7 +18,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Final
 
@@ -95,10 +95,13 @@ _Route = tuple[PollKeys, int, list[int], list[str | int]]
 
 @dataclass(frozen=True, slots=True)
 class CommitResult:
-    """Outcome codes aligned with the votes given to `Tally.commit`, and new poll versions."""
+    """Outcome codes aligned with the votes given to `Tally.commit`, new poll versions, and
+    the receipts asked for: by the vote's index, the (shard, entry) of its place in the poll's
+    chain (tally.lua, The chain)."""
 
     codes: list[int]
     versions: dict[str, int]
+    receipts: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def _choice_arg(choice: int | tuple[int, ...]) -> str:
@@ -219,6 +222,7 @@ class Tally:
         """
         codes = [0] * len(votes)
         versions: dict[str, int] = {}
+        receipts: dict[int, tuple[int, int]] = {}
         set_aside: list[tuple[Vote, str]] = []
         extra: _Extra | None = _Extra(
             unattributed or Counter(), {device: now_ms for device in seen}, reports or {}, token
@@ -270,8 +274,11 @@ class Tally:
                 # A poll over several shards: a shard's version is not the poll's (the sum of
                 # its shards'), so -1 says "changed, read it" to the results publisher.
                 versions[keys.poll] = int(reply[0]) if shards == 1 else -1
-                for index, code in zip(indices, reply[1:], strict=True):
+                n = len(indices)
+                for index, code in zip(indices, reply[1 : n + 1], strict=True):
                     codes[index] = int(code)
+                if len(reply) == n + 2:  # an answer given before the chain has no length
+                    _place(receipts, votes, indices, codes, keys.shard, int(reply[-1]))
             if not pending:
                 break
         for index in pending:
@@ -284,7 +291,7 @@ class Tally:
             await self._count_unattributed(Counter({Reason.UNKNOWN_POLL: unknown}), token)
         if set_aside:
             await self._set_aside(set_aside)
-        return CommitResult(codes, versions)
+        return CommitResult(codes, versions, receipts)
 
     def _forget_later(self, poll: str) -> None:
         if len(self._unknown) >= _UNKNOWN_MEMORY_MAX:
@@ -323,7 +330,7 @@ class Tally:
             # batch saved the processor 0.6 us per vote and cost Redis 1.5 (Lua splitting it).
             packed: list[str | int] = []
             for index in carried:
-                _, device, choice, seq, epoch, ts_s, voter = votes[index]
+                _, device, choice, seq, epoch, ts_s, voter, _ = votes[index]
                 packed.append(
                     f"{device}\t{epoch}\t{seq}\t"
                     f"{choice if type(choice) is int else _choice_arg(choice)}\t"
@@ -498,6 +505,24 @@ def _presence(
 @functools.lru_cache(maxsize=16_384)  # the polls a processor counts for, a few keys each
 def _keys_of(poll: str, shard: int) -> PollKeys:
     return PollKeys(poll, shard)
+
+
+def _place(
+    receipts: dict[int, tuple[int, int]],
+    votes: Sequence[Vote],
+    indices: list[int],
+    codes: list[int],
+    shard: int,
+    length_before: int,
+) -> None:
+    """Adds the receipts of the votes in ``indices`` that asked for one and were accepted:
+    the k-th accepted is the chain's entry ``length_before + k`` (tally.lua, The chain)."""
+    entry = length_before
+    for index in indices:
+        if codes[index] == 0:
+            entry += 1
+            if votes[index].receipt:
+                receipts[index] = (shard, entry)
 
 
 def _per_route(reply: object, routes: int) -> list[object]:

@@ -119,7 +119,7 @@ def triage(batch: Sequence[Delivery], *, allow: Callable[[str], bool] | None = N
                 entries = out.acks[device]
                 out.slots.append((device, len(entries)))
                 # Every field in order, without the generated __new__ (see codec.Vote).
-                entries.append(tuple.__new__(AckEntry, (item.epoch, item.seq, PENDING_CODE)))
+                entries.append(tuple.__new__(AckEntry, (item.epoch, item.seq, PENDING_CODE, None)))
                 out.votes.append(item)
     return out
 

@@ -318,13 +318,14 @@ def test_the_fast_path_reads_only_what_the_strict_decoder_accepts_and_reads_it_a
         "a2 00 01 01 1b 0000000000000005",  # an 8-byte uint: the strict decoder reads it
         "a2 00 01 01 02 00",  # a byte after the map
         "a2 00 01 01",  # a pair short
-        "a2 00 01 05 02",  # an unknown key
+        "a2 00 01 06 02",  # an unknown key
+        "a3 00 01 01 02 05 02",  # a receipt that is neither 0 nor 1
         "a2 00 20 01 02",  # a negative choice
         "a2 00 f5 01 02",  # true is not a number
         "a2 00 fa 3f800000 01 02",  # a float
         "a2 00 81 01 01 02",  # a choice list: the strict decoder reads it
         "a2 01 02 02 03",  # no choice
-        "a6 00 01 01 02 02 03 03 41 78 04 00 05 00",  # six pairs
+        "a7 00 01 01 02 02 03 03 41 78 04 00 05 00 06 00",  # seven pairs
     ],
 )
 def test_the_fast_path_leaves_the_rest_to_the_strict_decoder(hex_payload: str) -> None:

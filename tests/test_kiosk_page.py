@@ -9,6 +9,7 @@ import ast
 import asyncio
 import contextlib
 import itertools
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -51,12 +52,13 @@ def test_the_page_encodes_votes_and_reads_acks_as_the_protocol_says(
         ([1, 4], 255, 1, 0),
         (3, 2**53 - 1, 2**32, 2**40),
     ]
-    acks = [AckEntry(1_764_000_000, 17, 0), AckEntry(None, None, 33), AckEntry(3, 2**40, 31)]
+    acks = [AckEntry(1_764_000_000, 17, 0), AckEntry(None, None, 33), AckEntry(3, 2**40, 31),
+            AckEntry(0, 18, 0, (2, 70_000))]  # fmt: skip
     with serve_dashboard(port=0, ws_url=mosquitto_proc.ws_url) as url:
         browser.get(url + "kiosk.html")  # no device in the fragment: it says how to open it
         encoded = browser.execute_script(
             "return arguments[0].map(([c, s, t, e]) =>"
-            " Array.from(window.voteboxKiosk.encodeVote(c, s, t, e)));",
+            " Array.from(window.voteboxKiosk.encodeVote(c, s, t, e, s % 2 === 1)));",
             [list(case) for case in cases],
         )
         decoded = browser.execute_script(
@@ -71,9 +73,9 @@ def test_the_page_encodes_votes_and_reads_acks_as_the_protocol_says(
         ]
         assert len(examples) >= 3
         documented = browser.execute_script(
-            "return arguments[0].map(([c, s, t, e]) =>"
-            " Array.from(window.voteboxKiosk.encodeVote(c, s, t, e)));",
-            [[m[0], m[1], m.get(2), m.get(4, 0)] for m, _ in examples],
+            "return arguments[0].map(([c, s, t, e, r]) =>"
+            " Array.from(window.voteboxKiosk.encodeVote(c, s, t, e, r)));",
+            [[m[0], m[1], m.get(2), m.get(4, 0), 5 in m] for m, _ in examples],
         )
         said = browser.find_element(By.ID, "question").text
         # Rule 6: full jitter under a ceiling that doubles from 1 s to 60 s.
@@ -94,9 +96,10 @@ def test_the_page_encodes_votes_and_reads_acks_as_the_protocol_says(
                       [0, 59999]]  # fmt: skip
     assert batches == [[64, 6, 1, 2, 1], [0x82, 0, 0, 0, 0]]
     for (choice, seq, ts, epoch), got in zip(cases, encoded, strict=True):
-        assert bytes(got) == encode_vote(choice, seq, ts=ts, epoch=epoch), (choice, seq, ts)
+        expected = encode_vote(choice, seq, ts=ts, epoch=epoch, receipt=seq % 2 == 1)
+        assert bytes(got) == expected, (choice, seq, ts)
     assert [bytes(got) for got in documented] == [expected for _, expected in examples]
-    assert [tuple(entry) for entry in decoded] == [tuple(a) for a in acks]
+    assert [tuple(entry) for entry in decoded] == [(*a[:3], *(a.receipt or ())) for a in acks]
     assert "kiosk.html#device=" in said
 
 
@@ -146,7 +149,11 @@ async def test_presses_count_once_through_a_network_cut_and_a_reload(
         WebDriverWait(browser, 30).until(lambda d: _pending(d) == "0")
         wait_for(browser, "#answer", "data-code", "0")
         assert browser.find_element(By.ID, "answer").text == "Thank you, your vote counts!"
-        assert (await read_results(redis, [poll_id]))[poll_id].counts == (3, 2)
+        results = (await read_results(redis, [poll_id]))[poll_id]
+        assert results.counts == (3, 2) and results.chain[0][0] == 5
+        # Each vote asked for its receipt: the last answered is one of the chain's 5 entries.
+        shown = browser.find_element(By.ID, "receipt").text
+        assert re.fullmatch(rf"Receipt {poll_id}-0-[1-5]", shown), shown
 
         # The network goes: presses are stored, not lost.
         _network(browser, offline=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from devices.ack import decode_ack
+from devices.ack import decode_ack, read_ack
 from devices.encoder import encode_batch, encode_heartbeat, encode_vote
 from processor.codec import AckEntry, Heartbeat, Vote, decode_heartbeat, decode_message, encode_ack
 from processor.errors import VoteRejected
@@ -53,7 +53,8 @@ def test_vote_example_matches_cbor2_and_the_device_encoder(
     assert cbor2.dumps(literal) == expected
     maps = literal if isinstance(literal, list) else [literal]
     encoded = [
-        encode_vote(m[0], m[1], ts=m.get(2), voter=m.get(3), epoch=m.get(4, 0)) for m in maps
+        encode_vote(m[0], m[1], ts=m.get(2), voter=m.get(3), epoch=m.get(4, 0), receipt=5 in m)
+        for m in maps
     ]
     device_bytes = encode_batch(encoded) if isinstance(literal, list) else encoded[0]
     assert device_bytes == expected
@@ -73,6 +74,7 @@ def test_vote_example_decodes_to_the_documented_vote(name: str, value: str, hex_
             m.get(4, 0),
             m.get(2),
             m.get(3),
+            m.get(5) == 1,
         )
         for m in maps
     ]
@@ -85,10 +87,12 @@ def test_single_vote_example_is_five_bytes() -> None:
 
 @pytest.mark.parametrize(("name", "value", "hex_"), ACKS, ids=[row[0] for row in ACKS])
 def test_ack_example_matches_encode_ack(name: str, value: str, hex_: str) -> None:
-    entries = [AckEntry(*item) for item in ast.literal_eval(value)]
+    items = ast.literal_eval(value)
+    entries = [AckEntry(item[0], item[1], item[2], tuple(item[3:]) or None) for item in items]
     assert encode_ack(entries) == _hex(hex_)
-    # The device's minimal reader reads it back.
-    assert decode_ack(_hex(hex_)) == [tuple(item) for item in ast.literal_eval(value)]
+    # The device's minimal reader reads it back, a receipt with its entry.
+    assert decode_ack(_hex(hex_)) == [tuple(item[:3]) for item in items]
+    assert read_ack(_hex(hex_)) == [(*item[:3], tuple(item[3:]) or None) for item in items]
 
 
 @pytest.mark.parametrize(("name", "value", "hex_"), HEARTBEATS, ids=[r[0] for r in HEARTBEATS])

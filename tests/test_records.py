@@ -41,8 +41,10 @@ def test_every_fast_path_is_one_this_file_covers() -> None:
 def test_the_field_orders_the_fast_paths_write() -> None:
     # The tuples in FAST_PATHS' places are written in these orders: a field moved or added in
     # a record fails here first, and the place must then be changed with it.
-    assert Vote._fields == ("poll", "device", "choice", "seq", "epoch", "ts_s", "voter")
-    assert AckEntry._fields == ("epoch", "seq", "code")
+    assert Vote._fields == (
+        "poll", "device", "choice", "seq", "epoch", "ts_s", "voter", "receipt",
+    )  # fmt: skip
+    assert AckEntry._fields == ("epoch", "seq", "code", "receipt")
     assert Incoming._fields == (
         "kind", "mid", "topic", "payload", "qos", "code", "session_present", "codes",
         "properties", "oversized", "skip",
@@ -52,16 +54,16 @@ def test_the_field_orders_the_fast_paths_write() -> None:
     )  # fmt: skip
     assert QueuedPoint._fields == (
         "stream_id", "poll", "device", "epoch", "seq", "option", "ts_s", "source",
-        "withdrawn", "site",
+        "withdrawn", "site", "entry", "link", "head",
     )  # fmt: skip
 
 
 def test_a_decoded_vote_equals_the_one_built_by_name() -> None:
-    payload = encode_vote(choice=2, seq=7, epoch=3, ts=1_765_000_000, voter=b"v")
+    payload = encode_vote(choice=2, seq=7, epoch=3, ts=1_765_000_000, voter=b"v", receipt=True)
     (vote,) = decode_message(payload, poll="p", device="d")
     assert vote == Vote(poll="p", device="d", choice=2, seq=7, epoch=3, ts_s=1_765_000_000,
-                        voter=b"v")  # fmt: skip
-    assert isinstance(vote, Vote) and vote.ts_s == 1_765_000_000 and vote.voter == b"v"
+                        voter=b"v", receipt=True)  # fmt: skip
+    assert isinstance(vote, Vote) and vote.ts_s == 1_765_000_000 and vote.receipt
 
 
 def test_a_parsed_publish_equals_the_one_built_by_name() -> None:
@@ -75,7 +77,7 @@ def test_a_triaged_ack_entry_equals_the_one_built_by_name() -> None:
     payload = encode_vote(choice=1, seq=5, epoch=2)
     delivery = Delivery(topic="votes/p/d", payload=payload, mid=1, qos=1, generation=0)
     out = triage([delivery])
-    assert out.acks["d"] == [AckEntry(epoch=2, seq=5, code=PENDING_CODE)]
+    assert out.acks["d"] == [AckEntry(epoch=2, seq=5, code=PENDING_CODE, receipt=None)]
 
 
 def test_a_queued_point_equals_the_one_built_by_name() -> None:
@@ -84,4 +86,13 @@ def test_a_queued_point_equals_the_one_built_by_name() -> None:
     assert point == QueuedPoint(
         stream_id="1-0", poll="p", device="d", epoch=3, seq=7, option=1, ts_s=1_765_000_000,
         source="device", withdrawn=True, site="hall",
+    )  # fmt: skip
+    # The chain's fields: the link after entry 10 has 2 entries; this point starts the second.
+    chained = b"x\t0\t1\t0\t1765000000\tdevice\t\thall\t+\n" + packed + b"\t+"
+    head = b"ab" * 20
+    fields = {b"n": b"2", b"p": chained, b"c": b"10", b"m": b"2", b"h": head}
+    (_, point) = points_of_entry("p", b"1-0", fields)
+    assert point == QueuedPoint(
+        stream_id="1-0", poll="p", device="d", epoch=3, seq=7, option=1, ts_s=1_765_000_000,
+        source="device", withdrawn=True, site="hall", entry=12, link=11, head="ab" * 20,
     )  # fmt: skip
