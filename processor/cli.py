@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from processor.commands import (
     ENV_EPILOG,
+    audit,
     bench,
     broker,
     dashboard,
@@ -41,6 +42,7 @@ _COMMANDS = (
     broker,
     poll,
     recount,
+    audit,
     export,
     simulate,
     kiosk,

@@ -204,6 +204,11 @@ def test_demo_runs_end_to_end_and_prints_the_tally() -> None:
     assert (
         f"recount of demo: MATCH (redis total {sent}, influxdb {sent}, queued 0)" in result.stdout
     )
+    # And the chain rebuilt from InfluxDB gives the heads Redis and the retained result hold.
+    assert (
+        f"audit of demo: OK: {sent} entries in 1 shard, heads and counts agree with Redis, "
+        "the retained polls/demo/results" in result.stdout
+    ), result.stdout
 
 
 def test_poll_create_refuses_what_the_type_does_not_allow(redis_proc: ManagedProcess) -> None:

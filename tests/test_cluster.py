@@ -6,6 +6,7 @@ node."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from processor.reasons import Fate
 from processor.store import connect
 from tests.conftest import eventually, redis_command, unique_id
 from tests.fleet import Fleet, results_url
+from tests.test_audit import audits_clean
 from tests.test_cli import votebox
 from tests.test_faults import resend_until_acked
 from tests.test_influx import influx_env, point_count
@@ -115,6 +117,7 @@ async def test_a_hot_poll_over_three_shards_on_three_primaries_counts_exactly(
     influx_proc: ManagedProcess,
     spawn_processor: Callable[..., ManagedProcess],
     request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> None:
     """``votebox poll create --shards 3``: one poll whose votes three primaries count, each
     device on its shard; the retained result, the InfluxDB points and ``votebox recount``
@@ -148,7 +151,7 @@ async def test_a_hot_poll_over_three_shards_on_three_primaries_counts_exactly(
             assert int(await redis.hget(keys.tally, "total") or 0) == 50 * sum(
                 1 for kiosk in fleet.kiosks if shard_of(kiosk.device, 3) == keys.shard
             )
-        await wait_for_results(
+        published = await wait_for_results(
             results_url(mosquitto_proc), poll_id, lambda d: d["total"] == 600, timeout_s=30
         )
         await eventually(lambda: point_count(influx_proc, database, poll_id) == 600, timeout_s=60)
@@ -158,6 +161,12 @@ async def test_a_hot_poll_over_three_shards_on_three_primaries_counts_exactly(
         assert f"recount of {poll_id}: MATCH (redis total 600" in recounted.stdout, (
             recounted.stdout + recounted.stderr
         )
+        # A chain per shard, each on its primary; the retained result witnesses all three.
+        assert len(published["chain"]) == 3
+        result = tmp_path / "result.json"
+        result.write_text(json.dumps(published))
+        said = await asyncio.to_thread(audits_clean, poll_id, env | influx, "--result", str(result))
+        assert "OK: 600 entries in 3 shards" in said
         gone = await asyncio.to_thread(
             votebox, "poll", "delete", poll_id, "--yes", env=os.environ | env
         )

@@ -31,8 +31,10 @@ from processor.store import connect, open_redis
 from processor.tally import Tally
 from tests.conftest import eventually, redis_command, unique_id
 from tests.fleet import Fleet
+from tests.test_audit import audits_clean
 from tests.test_cli import votebox
 from tests.test_faults import resend_until_acked, send, settled_total
+from tests.test_influx import influx_env
 from tests.test_operations import readyz
 
 pytestmark = pytest.mark.e2e
@@ -98,6 +100,7 @@ def replicated(tmp_path: Path) -> Iterator[Replicated]:
 
 async def test_a_primary_lost_mid_stream_loses_no_acknowledged_vote(
     mosquitto_proc: ManagedProcess,
+    influx_proc: ManagedProcess,
     replicated: Replicated,
     spawn_processor: Callable[..., ManagedProcess],
     request: pytest.FixtureRequest,
@@ -112,7 +115,8 @@ async def test_a_primary_lost_mid_stream_loses_no_acknowledged_vote(
         env=os.environ | replicated.env(),
     )
     assert created.returncode == 0, created.stderr
-    proc = spawn_processor(mosquitto_proc, **replicated.env())
+    influx = influx_env(influx_proc, poll.id)
+    proc = spawn_processor(mosquitto_proc, **replicated.env(), **influx)
     reader = connect(replicated.target(), timeout_s=2, retry_once=True)
     try:
         with Fleet(mosquitto_proc, poll.id, 10) as fleet:
@@ -133,6 +137,9 @@ async def test_a_primary_lost_mid_stream_loses_no_acknowledged_vote(
             assert await settled_total(reader, poll, 3000) == 3000
     finally:
         await reader.aclose()
+    # The chain was WAITed for with the counts: the promoted replica holds it whole.
+    said = await asyncio.to_thread(audits_clean, poll.id, replicated.env() | influx)
+    assert "OK: 3000 entries" in said
 
 
 async def _promoted(replicated: Replicated) -> bool:

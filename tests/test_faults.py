@@ -21,6 +21,8 @@ from processor.poll_store import read_results
 from tests.conftest import eventually, unique_id
 from tests.fleet import Fleet, results_url
 from tests.proxy import proxy_to
+from tests.test_audit import audits_clean
+from tests.test_influx import influx_env
 
 pytestmark = pytest.mark.e2e
 
@@ -121,9 +123,12 @@ async def test_random_sigkills_during_a_stream_count_exactly_once(
     mosquitto_proc: ManagedProcess,
     poll: Poll,
     redis: Redis,
+    redis_proc: ManagedProcess,
+    influx_proc: ManagedProcess,
     spawn_processor: Callable[..., ManagedProcess],
 ) -> None:
-    proc = spawn_processor(mosquitto_proc)
+    influx = influx_env(influx_proc, poll.id)
+    proc = spawn_processor(mosquitto_proc, **influx)
     with Fleet(mosquitto_proc, poll.id, 10) as fleet:
         async with asyncio.TaskGroup() as tg:  # the sender is awaited at the end
             tg.create_task(send(fleet, poll, 4000))
@@ -133,6 +138,11 @@ async def test_random_sigkills_during_a_stream_count_exactly_once(
                 proc.start()
         await until_total(redis, poll, 4000, timeout_s=90)
         await eventually(lambda: fleet.unacked() == 0, timeout_s=30)
+    # Killed anywhere, the commit and its link were one step: the chain holds every vote.
+    said = await asyncio.to_thread(
+        audits_clean, poll.id, influx | {"VOTEBOX_REDIS_URL": redis_proc.url}
+    )
+    assert "OK: 4000 entries" in said
 
 
 async def test_sigterm_mid_stream_finishes_the_batch_and_loses_nothing(
@@ -172,11 +182,14 @@ async def test_votes_sent_while_the_processor_is_down_all_arrive(
 
 async def test_redis_restart_mid_stream_loses_and_doubles_nothing(
     broker: ManagedProcess,
-    processor_proc: ManagedProcess,
+    spawn_processor: Callable[..., ManagedProcess],
     redis_proc: ManagedProcess,
+    influx_proc: ManagedProcess,
     poll: Poll,
     redis: Redis,
 ) -> None:
+    influx = influx_env(influx_proc, poll.id)
+    processor_proc = spawn_processor(broker, **influx)
     with Fleet(broker, poll.id, 10) as fleet:
         async with asyncio.TaskGroup() as tg:  # the sender is awaited at the end
             tg.create_task(send(fleet, poll, 2000))
@@ -196,6 +209,10 @@ async def test_redis_restart_mid_stream_loses_and_doubles_nothing(
             await asyncio.to_thread(fleet.resend_unacked)
         await until_total(redis, poll, 2100, timeout_s=90)
         await eventually(lambda: fleet.unacked() == 0, timeout_s=30)
+    said = await asyncio.to_thread(
+        audits_clean, poll.id, influx | {"VOTEBOX_REDIS_URL": redis_proc.url}
+    )
+    assert "OK: 2100 entries" in said
 
 
 async def test_restarted_processor_republishes_results_and_version_never_goes_back(

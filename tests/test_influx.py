@@ -487,6 +487,9 @@ class _Counting:
     def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
         return self._writer.query_sums(poll, by, since_ns, until_ns)
 
+    def query_points(self, poll: str) -> Iterator[QueuedPoint]:
+        return self._writer.query_points(poll)
+
     def close(self) -> None:
         self._writer.close()
 

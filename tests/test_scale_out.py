@@ -8,6 +8,7 @@ import asyncio
 import json
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -19,6 +20,7 @@ from processor.poll_store import read_results
 from processor.reasons import Fate
 from tests.conftest import eventually, unique_id
 from tests.fleet import Fleet, results_url
+from tests.test_audit import audits_clean
 from tests.test_faults import resend_until_acked, send, settled_total
 from tests.test_influx import influx_env, point_count
 
@@ -42,7 +44,9 @@ async def test_three_processors_one_killed_for_good_count_exactly_and_write_poin
     spawn_processor: Callable[..., ManagedProcess],
     poll: Poll,
     redis: Redis,
+    redis_proc: ManagedProcess,
     request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> None:
     database = unique_id(request)
     batch = 100
@@ -78,3 +82,9 @@ async def test_three_processors_one_killed_for_good_count_exactly_and_write_poin
     written = influx_points_written(influx_proc) - written_before
     # Once each, but for the batch the dead drainer may have written and not yet settled.
     assert 3000 <= written <= 3000 + batch, written
+    # Three processors extended one chain, one of them killed mid-stream: it holds together.
+    published = tmp_path / "result.json"
+    published.write_bytes((await read_results(redis, [poll.id]))[poll.id].to_json())
+    env |= {"VOTEBOX_REDIS_URL": redis_proc.url}
+    said = await asyncio.to_thread(audits_clean, poll.id, env, "--result", str(published))
+    assert "OK: 3000 entries in 1 shard" in said

@@ -20,9 +20,10 @@ from broker.accounts import AccountStore
 from broker.acl import Role
 from devices.simulator import SimulationSummary, fleet_ids, simulate
 from processor.commands import Commands, add_command, needs_checkout
+from processor.commands.audit import audit, result_witness
 from processor.commands.dashboard import serve_dashboard
 from processor.commands.recount import recount
-from processor.commands.watch import watch_polls
+from processor.commands.watch import wait_for_results, watch_polls
 from processor.config import MqttUrl, Settings
 from processor.errors import ConfigError, VoteboxError
 from processor.influx.writers import make_writer
@@ -126,6 +127,10 @@ def run_demo(*, duration_s: float | None, devices: int, rate: float) -> int:
                     broker.port, duration_s, devices, rate, root / "kiosks", accounts
                 )
                 print(_recount(redis.url, env))
+                dashboard = MqttUrl.parse(
+                    f"mqtt://dashboard:{accounts['dashboard']}@127.0.0.1:{broker.port}"
+                )
+                print(_audit(env, dashboard))
                 return code
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -150,6 +155,27 @@ def _recount(redis_url: str, env: dict[str, str]) -> str:
         finally:
             writer.close()
             await redis.aclose()
+
+    return asyncio.run(run())
+
+
+def _audit(env: dict[str, str], dashboard: MqttUrl) -> str:
+    """The demo's other closing check: the chain rebuilt from InfluxDB, against Redis and the
+    result the dashboard account reads from the retained topic (a witness of its own)."""
+
+    async def run() -> str:
+        try:
+            published = await wait_for_results(dashboard, _POLL.id, lambda _: True, timeout_s=10)
+            witness = result_witness(published, f"the retained polls/{_POLL.id}/results")
+            settings = Settings.from_env(env)
+            for _ in range(50):  # the drainer writes within its flush interval
+                found = await audit(settings, _POLL.id, results=[witness])
+                if found.finding is None:
+                    break
+                await asyncio.sleep(0.2)
+            return found.verdict()
+        except (VoteboxError, TimeoutError) as exc:
+            return f"audit failed: {exc}"
 
     return asyncio.run(run())
 

@@ -13,18 +13,21 @@ import csv
 import json
 import sys
 import time
+from collections.abc import Sequence
 from typing import TextIO
 
 from processor.commands import Commands, add_command
+from processor.commands.audit import EXPORT_COLUMNS, vote_rows
 from processor.config import Settings
 from processor.errors import ConfigError
+from processor.influx.queries import chain_points
 from processor.influx.writers import EXPORT_BUCKETS, EXPORT_BY, ExportRow, make_writer
 from processor.keys import PollKeys
 from processor.poll import parse_time_ms
 from processor.poll_store import load_poll
 from processor.store import open_redis, redis_errors
 
-__all__ = ["export_rows", "register", "write_rows"]
+__all__ = ["export_rows", "register"]
 
 
 def _columns(by: str) -> tuple[str, ...]:
@@ -49,7 +52,11 @@ def register(commands: Commands) -> None:
     p.add_argument("poll")
     p.add_argument("--format", choices=["csv", "json"], default="csv")
     p.add_argument(
-        "--by", choices=list(EXPORT_BY), default="option", help="group votes by (default option)"
+        "--by",
+        choices=[*EXPORT_BY, "vote"],
+        default="option",
+        help="group votes by (default option); vote: a row per point, with its place in the "
+        "chain, for `votebox audit --from-export`",
     )
     p.add_argument(
         "--since",
@@ -66,14 +73,19 @@ def register(commands: Commands) -> None:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    rows = asyncio.run(
-        export_rows(settings, args.poll, by=args.by, since=args.since, until=args.until)
-    )
+    columns: Sequence[str]
+    if args.by == "vote":
+        columns, records = EXPORT_COLUMNS, asyncio.run(_votes(settings, args.poll))
+    else:
+        rows = asyncio.run(
+            export_rows(settings, args.poll, by=args.by, since=args.since, until=args.until)
+        )
+        columns, records = _columns(args.by), _records(args.poll, args.by, rows)
     if args.out == "-":
-        write_rows(sys.stdout, args.poll, args.by, rows, args.format)
+        _write(sys.stdout, columns, records, args.format)
     else:
         with open(args.out, "w", newline="", encoding="utf-8") as out:
-            write_rows(out, args.poll, args.by, rows, args.format)
+            _write(out, columns, records, args.format)
     return 0
 
 
@@ -111,19 +123,39 @@ async def export_rows(
     return sorted(rows, key=lambda row: (row.group, row.option))
 
 
+async def _votes(settings: Settings, poll: str) -> list[dict[str, object]]:
+    """Every point of the poll, in InfluxDB or still queued, a row each in chain order."""
+    target = settings.influx_target()
+    if target is None:
+        raise ConfigError("export reads InfluxDB: set VOTEBOX_INFLUX_URL (and its friends)")
+    async with open_redis(settings.redis_target(), timeout_s=settings.redis_timeout_s) as redis:
+        with redis_errors():
+            definition = await load_poll(redis, poll)
+            if definition is None:
+                raise ConfigError(f"no poll {poll!r}; votebox poll list shows the polls there are")
+            writer = make_writer(target, timeout_s=60.0)
+            try:
+                points = await chain_points(redis, writer, poll, definition.shards)
+            finally:
+                writer.close()
+    return vote_rows(points, definition.shards)
+
+
 def _time_ms(text: str) -> int:
     """Unix milliseconds from ISO 8601 text or Unix seconds (digits)."""
     return parse_time_ms(int(text) if text.isdigit() else text)
 
 
-def write_rows(out: TextIO, poll: str, by: str, rows: list[ExportRow], fmt: str) -> None:
-    """Write ``rows`` as CSV (a header, then a row each) or as a JSON array of objects."""
+def _records(poll: str, by: str, rows: list[ExportRow]) -> list[dict[str, object]]:
     columns = _columns(by)
-    records = [
+    return [
         dict(zip(columns, (poll, *((row.group,) if by != "option" else ()), row.option,
                            row.label, row.votes), strict=True))
         for row in rows
     ]  # fmt: skip
+
+
+def _write(out: TextIO, columns: Sequence[str], records: list[dict[str, object]], fmt: str) -> None:
     if fmt == "json":
         json.dump(records, out, indent=1)
         out.write("\n")

@@ -10,15 +10,13 @@ import argparse
 import asyncio
 from collections import Counter
 from dataclasses import dataclass
-from typing import cast
 
 from redis.asyncio import Redis
 
 from processor.commands import Commands, add_command
 from processor.config import Settings
 from processor.errors import ConfigError
-from processor.influx.line_protocol import points_of_entry
-from processor.influx.queries import count_votes
+from processor.influx.queries import count_votes, queued_points
 from processor.influx.writers import PointWriter
 from processor.keys import shard_keys
 from processor.poll_store import load_poll, point_queues, read_fates, read_results
@@ -26,9 +24,7 @@ from processor.store import redis_errors
 
 __all__ = ["Recount", "recount", "register"]
 
-_CHUNK = 10_000
 _ATTEMPTS = 10
-_Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,17 +73,10 @@ async def _queued_per_option(redis: Redis, poll: str, shards: int) -> Counter[in
 
 async def _queued_in(redis: Redis, poll: str, key: str) -> Counter[int]:
     counts: Counter[int] = Counter()
-    start = "-"
-    while True:
-        # redis-py types stream replies loosely; without decode_responses they are bytes.
-        entries = cast(_Entries, await redis.xrange(key, min=start, count=_CHUNK))
-        for sid, fields in entries:
-            for point in points_of_entry(poll, sid, fields):
-                # A withdrawn point (a voter's changed vote) takes one back.
-                counts[point.option] += -1 if point.withdrawn else 1
-        if len(entries) < _CHUNK:
-            return counts
-        start = "(" + entries[-1][0].decode()
+    async for point in queued_points(redis, poll, key):
+        # A withdrawn point (a voter's changed vote) takes one back.
+        counts[point.option] += -1 if point.withdrawn else 1
+    return counts
 
 
 async def recount(redis: Redis, writer: PointWriter, poll: str) -> Recount:

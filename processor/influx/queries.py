@@ -1,13 +1,22 @@
-"""Questions to InfluxDB about a poll's points: ``votebox recount`` counts with them."""
+"""Questions about a poll's points, in InfluxDB and still queued for it: ``votebox recount``
+counts with them, ``votebox audit`` rebuilds the chain from them."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from collections.abc import AsyncIterator
+from typing import Final, cast
 
+from redis.asyncio import Redis
+
+from processor.influx.line_protocol import QueuedPoint, points_of_entry
 from processor.influx.writers import PointWriter
+from processor.keys import shard_keys
 
-__all__ = ["count_votes"]
+__all__ = ["chain_points", "count_votes", "queued_points"]
+
+_CHUNK: Final = 10_000
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 # Every time InfluxDB can store (1677-2262 is its range; no vote is dated before 1970).
 _ALL_TIME_NS: Final = (0, 9_223_372_036_854_775_806)
@@ -21,3 +30,32 @@ async def count_votes(writer: PointWriter, poll: str) -> dict[int, int]:
     for row in rows:
         counts[row.option] = counts.get(row.option, 0) + row.votes
     return counts
+
+
+async def queued_points(redis: Redis, poll: str, key: str) -> AsyncIterator[QueuedPoint]:
+    """The points in one of ``poll``'s queues (``key``), oldest first, read in chunks."""
+    start = "-"
+    while True:
+        # redis-py types stream replies loosely; without decode_responses they are bytes.
+        entries = cast(_Entries, await redis.xrange(key, min=start, count=_CHUNK))
+        for sid, fields in entries:
+            for point in points_of_entry(poll, sid, fields):
+                yield point
+        if len(entries) < _CHUNK:
+            return
+        start = "(" + entries[-1][0].decode()
+
+
+async def chain_points(
+    redis: Redis | None, writer: PointWriter | None, poll: str, shards: int
+) -> list[QueuedPoint]:
+    """Every point of ``poll``: those still queued in Redis, then those in InfluxDB (a point
+    drained meanwhile is in one or both: the chain's rebuild counts it once). Read after the
+    witness's lengths, so that each entry up to them is found in one place or the other."""
+    points: list[QueuedPoint] = []
+    if redis is not None:
+        for keys in shard_keys(poll, shards):
+            points += [p async for p in queued_points(redis, poll, keys.points)]
+    if writer is not None:
+        points += await asyncio.to_thread(lambda: list(writer.query_points(poll)))
+    return points

@@ -7,9 +7,10 @@ errors leave as `InfluxRejected` (an answer with a status) or `InfluxUnavailable
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -17,7 +18,7 @@ import urllib3
 
 from processor.config import InfluxTarget
 from processor.errors import InfluxRejected, InfluxUnavailable
-from processor.influx.line_protocol import MEASUREMENT
+from processor.influx.line_protocol import MEASUREMENT, QueuedPoint
 
 __all__ = [
     "EXPORT_BUCKETS",
@@ -43,7 +44,28 @@ class PointWriter(Protocol):
         """``poll``'s votes (sums of point values) per option and per ``by`` (`EXPORT_BY`),
         dated from ``since_ns`` (inclusive) to ``until_ns`` (exclusive)."""
 
+    def query_points(self, poll: str) -> Iterator[QueuedPoint]:
+        """Every point of ``poll`` that has a place in its chain (`votebox audit`, `votebox
+        export --by vote`), read in chunks, in no particular order."""
+
     def close(self) -> None: ...
+
+
+# What a point of the chain is read back with (its stream_id and poll are not stored).
+_POINT_TAGS: Final = ("device", "option", "withdrawn", "site")
+_POINT_FIELDS: Final = ("seq", "epoch", "ts_source", "entry", "link", "head")
+_CHUNK: Final = 50_000
+_NS_PER_S: Final = 1_000_000_000
+
+
+def _point(poll: str, time_ns: int, values: Sequence[Any]) -> QueuedPoint:
+    """A point read back: ``values`` are `_POINT_TAGS` then `_POINT_FIELDS`."""
+    device, option, withdrawn, site, seq, epoch, source, entry, link, head = values
+    return QueuedPoint(
+        "", poll, str(device), int(epoch or 0), int(seq), int(option), time_ns // _NS_PER_S,
+        str(source), withdrawn == "1", "" if site in (None, "-") else str(site),
+        int(entry or 0), int(link or 0), str(head or ""),
+    )  # fmt: skip
 
 
 # What `votebox export --by` groups votes by, besides the option: a tag of the points, or a
@@ -158,6 +180,36 @@ class V1Writer:
                 rows.append(ExportRow(key, int(tags["option"]), tags["label"], int(total)))
         return rows
 
+    def query_points(self, poll: str) -> Iterator[QueuedPoint]:
+        # "epoch" is a tag and a field (line_protocol.line_for): ask for each by its kind.
+        columns = ", ".join(
+            [f'"{c}"::tag' for c in _POINT_TAGS] + [f'"{c}"::field' for c in _POINT_FIELDS]
+        )
+        query = f'SELECT {columns} FROM "{MEASUREMENT}" WHERE "poll" = \'{poll}\''
+        params = {
+            "db": self._target.database, "q": query, "epoch": "ns", "chunked": "true",
+            "chunk_size": str(_CHUNK),
+        }  # fmt: skip
+        url = f"{self._target.url.rstrip('/')}/query?{urllib.parse.urlencode(params)}"
+        try:
+            # A poll of a million votes is a million rows: read as InfluxDB streams them, a
+            # JSON document per chunk and line, never held whole.
+            reply = self._http.request("GET", url, headers=self._headers, preload_content=False)
+            if reply.status != 200:
+                raise InfluxRejected(reply.status, reply.data.decode(errors="replace")[:500])
+            for line in reply:
+                if not line.strip():
+                    continue
+                for result in json.loads(line).get("results", []):
+                    if "error" in result:
+                        raise InfluxRejected(400, str(result["error"]))
+                    for series in result.get("series", []):
+                        for row in series["values"]:
+                            yield _point(poll, int(row[0]), row[1:])
+            reply.release_conn()
+        except urllib3.exceptions.HTTPError as exc:
+            raise InfluxUnavailable(f"InfluxDB at {self._target.url}: {exc}") from exc
+
     def close(self) -> None:
         self._http.clear()
 
@@ -225,6 +277,20 @@ class V2Writer:
                 total = int(record.get_value())  # type: ignore[no-untyped-call]
                 rows.append(ExportRow(key, int(values["option"]), str(values["label"]), total))
         return rows
+
+    def query_points(self, poll: str) -> Iterator[QueuedPoint]:
+        # Not run by the tests here: there is no InfluxDB 2 to run it on (docs/analytics.md).
+        flux = (
+            f'from(bucket: "{self._target.bucket}") |> range(start: 0) '
+            f'|> filter(fn: (r) => r._measurement == "{MEASUREMENT}" and r.poll == "{poll}") '
+            '|> pivot(rowKey: ["_time", "device", "option", "withdrawn", "site", "epoch"], '
+            'columnKey: ["_field"], valueColumn: "_value") '
+            "|> filter(fn: (r) => exists r.entry)"
+        )
+        for record in self._client.query_api().query_stream(flux, org=self._org):
+            v = record.values
+            time_ns = int(v["_time"].timestamp()) * _NS_PER_S
+            yield _point(poll, time_ns, [v.get(c) for c in (*_POINT_TAGS, *_POINT_FIELDS)])
 
     def close(self) -> None:
         self._client.close()  # type: ignore[no-untyped-call]
