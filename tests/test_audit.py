@@ -25,7 +25,7 @@ from processor.influx.line_protocol import QueuedPoint, line_for
 from processor.influx.writers import V1Writer, make_writer
 from processor.keys import PollKeys
 from processor.poll import Poll
-from processor.poll_store import create_poll, read_results
+from processor.poll_store import create_poll, delete_poll, read_results
 from processor.tally import Tally
 from tests.conftest import unique_id
 from tests.test_cli import votebox
@@ -285,3 +285,36 @@ async def test_a_poll_of_changed_votes_audits_clean_and_a_taken_back_point_is_bo
         counted.write(moved._replace(ts_s=moved.ts_s - 3600))
         code, said = counted.audit()
         assert code == 1 and f"entry {moved.entry}: altered" in said, said
+
+
+async def test_a_poll_made_again_under_its_id_audits_its_own_chain_only(
+    redis: Redis, redis_proc: ManagedProcess, influx_proc: ManagedProcess,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    database = unique_id(request)
+    poll = Poll(id=unique_id(request), labels=("a", "b"))
+    writer = make_writer(v1_target(influx_proc, database))
+
+    async def count(votes: list[Vote], now_s: int) -> None:
+        await Tally(redis, timeout_s=5, points_max=100).commit(votes, now_ms=now_s * 1000)
+        drainer = InfluxDrainer(
+            redis=redis, writer=writer, batch_max=100, flush_interval_s=0.1, redis_timeout_s=5
+        )
+        while await drainer.drain_once([poll.id]):
+            pass
+
+    try:
+        # Its first life, an hour ago: its votes dated by the server's clock then.
+        await create_poll(redis, poll, now_ms=(NOW_S - 3600) * 1000)
+        await count([Vote(poll.id, f"k{d}", d % 2, 1) for d in range(5)], NOW_S - 3600)
+        await delete_poll(redis, poll.id)
+        await create_poll(redis, poll, reuse_deleted=True)
+        await count([Vote(poll.id, f"k{d}", 1, 1) for d in range(3)], NOW_S)
+    finally:
+        writer.close()
+    env = os.environ | {
+        "VOTEBOX_REDIS_URL": redis_proc.url, "VOTEBOX_INFLUX_URL": influx_proc.url,
+        "VOTEBOX_INFLUX_API": "v1", "VOTEBOX_INFLUX_DB": database,
+    }  # fmt: skip
+    done = votebox("audit", poll.id, env=env)
+    assert done.returncode == 0 and "OK: 3 entries" in done.stdout, done.stdout + done.stderr

@@ -36,7 +36,7 @@ from processor.errors import ConfigError
 from processor.influx.line_protocol import QueuedPoint
 from processor.influx.queries import chain_points
 from processor.influx.writers import make_writer
-from processor.keys import shard_keys, shard_of
+from processor.keys import PollKeys, shard_keys, shard_of
 from processor.poll_store import load_poll, read_fates
 from processor.store import open_redis, redis_errors, redis_text
 
@@ -260,6 +260,11 @@ async def audit(
                 witnesses.insert(0, await _redis_witness(r, poll, shards))
                 points = await _points(settings, r, poll, shards, export)
                 fates, _ = await read_fates(r, poll)
+                created_ms = int(await r.hget(PollKeys(poll).definition, "created_ms") or 0)
+        # A poll deleted and made again under its id starts a new chain; the old one's points
+        # are dated before this one could date any (tally.lua, the clock skew allowed).
+        since_s = (created_ms - settings.clock_skew_s * 1000) // 1000
+        points = [p for p in points if p.ts_s >= since_s]
         if fates.get("point_dropped"):
             notes.append(
                 f"{fates['point_dropped']} points were dropped at the queue's bound "
