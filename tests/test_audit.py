@@ -282,7 +282,7 @@ async def test_a_poll_of_changed_votes_audits_clean_and_a_taken_back_point_is_bo
         # Taking a changed vote back moved to another time: its entry no longer holds.
         moved = withdrawn[0]
         counted.delete(moved)
-        counted.write(moved._replace(ts_s=moved.ts_s - 3600))
+        counted.write(moved._replace(ts_s=moved.ts_s - 60))
         code, said = counted.audit()
         assert code == 1 and f"entry {moved.entry}: altered" in said, said
 
