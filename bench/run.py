@@ -28,6 +28,7 @@ import aiomqtt
 import redis as sync_redis
 from redis.asyncio import Redis
 
+from bench.chain import chain_table, run_chain_bench
 from bench.cluster import (
     hot_poll_on_distinct_primaries,
     polls_on_distinct_primaries,
@@ -1046,10 +1047,26 @@ def polls_table(result: dict[str, Any]) -> str:
 
 
 def main(
-    *, smoke: bool, out: Path, soak_s: float = 0, soak_rate: float = 5000, polls: bool = False
+    *,
+    smoke: bool,
+    out: Path,
+    soak_s: float = 0,
+    soak_rate: float = 5000,
+    polls: bool = False,
+    chain: bool = False,
 ) -> int:
-    """Run the benchmark (or only the soak, or only the many-polls runs), print the table,
-    write the JSON."""
+    """Run the benchmark (or only the soak, the many-polls runs or the chain's), print the
+    table, write the JSON."""
+    if chain:
+        with tempfile.TemporaryDirectory(prefix="votebox-bench-chain-") as folder:
+            costs = run_chain_bench(Path(folder), smoke=smoke)
+        costs["machine"] = _machine()
+        out.write_text(json.dumps(costs, indent=2))
+        print()
+        print(f"{costs['machine']['cpu']}, {costs['machine']['cores']} cores")
+        print(chain_table(costs))
+        print(f"\nfigures written to {out}")
+        return 0
     if polls:
         result = run_polls_bench(BenchConfig.smoke() if smoke else BenchConfig())
         out.write_text(json.dumps(result, indent=2))
@@ -1068,9 +1085,13 @@ def main(
         )
         return 0 if soak["exact"] else 1
     result = run_bench(BenchConfig.smoke() if smoke else BenchConfig())
+    # The chain's cost (bench/chain.py), beside the figures it adds to.
+    with tempfile.TemporaryDirectory(prefix="votebox-bench-chain-") as folder:
+        result["chain"] = run_chain_bench(Path(folder), smoke=smoke)
     out.write_text(json.dumps(result, indent=2))
     print()
     print(table(result))
+    print(chain_table(result["chain"]))
     print(f"\nfigures written to {out}")
     exact = all(result[k]["exact"] for k in COUNTING_RUNS)
     return 0 if exact else 1

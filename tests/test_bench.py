@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from bench.chain import chain_table, run_chain_bench
 from bench.run import COUNTING_RUNS, BenchConfig, run_bench, table
 
 pytestmark = pytest.mark.e2e
@@ -37,3 +40,13 @@ def test_smoke_run_measures_everything_and_every_count_is_exact() -> None:
     assert result["idle_many_polls"]["polls"] == BenchConfig.smoke().idle_polls
     assert result["idle_many_polls"]["processor_cores"] >= 0
     assert "open polls, nothing happening" in table(result)
+
+
+@pytest.mark.timeout(300)
+def test_the_chains_smoke_run_measures_the_tally_and_audits_every_vote(tmp_path: Path) -> None:
+    result = run_chain_bench(tmp_path, smoke=True, log=lambda *_: None)
+    (run,) = result["tally"]
+    assert run["script_us_per_vote"] > 0 and run["client_us_per_vote"] > 0
+    # Every vote of the audited poll is an entry, and the audit found the log whole.
+    assert result["audit"]["entries"] == 20_000 and result["audit"]["audit_s"] > 0
+    assert "audit: 20,000 entries" in chain_table(result)

@@ -30,6 +30,11 @@ def register(commands: Commands) -> None:
     )
     p.add_argument("--soak-rate", type=float, default=5000, help="messages/s for --soak")
     p.add_argument(
+        "--chain",
+        action="store_true",
+        help="instead: only the chain's cost (the tally per vote, the audit of a million votes)",
+    )
+    p.add_argument(
         "--polls",
         action="store_true",
         help="instead: only the many-polls runs (a backlog over thousands of polls, idle polls)",
@@ -47,4 +52,5 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         soak_s=args.soak,
         soak_rate=args.soak_rate,
         polls=args.polls,
+        chain=args.chain,
     )
