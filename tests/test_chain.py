@@ -31,7 +31,7 @@ from processor.influx.line_protocol import QueuedPoint
 from processor.influx.queries import chain_points
 from processor.keys import PollKeys
 from processor.poll import Poll
-from processor.poll_store import create_poll, read_results
+from processor.poll_store import create_poll, delete_poll, read_results
 from processor.reasons import Fate
 from processor.store import redis_text
 from processor.tally import Tally
@@ -195,8 +195,18 @@ async def test_any_batches_give_a_chain_the_audit_accepts_and_any_change_is_caug
 ) -> None:
     poll = Poll(id=f"chain-{next(_EXAMPLES)}-{unique_id(request)[-8:]}", labels=("a", "b", "c"),
                 one_per_voter=per_voter)  # fmt: skip
-    await create_poll(redis, poll)
     now_ms = 1_765_000_000_000
+    # Made a minute before the votes, so that their devices' times are plausible and kept.
+    await create_poll(redis, poll, now_ms=now_ms - 60_000)
+    try:
+        await _batches_audited(tally, redis, poll, batches, now_ms)
+    finally:
+        await delete_poll(redis, poll.id)  # the suite's Redis is shared: leave no poll
+
+
+async def _batches_audited(
+    tally: Tally, redis: Redis, poll: Poll, batches: list[tuple[list[_Vote], int]], now_ms: int
+) -> None:
     for n, (votes, retries) in enumerate(batches):
         batch = [
             Vote(

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
+from harness.services import redis_server
 from processor.codec import Vote
 from processor.keys import results_lease
 from processor.poll import Poll
@@ -20,6 +22,18 @@ from processor.results import Lease, ResultsPublisher
 from processor.tally import Tally
 from processor.topics import results_topic
 from tests.conftest import eventually, unique_id
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[Redis]:
+    """A redis-server of the test's own: a paced burst visits every poll there is, so in the
+    suite's shared server it would last as long as all the polls earlier tests left."""
+    with redis_server(tmp_path / "redis") as server:
+        client = Redis.from_url(server.url)
+        try:
+            yield client
+        finally:
+            await client.aclose()
 
 
 def _leased(
@@ -109,12 +123,13 @@ async def test_one_processor_publishes_results_and_another_takes_over_when_it_di
 
 
 async def test_a_holder_paused_past_its_lease_publishes_nothing_until_it_holds_it_again(
-    redis: Redis, request: pytest.FixtureRequest
+    own_redis: Redis, request: pytest.FixtureRequest
 ) -> None:
     """What a SIGSTOP does to a holder, in process: the event loop stops (here, in the pace
     between two polls of a burst) while the clock goes on, past the lease; meanwhile another
     processor takes the lease. Resumed, the holder publishes nothing it read before, nor
     anything else while the other holds it; given the lease back, it publishes every poll."""
+    redis = own_redis
     _, sent, publish = await _results_sent(redis, request, 3)
     key = results_lease(unique_id(request, "-broker"))
     paused = False
@@ -147,10 +162,11 @@ async def test_a_holder_paused_past_its_lease_publishes_nothing_until_it_holds_i
 
 
 async def test_a_burst_longer_than_the_lease_renews_it_and_publishes_every_poll(
-    redis: Redis, request: pytest.FixtureRequest
+    own_redis: Redis, request: pytest.FixtureRequest
 ) -> None:
     """Every poll at the broker's pace can outlast the lease (1,000 polls after a restart):
     the holder renews as it goes, so the fence never stops a holder that is only busy."""
+    redis = own_redis
     topics, sent, publish = await _results_sent(redis, request, 8)
 
     async def pace() -> None:
