@@ -16,10 +16,13 @@ _FOLDERS = (
     "processor/commands",
     "broker",
     "devices",
+    "devices/c",
+    "devices/c/example",
+    "devices/c/tools",
     "harness",
     "bench",
 )
-_KINDS = (".py", ".lua", ".yaml", ".acl")
+_KINDS = (".py", ".lua", ".yaml", ".acl", ".c", ".h")
 
 
 def _rows_by_folder() -> dict[str, set[str]]:
