@@ -2,7 +2,8 @@
 million votes.
 
 Rule: real servers on loopback (Redis with AOF fsynced every second, as deployed; InfluxDB 1.x);
-the same batches as the processor commits them (500 votes from 10,000 devices, points queued);
+the same batches as the processor commits them (500 votes from 10,000 devices, points queued,
+bench/fsync.py's commit_times);
 the processor's side measured as this process's CPU time. Run: ``.venv/bin/votebox bench
 --chain`` (``--smoke`` for a small one).
 """
@@ -10,23 +11,19 @@ the processor's side measured as this process's CPU time. Run: ``.venv/bin/voteb
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.cluster import script_cpu_s
+from bench.fsync import commit_times
 from harness.services import influxdb, redis_server
-from processor.codec import Vote
 from processor.commands.audit import audit
 from processor.config import InfluxTarget, RedisTarget, Settings
 from processor.influx.drainer import InfluxDrainer
 from processor.influx.writers import make_writer
-from processor.poll import Poll
-from processor.poll_store import create_poll
 from processor.store import connect
-from processor.tally import Tally
 
 __all__ = ["run_chain_bench", "chain_table"]
 
@@ -34,52 +31,25 @@ _BATCH = 500
 _DEVICES = 10_000
 
 
-def _batches(poll: str, votes: int, *, repeats: float = 0.05, seed: int = 7) -> list[list[Vote]]:
-    """``votes`` votes from `_DEVICES` devices, each device's seqs in order, a share
-    ``repeats`` of them sent again (duplicates)."""
-    rng = random.Random(seed)
-    seqs = [0] * _DEVICES
-    now_s = int(time.time())
-    out: list[Vote] = []
-    while len(out) < votes:
-        device = rng.randrange(_DEVICES)
-        if rng.random() < repeats and seqs[device]:
-            seq = seqs[device]  # a re-send: a duplicate
-        else:
-            seqs[device] += 1
-            seq = seqs[device]
-        out.append(Vote(poll, f"dev-{device:05d}", rng.randrange(3), seq, 0, now_s))
-    return [out[i : i + _BATCH] for i in range(0, len(out), _BATCH)]
-
-
-async def _commit_all(tally: Tally, batches: list[list[Vote]]) -> float:
-    """Commits every batch one after another; returns this process's CPU seconds for it."""
-    cpu = time.process_time()
-    for n, batch in enumerate(batches):
-        await tally.commit(batch, now_ms=int(time.time() * 1000), token=f"b{n}")
-    return time.process_time() - cpu
-
-
 async def _tally_cost(target: RedisTarget, votes: int) -> dict[str, float]:
-    redis = connect(target, timeout_s=30)
-    try:
-        poll = Poll(id=f"chain-cost-{int(time.time() * 1000)}", labels=("a", "b", "c"))
-        await create_poll(redis, poll)
-        tally = Tally(redis, timeout_s=30, points_max=10 * votes)
-        await tally.load()
-        batches = _batches(poll.id, votes)
-        script_before = await script_cpu_s(target)
-        started = time.perf_counter()
-        client_s = await _commit_all(tally, batches)
-        elapsed = time.perf_counter() - started
-        script_s = await script_cpu_s(target) - script_before
-    finally:
-        await redis.aclose()
+    """The tally's script and client time per vote over ``votes`` unique votes, committed as
+    bench/fsync.py commits them."""
+    cpu_s: list[float] = []
+    script_before = await script_cpu_s(target)
+    times = await commit_times(
+        target,
+        batches=votes // _BATCH,
+        batch_size=_BATCH,
+        poll_ids=(f"chain-cost-{int(time.time() * 1000)}",),
+        devices=_DEVICES,
+        cpu_s=cpu_s,
+    )
+    script_s = await script_cpu_s(target) - script_before
     return {
         "votes": votes,
         "script_us_per_vote": script_s / votes * 1e6,
-        "client_us_per_vote": client_s / votes * 1e6,
-        "votes_per_s": votes / elapsed,
+        "client_us_per_vote": sum(cpu_s) / votes * 1e6,
+        "votes_per_s": votes / sum(times),
     }
 
 
@@ -87,20 +57,20 @@ async def _audit_cost(
     redis_target: RedisTarget, influx: InfluxTarget, votes: int, log: Callable[[str], None]
 ) -> dict[str, float]:
     """A poll of ``votes`` votes, every point in InfluxDB, then audited as an operator would."""
+    poll = "audited"
+    await commit_times(
+        redis_target, batches=votes // _BATCH, batch_size=_BATCH, poll_ids=(poll,),
+        devices=_DEVICES,
+    )  # fmt: skip
     redis = connect(redis_target, timeout_s=60)
     writer = make_writer(influx, timeout_s=120)
     try:
-        poll = Poll(id="audited", labels=("a", "b", "c"))
-        await create_poll(redis, poll)
-        tally = Tally(redis, timeout_s=60, points_max=10 * votes)
-        await tally.load()
-        await _commit_all(tally, _batches(poll.id, votes, repeats=0))  # every one an entry
         log(f"bench: {votes:,} votes committed; writing their points to InfluxDB")
         drainer = InfluxDrainer(
             redis=redis, writer=writer, batch_max=20_000, flush_interval_s=0.1,
             redis_timeout_s=60,
         )  # fmt: skip
-        while await drainer.drain_once([poll.id]):
+        while await drainer.drain_once([poll]):
             pass
     finally:
         writer.close()
@@ -115,7 +85,7 @@ async def _audit_cost(
     )
     log("bench: auditing")
     started, cpu = time.perf_counter(), time.process_time()
-    found = await audit(settings, poll.id)
+    found = await audit(settings, poll)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     assert found.finding is None, found.verdict()
     assert found.entries == votes, found.verdict()

@@ -40,10 +40,12 @@ async def commit_times(
     replicas: int = 0,
     devices: int | None = None,
     shards: int = 1,
+    cpu_s: list[float] | None = None,
 ) -> list[float]:
     """Seconds per commit of ``batches`` batches of ``batch_size`` votes from ``devices``
     devices (default: as many as a batch has) in turn, spread over new polls ``poll_ids`` of
-    ``shards`` shards each; with ``replicas``, each commit WAITs for them (1 s at most)."""
+    ``shards`` shards each; with ``replicas``, each commit WAITs for them (1 s at most). With
+    ``cpu_s``, each commit's CPU seconds in this process are appended to it."""
     devices = devices or batch_size
     redis = connect(target, timeout_s=10)
     try:
@@ -66,9 +68,11 @@ async def commit_times(
                 )
                 for i in range(batch_size)
             ]
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             await tally.commit(votes, now_ms=int(time.time() * 1000), token=f"b{n}")
             times.append(time.perf_counter() - started)
+            if cpu_s is not None:
+                cpu_s.append(time.process_time() - cpu)
         return times
     finally:
         await redis.aclose()

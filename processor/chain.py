@@ -19,11 +19,17 @@ from processor.keys import shard_of
 
 __all__ = [
     "GENESIS",
+    "Counts",
     "Entry",
     "Finding",
     "Head",
     "Log",
+    "Witness",
+    "check_counts",
+    "check_head",
     "entry_text",
+    "first_finding",
+    "implied_counts",
     "link_head",
     "parse_head",
     "rebuild",
@@ -302,6 +308,13 @@ def _link_finding(
     )
 
 
+class Counts(NamedTuple):
+    """Votes per option and the total, as a tally or a result shows them."""
+
+    counts: tuple[int, ...]
+    total: int
+
+
 def implied_counts(logs: Sequence[Log], lengths: Mapping[int, int], n_options: int) -> Counts:
     """The per-option counts and total the logs imply at ``lengths`` (by shard)."""
     counts = [0] * n_options
@@ -313,31 +326,22 @@ def implied_counts(logs: Sequence[Log], lengths: Mapping[int, int], n_options: i
     return Counts(tuple(counts), total)
 
 
-class Counts(NamedTuple):
-    """Votes per option and the total, as a tally or a result shows them."""
-
-    counts: tuple[int, ...]
-    total: int
-
-
 def check_counts(
     logs: Sequence[Log], witness: str, heads: Sequence[Head], counts: Counts
 ) -> Finding | None:
     """Whether ``counts`` (of ``witness``: the tally, a published result) are those the logs
     imply at the witness's ``heads``."""
     implied = implied_counts(logs, {h.shard: h.length for h in heads}, len(counts.counts))
-    for option, (said, made) in enumerate(zip(counts.counts, implied.counts, strict=True)):
-        if said != made:
-            return Finding(
-                0, max(h.length for h in heads) if heads else 0, "counter",
-                f"{witness} counts {said} for option {option}; its chain implies {made}",
-            )  # fmt: skip
+    said = [
+        f"{witness} counts {c} for option {option}; its chain implies {made}"
+        for option, (c, made) in enumerate(zip(counts.counts, implied.counts, strict=True))
+        if c != made
+    ]
     if counts.total != implied.total:
-        return Finding(
-            0, max(h.length for h in heads) if heads else 0, "counter",
-            f"{witness} has a total of {counts.total}; its chain implies {implied.total}",
-        )  # fmt: skip
-    return None
+        said.append(f"{witness} has a total of {counts.total}; its chain implies {implied.total}")
+    if not said:
+        return None
+    return Finding(0, max((h.length for h in heads), default=0), "counter", said[0])
 
 
 def check_head(logs: Sequence[Log], witness: str, head: Head) -> Finding | None:
@@ -363,4 +367,32 @@ def check_head(logs: Sequence[Log], witness: str, head: Head) -> Finding | None:
             f"the log's head at entry {head.length} is {made}; {witness} has {head.head}: the "
             "log up to there is not the one it witnessed",
         )  # fmt: skip
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Witness:
+    """Someone who saw the chain: its heads, and the counts it shows at them (None: none
+    shown, as a result hidden until the poll closes)."""
+
+    name: str
+    heads: tuple[Head, ...]
+    counts: Counts | None = None
+
+
+def first_finding(logs: Sequence[Log], witnesses: Sequence[Witness]) -> Finding | None:
+    """The first disagreement: in the log itself, then with each witness's heads, then with
+    its counts (a count the log does not imply is a counter changed)."""
+    for log in logs:
+        if log.finding is not None:
+            return log.finding
+    for witness in witnesses:
+        for head in witness.heads:
+            if (found := check_head(logs, witness.name, head)) is not None:
+                return found
+    for witness in witnesses:
+        if witness.counts is not None:
+            found = check_counts(logs, witness.name, witness.heads, witness.counts)
+            if found is not None:
+                return found
     return None

@@ -36,6 +36,7 @@ __all__ = [
     "create_poll",
     "delete_poll",
     "deleted_id_message",
+    "earliest_point_ms",
     "list_deleted",
     "list_polls",
     "load_poll",
@@ -494,6 +495,15 @@ async def note_states(redis: Redis, states: Mapping[str, str], *, now_ms: int) -
 
 def _counts(stored: dict[Any, Any]) -> dict[str, int]:
     return {redis_text(k): int(v) for k, v in stored.items()}
+
+
+async def earliest_point_ms(redis: Redis, poll_id: str, *, clock_skew_s: int) -> int:
+    """The earliest time a point of the poll can carry: its creation less the clock skew
+    allowed (tally.lua dates a point by the device's clock only when plausible; docs/
+    analytics.md, Timestamps). A point dated before is another poll's: one deleted before this
+    one was made under its id."""
+    created_ms = int(await redis.hget(PollKeys(poll_id).definition, "created_ms") or 0)
+    return max(0, created_ms - clock_skew_s * 1000)
 
 
 async def read_fates(redis: Redis, poll_id: str) -> tuple[dict[str, int], dict[str, int]]:

@@ -22,11 +22,12 @@ from processor.chain import (
     check_counts,
     check_head,
     entry_text,
+    first_finding,
     link_head,
     rebuild,
 )
 from processor.codec import Vote
-from processor.commands.audit import Witness, _first_finding
+from processor.commands.audit import redis_witness
 from processor.influx.line_protocol import QueuedPoint
 from processor.influx.queries import chain_points
 from processor.keys import PollKeys
@@ -49,12 +50,6 @@ async def _logs(redis: Redis, poll: Poll) -> tuple[list[Log], list[QueuedPoint]]
     points = await chain_points(redis, None, poll.id, poll.shards)
     up_to = {s: (await _chain(redis, poll.id, s)).length for s in range(poll.shards)}
     return rebuild(points, shards=poll.shards, up_to=up_to), points
-
-
-async def _witness(redis: Redis, poll: Poll) -> Witness:
-    results = (await read_results(redis, [poll.id]))[poll.id]
-    heads = tuple(Head(s, n, h) for s, (n, h) in enumerate(results.chain))
-    return Witness("Redis", heads, Counts(results.counts, results.total))
 
 
 @pytest.fixture
@@ -124,7 +119,7 @@ async def test_each_shard_has_its_chain_and_the_results_carry_every_head(
     ]
     assert sum(n for n, _ in results.chain) == 36
     logs, _ = await _logs(redis, poll)
-    assert _first_finding(logs, [await _witness(redis, poll)]) is None
+    assert first_finding(logs, [await redis_witness(redis, poll.id)]) is None
 
 
 async def test_a_changed_vote_is_an_entry_that_names_what_it_replaced(
@@ -141,9 +136,9 @@ async def test_a_changed_vote_is_an_entry_that_names_what_it_replaced(
     second = logs[0].entries[1]
     assert second.replaced == ("k1", 0, 1, (0,))
     assert entry_text(second) == "k2\t0\t1\t2\t1765000005\tserver\tk1/0/1/0"
-    witness = await _witness(redis, poll)
+    witness = await redis_witness(redis, poll.id)
     assert witness.counts is not None and witness.counts.counts == (0, 0, 1)
-    assert _first_finding(logs, [witness]) is None
+    assert first_finding(logs, [witness]) is None
 
 
 # A batch: votes as (device, seq, option, voter or None, device time offset or None), and how
@@ -224,13 +219,13 @@ async def _batches_audited(
         for attempt in range(1 + retries):
             await tally.commit(batch, now_ms=now_ms + n * 1000 + attempt, token=f"{poll.id}.{n}")
     logs, points = await _logs(redis, poll)
-    witness = await _witness(redis, poll)
-    assert _first_finding(logs, [witness]) is None
+    witness = await redis_witness(redis, poll.id)
+    assert first_finding(logs, [witness]) is None
     if not points:
         return
     for name, changed in _mutations(points):
         up_to = {0: witness.heads[0].length}
-        found = _first_finding(rebuild(changed, shards=1, up_to=up_to), [witness])
+        found = first_finding(rebuild(changed, shards=1, up_to=up_to), [witness])
         assert found is not None, f"{name} went unseen"
 
 

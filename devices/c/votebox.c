@@ -742,24 +742,30 @@ static int store_again(vb_outbox *ob, unsigned index)
     if (parse_vote(rec->payload, rec->len, &vote) != VB_OK) {
         return VB_E_MALFORMED;
     }
-    if (rec->epoch == ob->epoch) {
-        uint32_t step = ob->epoch_steps < 52u ? ob->epoch_steps : 52u;
-        if (ob->epoch + (1ull << step) > VB_MAX_UINT) {
-            return VB_E_ARG;
+    {
+        /* The new epoch (if any) and the seq it reserves go to flash in one write. */
+        vb_outbox before = *ob;
+        if (rec->epoch == ob->epoch) {
+            uint32_t step = ob->epoch_steps < 52u ? ob->epoch_steps : 52u;
+            if (ob->epoch + (1ull << step) > VB_MAX_UINT) {
+                return VB_E_ARG;
+            }
+            ob->epoch += 1ull << step;
+            ob->epoch_steps++;
+            ob->next_seq = 1;
         }
-        ob->epoch += 1ull << step;
-        ob->epoch_steps++;
-        ob->next_seq = 1;
-        TRY(save_state(ob));
+        vote.seq = ob->next_seq;
+        vote.epoch = ob->epoch;
+        len = vb_encode_vote(&vote, moved.payload, sizeof moved.payload);
+        if (len >= 0) {
+            ob->next_seq++;
+            len = save_state(ob) == VB_OK ? len : VB_E_STORE;
+        }
+        if (len < 0) {
+            *ob = before; /* nothing stored: the outbox as it was */
+            return len;
+        }
     }
-    vote.seq = ob->next_seq;
-    vote.epoch = ob->epoch;
-    len = vb_encode_vote(&vote, moved.payload, sizeof moved.payload);
-    if (len < 0) {
-        return len;
-    }
-    ob->next_seq++;
-    TRY(save_state(ob));
     moved.epoch = vote.epoch;
     moved.seq = vote.seq;
     moved.len = (uint16_t)len;

@@ -25,8 +25,8 @@ from processor.chain import (
     Finding,
     Head,
     Log,
-    check_counts,
-    check_head,
+    Witness,
+    first_finding,
     parse_head,
     rebuild,
 )
@@ -36,30 +36,20 @@ from processor.errors import ConfigError
 from processor.influx.line_protocol import QueuedPoint
 from processor.influx.queries import chain_points
 from processor.influx.writers import make_writer
-from processor.keys import PollKeys, shard_keys, shard_of
-from processor.poll_store import load_poll, read_fates
-from processor.store import open_redis, redis_errors, redis_text
+from processor.keys import shard_of
+from processor.poll_store import earliest_point_ms, load_poll, read_fates, read_results
+from processor.store import open_redis, redis_errors
 
 __all__ = [
     "EXPORT_COLUMNS",
     "Audit",
-    "Witness",
     "audit",
     "vote_rows",
     "read_export",
+    "redis_witness",
     "register",
     "result_witness",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class Witness:
-    """Someone who saw the chain: its heads, and the counts it shows at them (None: none
-    shown, as a result hidden until the poll closes)."""
-
-    name: str
-    heads: tuple[Head, ...]
-    counts: Counts | None = None
 
 
 @dataclass(slots=True)
@@ -126,26 +116,12 @@ def result_witness(document: dict[str, Any], name: str) -> Witness:
     return Witness(name, heads, counts)
 
 
-async def _redis_witness(redis: Redis, poll: str, shards: int) -> Witness:
-    """Redis's tally: each shard's chain and the counts summed, read together per shard."""
-    definition = await load_poll(redis, poll)
-    assert definition is not None
-    async with redis.pipeline(transaction=False) as pipe:
-        for keys in shard_keys(poll, shards):
-            pipe.hgetall(keys.tally)
-        tallies = await pipe.execute()
-    heads: list[Head] = []
-    counts = [0] * len(definition.labels)
-    total = 0
-    for shard, tally in enumerate(tallies):
-        text = {redis_text(k): redis_text(v) for k, v in tally.items()}
-        heads.append(
-            Head(shard, int(text.get("chain_length", 0)), text.get("chain_head", "0" * 40))
-        )
-        for option in range(len(counts)):
-            counts[option] += int(text.get(f"c:{option}", 0))
-        total += int(text.get("total", 0))
-    return Witness("Redis", tuple(heads), Counts(tuple(counts), total))
+async def redis_witness(redis: Redis, poll: str) -> Witness:
+    """Redis's tally as a witness: each shard's chain and the poll's counts, as the results
+    publisher reads them (each shard's hash in one read, its chain with its counts)."""
+    results = (await read_results(redis, [poll]))[poll]
+    heads = tuple(Head(shard, n, head) for shard, (n, head) in enumerate(results.chain))
+    return Witness("Redis", heads, Counts(results.counts, results.total))
 
 
 def read_export(path: Path | str, poll: str) -> list[QueuedPoint]:
@@ -257,14 +233,12 @@ async def audit(
                     raise ConfigError(f"no poll {poll!r}; votebox poll list shows the polls")
                 shards = definition.shards
                 # The lengths first: every entry up to them is then queued or in InfluxDB.
-                witnesses.insert(0, await _redis_witness(r, poll, shards))
-                points = await _points(settings, r, poll, shards, export)
+                witnesses.insert(0, await redis_witness(r, poll))
+                # A poll deleted and made again under its id starts a new chain: the old
+                # one's points are dated before this one could date any.
+                earliest_ms = await earliest_point_ms(r, poll, clock_skew_s=settings.clock_skew_s)
+                points = await _points(settings, r, poll, shards, export, since_ms=earliest_ms)
                 fates, _ = await read_fates(r, poll)
-                created_ms = int(await r.hget(PollKeys(poll).definition, "created_ms") or 0)
-        # A poll deleted and made again under its id starts a new chain; the old one's points
-        # are dated before this one could date any (tally.lua, the clock skew allowed).
-        since_s = (created_ms - settings.clock_skew_s * 1000) // 1000
-        points = [p for p in points if p.ts_s >= since_s]
         if fates.get("point_dropped"):
             notes.append(
                 f"{fates['point_dropped']} points were dropped at the queue's bound "
@@ -283,14 +257,21 @@ async def audit(
             shard = shard_of(p.device, shards)
             up_to[shard] = max(up_to[shard], p.entry)
     logs = rebuild(points, shards=shards, up_to=up_to)
-    return Audit(poll, logs, witnesses, _first_finding(logs, witnesses), notes)
+    return Audit(poll, logs, witnesses, first_finding(logs, witnesses), notes)
 
 
 async def _points(
-    settings: Settings, redis: Redis | None, poll: str, shards: int, export: str | None
+    settings: Settings,
+    redis: Redis | None,
+    poll: str,
+    shards: int,
+    export: str | None,
+    *,
+    since_ms: int = 0,
 ) -> list[QueuedPoint]:
     if export is not None:
-        return await asyncio.to_thread(read_export, export, poll)
+        points = await asyncio.to_thread(read_export, export, poll)
+        return [p for p in points if p.ts_s >= since_ms // 1000]
     target = settings.influx_target()
     if target is None:
         raise ConfigError(
@@ -299,27 +280,9 @@ async def _points(
         )
     writer = make_writer(target, timeout_s=60.0)
     try:
-        return await chain_points(redis, writer, poll, shards)
+        return await chain_points(redis, writer, poll, shards, since_ms=since_ms)
     finally:
         writer.close()
-
-
-def _first_finding(logs: Sequence[Log], witnesses: Sequence[Witness]) -> Finding | None:
-    """The first disagreement: in the log itself, then with each witness's heads, then with
-    its counts (a count the log does not imply is a counter changed)."""
-    for log in logs:
-        if log.finding is not None:
-            return log.finding
-    for witness in witnesses:
-        for head in witness.heads:
-            if (found := check_head(logs, witness.name, head)) is not None:
-                return found
-    for witness in witnesses:
-        if witness.counts is not None:
-            found = check_counts(logs, witness.name, witness.heads, witness.counts)
-            if found is not None:
-                return found
-    return None
 
 
 def register(commands: Commands) -> None:

@@ -22,9 +22,8 @@ from processor.config import Settings
 from processor.errors import ConfigError
 from processor.influx.queries import chain_points
 from processor.influx.writers import EXPORT_BUCKETS, EXPORT_BY, ExportRow, make_writer
-from processor.keys import PollKeys
 from processor.poll import parse_time_ms
-from processor.poll_store import load_poll
+from processor.poll_store import earliest_point_ms, load_poll
 from processor.store import open_redis, redis_errors
 
 __all__ = ["export_rows", "register"]
@@ -105,12 +104,9 @@ async def export_rows(
         with redis_errors():
             if await load_poll(redis, poll) is None:
                 raise ConfigError(f"no poll {poll!r}; votebox poll list shows the polls there are")
-            created_ms = int(await redis.hget(PollKeys(poll).definition, "created_ms") or 0)
-    # A point is dated by the device's clock when plausible: no earlier than the poll's creation
-    # less the clock skew allowed (docs/analytics.md, Timestamps).
-    skew_ms = settings.clock_skew_s * 1000
-    since_ms = _time_ms(since) if since else max(0, created_ms - skew_ms)
-    until_ms = _time_ms(until) if until else int(time.time() * 1000) + skew_ms
+            earliest_ms = await earliest_point_ms(redis, poll, clock_skew_s=settings.clock_skew_s)
+    since_ms = _time_ms(since) if since else earliest_ms
+    until_ms = _time_ms(until) if until else int(time.time() * 1000) + settings.clock_skew_s * 1000
     if until_ms <= since_ms:
         raise ConfigError("--until must come after --since")
     writer = make_writer(target)
@@ -124,7 +120,8 @@ async def export_rows(
 
 
 async def _votes(settings: Settings, poll: str) -> list[dict[str, object]]:
-    """Every point of the poll, in InfluxDB or still queued, a row each in chain order."""
+    """Every point of the poll, in InfluxDB or still queued, a row each in chain order: all of
+    its log (--since and --until are not applied), from its creation on."""
     target = settings.influx_target()
     if target is None:
         raise ConfigError("export reads InfluxDB: set VOTEBOX_INFLUX_URL (and its friends)")
@@ -133,9 +130,12 @@ async def _votes(settings: Settings, poll: str) -> list[dict[str, object]]:
             definition = await load_poll(redis, poll)
             if definition is None:
                 raise ConfigError(f"no poll {poll!r}; votebox poll list shows the polls there are")
+            earliest_ms = await earliest_point_ms(redis, poll, clock_skew_s=settings.clock_skew_s)
             writer = make_writer(target, timeout_s=60.0)
             try:
-                points = await chain_points(redis, writer, poll, definition.shards)
+                points = await chain_points(
+                    redis, writer, poll, definition.shards, since_ms=earliest_ms
+                )
             finally:
                 writer.close()
     return vote_rows(points, definition.shards)

@@ -47,15 +47,22 @@ async def queued_points(redis: Redis, poll: str, key: str) -> AsyncIterator[Queu
 
 
 async def chain_points(
-    redis: Redis | None, writer: PointWriter | None, poll: str, shards: int
+    redis: Redis | None,
+    writer: PointWriter | None,
+    poll: str,
+    shards: int,
+    *,
+    since_ms: int = 0,
 ) -> list[QueuedPoint]:
-    """Every point of ``poll``: those still queued in Redis, then those in InfluxDB (a point
-    drained meanwhile is in one or both: the chain's rebuild counts it once). Read after the
-    witness's lengths, so that each entry up to them is found in one place or the other."""
+    """Every point of ``poll`` dated from ``since_ms`` (`poll_store.earliest_point_ms`): those
+    still queued in Redis, then those in InfluxDB (a point drained meanwhile is in one or
+    both: the chain's rebuild counts it once). Read after the witness's lengths, so that each
+    entry up to them is found in one place or the other."""
     points: list[QueuedPoint] = []
     if redis is not None:
         for keys in shard_keys(poll, shards):
             points += [p async for p in queued_points(redis, poll, keys.points)]
     if writer is not None:
         points += await asyncio.to_thread(lambda: list(writer.query_points(poll)))
-    return points
+    since_s = since_ms // 1000
+    return [p for p in points if p.ts_s >= since_s] if since_s else points

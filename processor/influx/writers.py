@@ -109,11 +109,19 @@ class V1Writer:
         self._database_ready = False
 
     def _request(
-        self, method: str, path: str, params: dict[str, str], body: bytes | None = None
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str],
+        body: bytes | None = None,
+        *,
+        stream: bool = False,
     ) -> Any:
         url = f"{self._target.url.rstrip('/')}{path}?{urllib.parse.urlencode(params)}"
         try:
-            return self._http.request(method, url, body=body, headers=self._headers)
+            return self._http.request(
+                method, url, body=body, headers=self._headers, preload_content=not stream
+            )
         except urllib3.exceptions.HTTPError as exc:
             raise InfluxUnavailable(f"InfluxDB at {self._target.url}: {exc}") from exc
 
@@ -147,17 +155,22 @@ class V1Writer:
         if reply.status != 200:
             raise InfluxRejected(reply.status, reply.data.decode(errors="replace")[:500])
         result = reply.json()["results"][0]
-        if "error" in result:
-            if str(result["error"]).startswith("database not found"):
-                raise InfluxRejected(
-                    404,
-                    f"InfluxDB at {self._target.url} has no database "
-                    f"{self._target.database!r}: no processor has written a point there yet "
-                    "(one creates it at its first write, if its account may), or "
-                    "VOTEBOX_INFLUX_DB names another database",
-                )
-            raise InfluxRejected(400, result["error"])
+        self._raise_for(result)
         return list(result.get("series", []))
+
+    def _raise_for(self, result: Mapping[str, Any]) -> None:
+        """An InfluxQL statement's result that holds an error, as the error it means."""
+        if "error" not in result:
+            return
+        if str(result["error"]).startswith("database not found"):
+            raise InfluxRejected(
+                404,
+                f"InfluxDB at {self._target.url} has no database "
+                f"{self._target.database!r}: no processor has written a point there yet "
+                "(one creates it at its first write, if its account may), or "
+                "VOTEBOX_INFLUX_DB names another database",
+            )
+        raise InfluxRejected(400, str(result["error"]))
 
     def query_sums(self, poll: str, by: str, since_ns: int, until_ns: int) -> list[ExportRow]:
         group = ['"option"', '"label"']
@@ -190,25 +203,24 @@ class V1Writer:
             "db": self._target.database, "q": query, "epoch": "ns", "chunked": "true",
             "chunk_size": str(_CHUNK),
         }  # fmt: skip
-        url = f"{self._target.url.rstrip('/')}/query?{urllib.parse.urlencode(params)}"
+        # A poll of a million votes is a million rows: read as InfluxDB streams them, a JSON
+        # document per chunk and line, never held whole.
+        reply = self._request("GET", "/query", params, stream=True)
         try:
-            # A poll of a million votes is a million rows: read as InfluxDB streams them, a
-            # JSON document per chunk and line, never held whole.
-            reply = self._http.request("GET", url, headers=self._headers, preload_content=False)
             if reply.status != 200:
                 raise InfluxRejected(reply.status, reply.data.decode(errors="replace")[:500])
             for line in reply:
                 if not line.strip():
                     continue
                 for result in json.loads(line).get("results", []):
-                    if "error" in result:
-                        raise InfluxRejected(400, str(result["error"]))
+                    self._raise_for(result)
                     for series in result.get("series", []):
                         for row in series["values"]:
                             yield _point(poll, int(row[0]), row[1:])
-            reply.release_conn()
         except urllib3.exceptions.HTTPError as exc:
             raise InfluxUnavailable(f"InfluxDB at {self._target.url}: {exc}") from exc
+        finally:
+            reply.release_conn()
 
     def close(self) -> None:
         self._http.clear()
